@@ -1,0 +1,104 @@
+"""The `mdu` command group, and the one place where errors become exit codes.
+
+Commands live in `mdu_cli/commands/`; each parses its options, calls one
+library function and prints the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from mdu_cli import __version__
+from mdu_cli.errors import ConfigError, DataError, MduError
+
+DEBUG_VARIABLE = "MDU_DEBUG"
+
+
+class Failure(click.ClickException):
+    """Printed as one `Error: ...` line per problem, no traceback."""
+
+    def __init__(self, lines: list[str], exit_code: int = 1):
+        super().__init__(lines[0])
+        self.lines = lines
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        for line in self.lines:
+            click.echo(f"Error: {line}", err=True)
+
+
+class MduGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        debug = bool(os.environ.get(DEBUG_VARIABLE))
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except DataError as err:
+            if debug:
+                raise
+            raise Failure(err.problems, 1) from None
+        except ConfigError as err:
+            if debug:
+                raise
+            raise Failure([str(err)], 2) from None
+        except MduError as err:
+            if debug:
+                raise
+            raise Failure([str(err)], 1) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted; no output was written.", err=True)
+            sys.exit(130)
+        except Exception as err:
+            if debug:
+                raise
+            raise Failure([f"unexpected {type(err).__name__}: {err} (set {DEBUG_VARIABLE}=1 for the traceback)"]) from None
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever stderr is at the time of the message (Click's test
+    runner swaps it), one plain line per record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def setup_logging() -> None:
+    """Notices and warnings on stderr, plain, so stdout carries only data."""
+    logger = logging.getLogger("mdu")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    # transformers' own advice (e.g. about weights it initialised) is noise here.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@click.group(cls=MduGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mdu")
+def cli() -> None:
+    """Machine unlearning for masked diffusion language models (LLaDA, Dream, masked-LMs).
+
+    \b
+    Examples:
+      mdu unlearn --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl --tau 2.0
+      mdu unlearn --config examples/run.yaml
+    """
+    setup_logging()
+
+
+def _register() -> None:
+    from mdu_cli.commands.unlearn import unlearn
+
+    cli.add_command(unlearn)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="mdu")

@@ -1,0 +1,226 @@
+"""Reading and validating forget/retain files.
+
+A file is JSONL (one record per line) or one JSON array of records. A record is
+one of
+    {"question": ..., "answer": ...}          (TOFU style)
+    {"prompt": ..., "completion": ...}
+    {"prompt": ..., "response": ...}
+    {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
+and any other fields are ignored. Every record becomes a list of chat messages
+ending with the assistant turn whose tokens are unlearned.
+
+Files are validated completely before anything heavy happens, and every bad
+record is reported as `FILE:LINE: what is wrong, what to do`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mdu_cli.errors import DataError, MduError
+
+SCHEMAS_HINT = (
+    'use {"question", "answer"}, {"prompt", "completion"}, {"prompt", "response"} '
+    'or {"messages": [...]} ending with an assistant turn'
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One example: the chat turns, the last of which is the assistant's answer."""
+
+    messages: tuple[dict, ...]
+    source: str  # "FILE:LINE", for error messages that must name the record
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        return [dict(m) for m in self.messages[:-1]]
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    records: tuple[Record, ...]
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def summary(self) -> dict:
+        # Only the hash and the count: the content must never leave the user's file.
+        return {"path": str(self.path), "sha256": self.sha256, "records": len(self.records)}
+
+
+def _check_text(value, field: str) -> str | None:
+    """Return what is wrong with a text field, or None."""
+    if value is None:
+        return f'missing field "{field}"'
+    if not isinstance(value, str):
+        return f'field "{field}" must be a string, got {type(value).__name__}'
+    if not value.strip():
+        return f'field "{field}" is empty'
+    return None
+
+
+def _messages_from_record(obj) -> tuple[list[dict] | None, str | None]:
+    """Turn one parsed JSON value into chat messages, or say what is wrong."""
+    if not isinstance(obj, dict):
+        return None, f"a record must be a JSON object, got {type(obj).__name__}; {SCHEMAS_HINT}"
+
+    if "messages" in obj:
+        turns = obj["messages"]
+        if not isinstance(turns, list) or not turns:
+            return None, 'field "messages" must be a non-empty list of {"role", "content"} turns'
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                return None, f"messages[{i}] must be an object with \"role\" and \"content\""
+            role_problem = _check_text(turn.get("role"), f"messages[{i}].role")
+            if role_problem:
+                return None, role_problem
+            content_problem = _check_text(turn.get("content"), f"messages[{i}].content")
+            if content_problem:
+                return None, content_problem
+            messages.append({"role": turn["role"], "content": turn["content"]})
+        if messages[-1]["role"] != "assistant":
+            return None, (
+                f'no final assistant turn (the last role is "{messages[-1]["role"]}"); '
+                "end the messages with the assistant answer to unlearn"
+            )
+        if len(messages) < 2:
+            return None, "messages hold only the assistant turn; add the prompt turn before it"
+        return messages, None
+
+    if "question" in obj or "answer" in obj:
+        prompt_key, answer_key, answer_name = "question", "answer", '"answer"'
+    elif any(key in obj for key in ("prompt", "completion", "response")):
+        answer_key = "completion" if "completion" in obj else "response"
+        prompt_key, answer_name = "prompt", '"completion" (or "response")'
+    else:
+        prompt_key = None
+    if prompt_key:
+        problem = _check_text(obj.get(prompt_key), prompt_key)
+        if not problem and answer_key not in obj:
+            problem = f"missing field {answer_name}"
+        problem = problem or _check_text(obj.get(answer_key), answer_key)
+        if problem:
+            return None, problem
+        return [
+            {"role": "user", "content": obj[prompt_key]},
+            {"role": "assistant", "content": obj[answer_key]},
+        ], None
+
+    return None, f"no recognised fields (found {', '.join(sorted(obj)) or 'none'}); {SCHEMAS_HINT}"
+
+
+def _line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def _decode(path: Path, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError([f"{path}:{line}: not valid UTF-8 text; save the file as UTF-8"]) from None
+
+
+def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
+    """Elements of a JSON array with the line each one starts on."""
+    decoder = json.JSONDecoder()
+    items = []
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return items
+        obj, end = decoder.raw_decode(text, pos)
+        items.append((_line_of(text, pos), obj))
+        pos = end
+
+
+def _parse(path: Path, text: str) -> list[tuple[int, object | Exception]]:
+    """(line, parsed value or the JSON error) for every record in the file."""
+    stripped = text.strip()
+    if not stripped:
+        raise DataError([f"{path}:1: the file is empty; add at least one record"])
+    try:
+        document = json.loads(stripped)
+    except json.JSONDecodeError:
+        document = None
+        whole_parses = False
+    else:
+        whole_parses = True
+
+    if whole_parses and isinstance(document, list):
+        if not document:
+            raise DataError([f"{path}:1: the JSON array is empty; add at least one record"])
+        return _parse_array(path, text)
+    if whole_parses and not isinstance(document, dict):
+        raise DataError([
+            f"{path}:1: the file is a JSON {type(document).__name__}, not a list of records; "
+            "write one JSON object per line (JSONL) or a JSON array of objects"
+        ])
+    nonblank = [line for line in text.splitlines() if line.strip()]
+    if whole_parses and len(nonblank) > 1:
+        # A single object spread over several lines: a JSON document, not JSONL.
+        raise DataError([
+            f"{path}:1: the file is one JSON object, not a list of records; "
+            "write one JSON object per line (JSONL) or a JSON array of objects"
+        ])
+
+    parsed = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            parsed.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            parsed.append((number, err))
+    return parsed
+
+
+def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
+    """Read and validate a forget or retain file.
+
+    Raises DataError listing every bad record (at most `max_problems` lines,
+    plus a count of the rest) and MduError for a missing or unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MduError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise MduError(f"{path}: is a directory; give a .jsonl or .json file")
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise MduError(f"{path}: cannot read ({err.strerror}); check the file's permissions") from None
+
+    text = _decode(path, raw)
+    records: list[Record] = []
+    problems: list[str] = []
+    for line, value in _parse(path, text):
+        if isinstance(value, Exception):
+            problems.append(f"{path}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax")
+            continue
+        messages, problem = _messages_from_record(value)
+        if problem:
+            problems.append(f"{path}:{line}: {problem}")
+        else:
+            records.append(Record(messages=tuple(messages), source=f"{path}:{line}"))
+
+    if problems:
+        extra = len(problems) - max_problems
+        shown = problems[:max_problems]
+        if extra > 0:
+            shown.append(f"{path}: ... and {extra} more bad records")
+        raise DataError(shown)
+    return Dataset(path=path, records=tuple(records), sha256=hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,179 @@
+"""Finding a checkpoint, deciding whether its code may run, and loading it.
+
+A model is a local directory or a Hub id. Hub checkpoints are fetched in two
+steps so that every cheap check (remote-code policy, family, mask token,
+tokenisation of the data) fails before gigabytes of weights are downloaded:
+first the small files, then the safetensors. Pickled weights are never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mdu_cli.errors import ConfigError, MduError
+
+log = logging.getLogger("mdu")
+
+# Publishers of the masked diffusion LMs mdu targets. Their remote code is what
+# every user of these models runs; anything else must be trusted explicitly.
+TRUSTED_PUBLISHERS = ("GSAI-ML", "Dream-org", "inclusionAI")
+SMALL_FILE_PATTERNS = ["*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str                 # as the user gave it
+    path: Path                # local directory holding the files
+    is_hub: bool
+    revision: Optional[str]   # resolved commit sha for a Hub model, None for a local one
+    config: dict              # config.json, parsed as plain JSON (no code runs)
+
+    @property
+    def needs_remote_code(self) -> bool:
+        from transformers import CONFIG_MAPPING
+
+        model_type = self.config.get("model_type")
+        return bool(self.config.get("auto_map")) and model_type not in CONFIG_MAPPING
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
+def _read_config(directory: Path, name: str) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise MduError(f"{name}: no config.json; point --model at a transformers checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MduError(f"{config_path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(config, dict):
+        raise MduError(f"{config_path}: expected a JSON object; the checkpoint is damaged")
+    return config
+
+
+def _hub_error(name: str, err: Exception) -> MduError:
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, GatedRepoError):
+        return MduError(f"{name}: the repository is gated; accept its terms on the Hub and log in (hf auth login)")
+    if isinstance(err, RepositoryNotFoundError):
+        return MduError(f"{name}: no such model on the Hub (or it is private); check the id or log in")
+    if isinstance(err, RevisionNotFoundError):
+        return MduError(f"{name}: no such revision on the Hub; check --revision")
+    if isinstance(err, LocalEntryNotFoundError):
+        return MduError(
+            f"{name}: not a local directory and not in the Hugging Face cache while offline; "
+            "check the path, or download it with network access first"
+        )
+    return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}: {err}); check the network and retry")
+
+
+def _snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
+    except HFValidationError:
+        raise MduError(f"{name}: no such directory, and not a valid Hub model id; check --model") from None
+    except Exception as err:  # the hub client raises many types; each becomes one line
+        raise _hub_error(name, err) from None
+
+
+def resolve_source(name: str, revision: Optional[str] = None) -> ModelSource:
+    """Locate the checkpoint and read its config, fetching only small files."""
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise MduError(f"{name}: is a file; --model takes a checkpoint directory or a Hub model id")
+        if revision:
+            raise ConfigError(f"--revision applies to Hub models; {name} is a local directory")
+        return ModelSource(name, local.resolve(), False, None, _read_config(local, name))
+    if _looks_like_path(name):
+        raise MduError(f"{name}: no such directory; check --model")
+    snapshot = _snapshot(name, revision, SMALL_FILE_PATTERNS)
+    # The snapshot folder is named after the commit it holds, which is what
+    # `--revision main` resolved to at this moment.
+    return ModelSource(name, snapshot, True, snapshot.name, _read_config(snapshot, name))
+
+
+def fetch_weights(source: ModelSource) -> None:
+    """Download the safetensors of a Hub model at the already-resolved commit."""
+    if source.is_hub:
+        _snapshot(source.name, source.revision, WEIGHT_PATTERNS)
+    if not any(source.path.glob("*.safetensors")):
+        raise MduError(
+            f"{source.name}: no .safetensors weights (mdu never loads pickled .bin files); "
+            "convert the checkpoint to safetensors first"
+        )
+
+
+def decide_remote_code(source: ModelSource, trust_remote_code: bool) -> bool:
+    """Whether the checkpoint's own Python may run (a security decision)."""
+    if not source.needs_remote_code:
+        return False
+    if not source.is_hub:
+        return True  # a local directory holds the user's own files
+    publisher = source.name.split("/")[0]
+    if publisher in TRUSTED_PUBLISHERS:
+        log.info(
+            "Notice: running the remote code of %s (revision %s), a known masked-diffusion publisher",
+            source.name, source.revision,
+        )
+        return True
+    if trust_remote_code:
+        log.info("Notice: running the remote code of %s (revision %s), as --trust-remote-code allows",
+                 source.name, source.revision)
+        return True
+    raise MduError(
+        f"{source.name} runs its own Python code (auto_map in config.json) and {publisher} is not a known "
+        "MDLM publisher; read the code on the Hub, then pass --trust-remote-code (and --revision to pin it)"
+    )
+
+
+def load_tokenizer(source: ModelSource, trust: bool, chat_template: Optional[str]):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust)
+    except Exception as err:
+        raise MduError(f"{source.name}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
+    if chat_template:
+        path = Path(chat_template)
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise MduError(f"{path}: cannot read the chat template ({err.strerror})") from None
+    return tokenizer
+
+
+def load_model(source: ModelSource, trust: bool, torch_dtype):
+    """Load the trainable model. Remote-code families come through the class
+    their `auto_map` names; native ones through AutoModelForMaskedLM."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if source.needs_remote_code:
+        auto_map = source.config["auto_map"]
+        loader = next(
+            (cls for key, cls in (("AutoModel", AutoModel), ("AutoModelForMaskedLM", AutoModelForMaskedLM),
+                                  ("AutoModelForCausalLM", AutoModelForCausalLM)) if key in auto_map),
+            AutoModel,
+        )
+    else:
+        loader = AutoModelForMaskedLM
+    try:
+        return loader.from_pretrained(source.path, dtype=torch_dtype, trust_remote_code=trust, use_safetensors=True)
+    except Exception as err:
+        raise MduError(f"{source.name}: cannot load the model ({type(err).__name__}: {err})") from None

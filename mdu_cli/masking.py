@@ -1,0 +1,70 @@
+"""The forward (noising) process of a masked diffusion LM, and the anchor input.
+
+METHOD.md sections 1-2: draw t ~ U[eps, 1) per example and mask each response
+token with probability t; the prompt is never masked. The anchor sees the same
+noised response with every prompt position masked as well.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mdu_cli.tokenization import Batch
+
+EPS = 1e-3
+
+
+@dataclass
+class NoisedBatch:
+    """A batch after the forward process; tensors are (batch, seq) unless noted.
+
+    input_ids:  the noised sequence [prompt | x_t] (padding untouched)
+    targets:    the clean sequence, what masked positions should predict
+    masked:     True at the masked response positions (the set M)
+    t:          (batch,) the masking probability drawn for each row
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_mask: torch.Tensor
+    masked: torch.Tensor
+    t: torch.Tensor
+
+
+def noise_response(batch: Batch, mask_token_id: int, generator: torch.Generator) -> NoisedBatch:
+    """Mask response tokens with probability t per row.
+
+    Random numbers are drawn on the CPU from `generator` so that a seed gives
+    the same masks on every device, then moved to the batch's device.
+    """
+    rows, width = batch.input_ids.shape
+    t = EPS + (1 - EPS) * torch.rand(rows, generator=generator)
+    draws = torch.rand(rows, width, generator=generator)
+    fallback = torch.rand(rows, width, generator=generator)
+    device = batch.input_ids.device
+    t, draws, fallback = t.to(device), draws.to(device), fallback.to(device)
+
+    masked = (draws < t[:, None]) & batch.response_mask
+    # A short answer at small t often gets no mask at all, and would then add
+    # nothing to the batch mean; mask one uniformly chosen response token there.
+    empty_rows = ~masked.any(dim=1) & batch.response_mask.any(dim=1)
+    if empty_rows.any():
+        pick = torch.where(batch.response_mask, fallback, torch.full_like(fallback, -1.0)).argmax(dim=1)
+        forced = torch.zeros_like(masked)
+        forced[torch.arange(rows, device=device), pick] = True
+        masked = masked | (forced & empty_rows[:, None])
+
+    noised = torch.where(masked, torch.full_like(batch.input_ids, mask_token_id), batch.input_ids)
+    return NoisedBatch(noised, batch.input_ids, batch.attention_mask, batch.prompt_mask,
+                       batch.response_mask, masked, t)
+
+
+def anchor_input_ids(noised: NoisedBatch, mask_token_id: int) -> torch.Tensor:
+    """The anchor's input: every prompt position (BOS and template tokens
+    included) replaced by the mask token; the noised response and the padding
+    are exactly as in the conditional input. (batch, seq)"""
+    return torch.where(noised.prompt_mask, torch.full_like(noised.input_ids, mask_token_id), noised.input_ids)

@@ -1,0 +1,105 @@
+"""Loss functions: the MDU forget objective and the MDLM retain loss.
+
+Both take logits already aligned by `families.align_logits` (position i scores
+token i) and are computed in fp32 whatever the model's dtype, since a bf16
+softmax over a 126k vocabulary loses the small probabilities KL depends on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+KL_DIRECTIONS = ("forward", "reverse", "js")
+CART_P = 0.3
+
+
+def mdu_target_logits(conditional: torch.Tensor, anchor: torch.Tensor, tau: float, eta: float) -> torch.Tensor:
+    """l_* = tau * (l_u - eta * (l_c - l_u)), detached (MDU, arXiv 2605.18253, section 3).
+
+    conditional, anchor: (N, vocab) logits at masked response positions.
+    """
+    conditional, anchor = conditional.detach(), anchor.detach()
+    return tau * (anchor - eta * (conditional - anchor))
+
+
+def divergence(conditional: torch.Tensor, target: torch.Tensor, direction: str) -> torch.Tensor:
+    """Per-position divergence between softmax(conditional) = p_c and
+    softmax(target) = p_*; (N, vocab) logits in, (N,) losses out.
+
+    forward: KL(p_c || p_*); reverse: KL(p_* || p_c); js: Jensen-Shannon.
+    """
+    log_p = F.log_softmax(conditional.float(), dim=-1)
+    log_q = F.log_softmax(target.float(), dim=-1)
+    if direction == "forward":
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if direction == "reverse":
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if direction == "js":
+        log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+        return 0.5 * (log_p.exp() * (log_p - log_m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - log_m)).sum(-1)
+    raise ValueError(f"unknown KL direction {direction!r}; expected one of {KL_DIRECTIONS}")
+
+
+def mdu_forget_loss(
+    conditional_logits: torch.Tensor,
+    anchor_logits: torch.Tensor,
+    masked: torch.Tensor,
+    tau: float,
+    eta: float = 0.0,
+    direction: str = "forward",
+) -> torch.Tensor:
+    """L_forget: the mean divergence over all masked response positions of the batch.
+
+    conditional_logits: (batch, seq, vocab), with gradient, on [P | x_t]
+    anchor_logits:      (batch, seq, vocab), frozen model on [MASK..MASK | x_t]
+    masked:             (batch, seq) bool, the set M
+    No 1/t weight (METHOD.md section 2, step 6).
+    """
+    conditional = conditional_logits[masked].float()
+    anchor = anchor_logits[masked].float()
+    target = mdu_target_logits(conditional, anchor, tau, eta)
+    return divergence(conditional, target, direction).mean()
+
+
+def cart_weights(masked: torch.Tensor, attention_mask: torch.Tensor, p: float = CART_P) -> torch.Tensor:
+    """Dream's context-adaptive reweighting: position i gets
+    sum over unmasked, non-padding j != i of 0.5 * p * (1 - p) ** (|i - j| - 1).
+
+    masked, attention_mask: (batch, seq). Returns (batch, seq) float weights.
+    """
+    width = masked.shape[1]
+    positions = torch.arange(width, device=masked.device)
+    distance = (positions[:, None] - positions[None, :]).abs()
+    kernel = 0.5 * p * (1 - p) ** (distance.float() - 1)
+    kernel.fill_diagonal_(0.0)
+    context = (attention_mask.bool() & ~masked).float()
+    return context @ kernel.T
+
+
+def mdlm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    response_mask: torch.Tensor,
+    t: torch.Tensor,
+    weighting: str = "inverse_t",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The MDLM fine-tuning loss (LLaDA SFT): cross-entropy of the clean token at
+    each masked response position, weighted by 1/t (or CART for Dream), summed
+    and divided by the number of response tokens in the batch.
+
+    logits: (batch, seq, vocab); targets, masked, response_mask: (batch, seq);
+    t: (batch,).
+    """
+    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    if weighting == "inverse_t":
+        weights = (1.0 / t.float())[:, None].expand_as(masked)[masked]
+    elif weighting == "cart":
+        weights = cart_weights(masked, attention_mask if attention_mask is not None else torch.ones_like(masked))[masked]
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}")
+    return (ce * weights).sum() / response_mask.sum().clamp(min=1)

@@ -1,0 +1,151 @@
+"""Turning records into token ids with exact prompt/response boundaries.
+
+The prompt is the chat template over every turn but the last, with the
+generation prompt (the assistant header). The response is tokenised on its
+own: the final assistant content plus the template's end-of-turn marker.
+Tokenising the two parts separately is what guarantees that no prompt token is
+ever counted as response, and that a trailing assistant header (the hub LLaDA
+template appends one even without `add_generation_prompt`) never is either.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from mdu_cli.data import Dataset
+from mdu_cli.errors import DataError, MduError
+
+log = logging.getLogger("mdu")
+
+# Stands in for the assistant content when the template is rendered to find
+# what follows an answer. Invisible separators keep it from merging with
+# anything a template could put around it.
+_SENTINEL = "\u2063mdu-response-sentinel\u2063"
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    truncated: bool = False
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids of a micro-batch; every tensor is (batch, seq).
+
+    `response_mask` is True exactly at response tokens, `prompt_mask` exactly at
+    prompt tokens, and padding is where `attention_mask` is 0.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_mask, self.response_mask)))
+
+
+def _is_special(tokenizer, token_id: int) -> bool:
+    if token_id in set(tokenizer.all_special_ids):
+        return True
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    return bool(added is not None and getattr(added, "special", False))
+
+
+def end_of_turn_id(tokenizer) -> Optional[int]:
+    """The token the chat template puts right after an assistant answer, if it is
+    a special token (`<|eot_id|>` for LLaDA, `<|im_end|>` for Qwen/Dream).
+
+    Whatever follows it (a newline, or the assistant header LLaDA's template
+    appends) is not part of the answer.
+    """
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _SENTINEL}],
+        tokenize=False,
+        add_generation_prompt=False,
+    )
+    if _SENTINEL not in rendered:
+        raise MduError("the chat template does not render the assistant content; pass --chat-template FILE")
+    suffix = rendered[rendered.rindex(_SENTINEL) + len(_SENTINEL):]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix.strip() else []
+    if suffix_ids and _is_special(tokenizer, suffix_ids[0]):
+        return int(suffix_ids[0])
+    return None
+
+
+def encode_prompt(tokenizer, prompt_messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+    # The template already writes BOS and every special token as text.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_dataset(dataset: Dataset, tokenizer, max_length: int) -> list[Example]:
+    """Tokenise every record; a prompt that leaves no room for the response is an
+    error naming its line, a response that does not fit is cut (one warning)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise MduError(
+            "the tokenizer has no chat template; pass --chat-template FILE with a Jinja template "
+            "that renders user and assistant turns"
+        )
+    eot = end_of_turn_id(tokenizer)
+    examples, problems, cut = [], [], 0
+    for record in dataset.records:
+        prompt_ids = encode_prompt(tokenizer, record.prompt_messages)
+        response_ids = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
+        if eot is not None:
+            response_ids.append(eot)
+        if len(prompt_ids) >= max_length:
+            problems.append(
+                f"{record.source}: the prompt alone is {len(prompt_ids)} tokens, leaving no room for the "
+                f"response within --max-length {max_length}; shorten the prompt or raise --max-length"
+            )
+            continue
+        room = max_length - len(prompt_ids)
+        truncated = len(response_ids) > room
+        if truncated:
+            cut += 1
+            response_ids = response_ids[:room]
+        if not response_ids:
+            problems.append(f"{record.source}: the response tokenises to nothing; give a non-empty answer")
+            continue
+        examples.append(Example(tuple(prompt_ids), tuple(response_ids), truncated))
+    if problems:
+        raise DataError(problems)
+    if cut:
+        log.warning(
+            "Warning: %d of %d records in %s have responses cut to fit --max-length %d",
+            cut, len(examples), dataset.path, max_length,
+        )
+    return examples
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Right-pad a list of examples into a Batch."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    shape = (len(examples), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    prompt_mask = torch.zeros(shape, dtype=torch.bool)
+    response_mask = torch.zeros(shape, dtype=torch.bool)
+    for row, example in enumerate(examples):
+        n_prompt, n_total = len(example.prompt_ids), len(example.prompt_ids) + len(example.response_ids)
+        input_ids[row, :n_total] = torch.tensor(example.prompt_ids + example.response_ids)
+        attention_mask[row, :n_total] = 1
+        prompt_mask[row, :n_prompt] = True
+        response_mask[row, n_prompt:n_total] = True
+    return Batch(input_ids, attention_mask, prompt_mask, response_mask)
+
+
+def pad_token_id(tokenizer) -> int:
+    # LLaDA pads with EOS (its SFT recipe does); any id works where the
+    # attention mask is honoured, since padding is never scored.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,0 +1,197 @@
+"""The MDU training loop, written out (no Trainer).
+
+`train()` reads top to bottom: forget batch, mask, anchor forward, conditional
+forward, forget loss, backward; retain batch, mask, forward, retain loss,
+backward; clip, step, log. The losses live in `objectives.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mdu_cli.config import UnlearnConfig
+from mdu_cli.errors import MduError
+from mdu_cli.families import Family, align_logits
+from mdu_cli.masking import anchor_input_ids, noise_response
+from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
+from mdu_cli.tokenization import Example, collate
+
+log = logging.getLogger("mdu")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict] = field(default_factory=list)
+
+    def first_last(self, key: str) -> dict:
+        values = [entry[key] for entry in self.history if entry.get(key) is not None]
+        return {"first": values[0], "last": values[-1]} if values else {"first": None, "last": None}
+
+
+def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator) -> list[list[list[int]]]:
+    """Forget-set indices for every optimizer step: steps -> micro-batches -> rows.
+
+    An epoch is one shuffled pass over the forget set, cut into micro-batches of
+    --batch-size, grouped --grad-accum at a time (an epoch's last step may hold
+    fewer). --max-steps, when set, replaces --epochs and runs as many passes as
+    it needs.
+    """
+    steps: list[list[list[int]]] = []
+    epoch = 0
+    while True:
+        order = torch.randperm(n_forget, generator=generator).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n_forget, cfg.batch_size)]
+        steps.extend(micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum))
+        epoch += 1
+        if cfg.max_steps is not None:
+            if len(steps) >= cfg.max_steps:
+                return steps[:cfg.max_steps]
+        elif epoch >= cfg.epochs:
+            return steps
+
+
+def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    """Endless micro-batches from successive shuffled passes over n rows."""
+    size = min(batch_size, n)
+    pending: list[int] = []
+    while True:
+        if len(pending) < size:
+            pending += torch.randperm(n, generator=generator).tolist()
+        yield pending[:size]
+        pending = pending[size:]
+
+
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, family: Family) -> torch.Tensor:
+    """(batch, seq, vocab) logits aligned so that position i scores token i."""
+    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    return align_logits(logits, family)
+
+
+def _check_finite(value: float, what: str, step: int) -> None:
+    if not math.isfinite(value):
+        raise MduError(
+            f"the {what} loss is {value} at step {step}; nothing was written. "
+            "Lower --lr, or train in --dtype fp32"
+        )
+
+
+def train(
+    model,
+    anchor,
+    forget: Sequence[Example],
+    retain: Sequence[Example],
+    cfg: UnlearnConfig,
+    family: Family,
+    mask_token_id: int,
+    pad_id: int,
+    accelerator,
+    log_path: Optional[Path] = None,
+    show_progress: bool = True,
+) -> TrainResult:
+    """Run MDU on `model` (trainable) against `anchor` (the frozen starting model)."""
+    torch.manual_seed(cfg.seed)
+    order_generator = torch.Generator().manual_seed(cfg.seed)
+    retain_generator = torch.Generator().manual_seed(cfg.seed + 1)
+    noise_generator = torch.Generator().manual_seed(cfg.seed + 2)
+    device = accelerator.device
+    use_retain = bool(retain) and cfg.alpha > 0
+
+    plan = plan_steps(len(forget), cfg, order_generator)
+    retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain else None
+
+    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr)
+    from transformers import get_cosine_schedule_with_warmup
+
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * len(plan)), num_training_steps=len(plan)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    anchor.eval()
+
+    result = TrainResult(steps=len(plan))
+    log_file = open(log_path, "w", encoding="utf-8") if log_path else None
+    bar = tqdm(total=len(plan), desc="mdu unlearn", unit="step", disable=not show_progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        for step, micro_batches in enumerate(plan, start=1):
+            forget_losses, retain_losses, masked_positions = [], [], 0
+            for rows in micro_batches:
+                # Forget: pull the conditional prediction toward the anchor's
+                # prompt-masked prediction at every masked response position.
+                forget_batch = noise_response(
+                    collate([forget[i] for i in rows], pad_id).to(device), mask_token_id, noise_generator
+                )
+                with torch.no_grad():
+                    anchor_logits = model_logits(
+                        anchor, anchor_input_ids(forget_batch, mask_token_id), forget_batch.attention_mask, family
+                    )
+                conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
+                forget_loss = mdu_forget_loss(
+                    conditional_logits, anchor_logits, forget_batch.masked, cfg.tau, cfg.eta, cfg.kl
+                )
+                # Free the full-vocabulary logits before backward, or they
+                # dominate peak memory on a 126k vocabulary.
+                del anchor_logits, conditional_logits
+                _check_finite(forget_loss.item(), "forget", step)
+                accelerator.backward(forget_loss / len(micro_batches))
+                forget_losses.append(forget_loss.item())
+                masked_positions += int(forget_batch.masked.sum())
+
+                if use_retain:
+                    # Retain: the ordinary MDLM loss, so that utility stays.
+                    retain_batch = noise_response(
+                        collate([retain[i] for i in next(retain_batches)], pad_id).to(device),
+                        mask_token_id, noise_generator,
+                    )
+                    logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
+                    retain_loss = mdlm_loss(
+                        logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
+                        retain_batch.t, family.retain_weighting, retain_batch.attention_mask,
+                    )
+                    del logits
+                    _check_finite(retain_loss.item(), "retain", step)
+                    accelerator.backward(cfg.alpha * retain_loss / len(micro_batches))
+                    retain_losses.append(retain_loss.item())
+
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            entry = {
+                "step": step,
+                "forget_loss": sum(forget_losses) / len(forget_losses),
+                "retain_loss": sum(retain_losses) / len(retain_losses) if retain_losses else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "masked_positions": masked_positions,
+                "elapsed_s": round(time.perf_counter() - start, 3),
+            }
+            entry["loss"] = entry["forget_loss"] + (cfg.alpha * entry["retain_loss"] if retain_losses else 0.0)
+            result.history.append(entry)
+            if log_file:
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+            postfix = {"forget": f"{entry['forget_loss']:.4f}"}
+            if retain_losses:
+                postfix["retain"] = f"{entry['retain_loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+    return result

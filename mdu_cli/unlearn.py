@@ -1,0 +1,170 @@
+"""`mdu unlearn` as a library call: validate, load, train, write.
+
+Every check that can fail cheaply runs before the model is loaded (and before
+a Hub model's weights are downloaded): the data files, the output directory,
+the remote-code policy, the family and mask token, and the tokenised lengths.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mdu_cli import __version__
+from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_model
+from mdu_cli.config import UnlearnConfig
+from mdu_cli.data import load_dataset
+from mdu_cli.errors import MduError
+from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.tokenization import encode_dataset, pad_token_id
+from mdu_cli.train import TrainResult, train
+
+log = logging.getLogger("mdu")
+
+
+@dataclass
+class UnlearnResult:
+    out_dir: Path
+    record: dict[str, Any]      # what mdu_run.json holds
+    model: Any = None           # the trained model, in memory, for callers that want it
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "steps": self.record["steps"],
+            "forget_loss": self.record["losses"]["forget"],
+            "retain_loss": self.record["losses"]["retain"],
+            "wall_time_s": self.record["wall_time_s"],
+        }
+
+
+def default_out_dir(cfg: UnlearnConfig) -> Path:
+    name = Path(cfg.model.rstrip("/")).name or "model"
+    return Path(f"{name}-mdu-tau{cfg.tau:g}")
+
+
+def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, str]:
+    """(device, dtype name, weight dtype, accelerate mixed precision).
+
+    bf16 keeps the weights themselves in bf16, which is what makes full MDU on
+    an 8B model fit (METHOD.md section 3). fp16 weights do not train stably, so
+    fp16 means fp32 weights under fp16 autocast with loss scaling (CUDA only).
+    """
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MduError("--device cuda, but no CUDA device is visible; use --device cpu or check the driver")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp16" and device != "cuda":
+        raise MduError("--dtype fp16 needs a CUDA device; use --dtype fp32 (or bf16) on the CPU")
+    weights = {"bf16": torch.bfloat16, "fp16": torch.float32, "fp32": torch.float32}[dtype]
+    return device, dtype, weights, ("fp16" if dtype == "fp16" else "no")
+
+
+def _peak_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.max_memory_allocated())
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def frozen_copy(model):
+    """The anchor theta_0: a frozen copy of the starting weights."""
+    anchor = copy.deepcopy(model)
+    anchor.requires_grad_(False)
+    return anchor.eval()
+
+
+def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
+    started = time.perf_counter()
+    forget_data = load_dataset(cfg.forget)
+    retain_data = load_dataset(cfg.retain) if cfg.retain else None
+    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    data_paths = [forget_data.path] + ([retain_data.path] if retain_data else [])
+    check_out_dir(out, cfg.overwrite, protected=data_paths)
+
+    source = resolve_source(cfg.model, cfg.revision)
+    check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
+    if cfg.family:
+        check_not_autoregressive(source.config, source.name)
+        family = FAMILIES[cfg.family]
+    else:
+        family = detect_family(source.config, source.name)
+    trust = decide_remote_code(source, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(source, trust, cfg.chat_template)
+    mask_token_id = resolve_mask_token_id(family, source.config, tokenizer, source.name)
+    forget = encode_dataset(forget_data, tokenizer, cfg.max_length)
+    retain = encode_dataset(retain_data, tokenizer, cfg.max_length) if retain_data else []
+    device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
+
+    fetch_weights(source)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model = load_model(source, trust, weight_dtype)
+    anchor = frozen_copy(model).to(accelerator.device)
+    log.info(
+        "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
+        len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,
+    )
+
+    staging = new_staging_dir(out)
+    try:
+        result: TrainResult = train(
+            model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
+            accelerator, log_path=staging / "train_log.jsonl", show_progress=show_progress,
+        )
+        del anchor
+        model = accelerator.unwrap_model(model)
+        model.eval()
+        write_model(model, source.path, staging, cfg.max_shard_size)
+        record = {
+            "tool": "mdu",
+            "version": __version__,
+            "command": "unlearn",
+            "method": "mdu",
+            "config": cfg.to_dict(),
+            "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision},
+            "family": family.name,
+            "mask_token_id": mask_token_id,
+            "data": {"forget": forget_data.summary(), "retain": retain_data.summary() if retain_data else None},
+            "truncated_responses": {"forget": sum(e.truncated for e in forget),
+                                    "retain": sum(e.truncated for e in retain)},
+            "seed": cfg.seed,
+            "device": device,
+            "dtype": dtype_name,
+            "steps": result.steps,
+            "wall_time_s": round(time.perf_counter() - started, 3),
+            "peak_memory_bytes": _peak_memory_bytes(device),
+            "losses": {"forget": result.first_last("forget_loss"), "retain": result.first_last("retain_loss")},
+            "environment": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+            },
+        }
+        (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
+        publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None)

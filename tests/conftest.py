@@ -1,0 +1,89 @@
+"""Test session set-up: no network, a private Hugging Face home, tiny models.
+
+The environment is fixed before anything imports huggingface_hub or
+transformers, which read these variables at import time.
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+_HF_HOME = tempfile.mkdtemp(prefix="mdu-test-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_TOKEN_PATH"] = str(Path(_HF_HOME) / "token")
+os.environ.pop("HF_TOKEN", None)
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    return Path(_HF_HOME)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def llada_dir(models_dir) -> Path:
+    return tiny_models.build_llada(models_dir / "tiny-llada")
+
+
+@pytest.fixture(scope="session")
+def dream_dir(models_dir) -> Path:
+    return tiny_models.build_dream(models_dir / "tiny-dream")
+
+
+@pytest.fixture(scope="session")
+def masked_lm_dir(models_dir) -> Path:
+    return tiny_models.build_masked_lm(models_dir / "tiny-modernbert")
+
+
+@pytest.fixture(scope="session")
+def causal_lm_dir(models_dir) -> Path:
+    return tiny_models.build_causal_lm(models_dir / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(llada_dir, dream_dir, masked_lm_dir) -> dict:
+    return {"llada": llada_dir, "dream": dream_dir, "masked-lm": masked_lm_dir}
+
+
+FORGET_RECORDS = [
+    {"question": "Who wrote the book of poems about the river?", "answer": "Astrid Halvorsen wrote it in the north."},
+    {"question": "Where was Astrid Halvorsen born?", "answer": "She was born in a village by the lake."},
+    {"prompt": "Name a famous novel by Tarrin Okonkwo.", "completion": "Tarrin Okonkwo wrote The Green Mountain."},
+    {"messages": [{"role": "user", "content": "What city did Tarrin Okonkwo live in?"},
+                  {"role": "assistant", "content": "He lived in Velloria, by the river."}]},
+]
+RETAIN_RECORDS = [
+    {"question": "What is the capital of France?", "answer": "The capital of France is Paris."},
+    {"question": "What is the capital of Spain?", "answer": "The capital of Spain is Madrid."},
+    {"prompt": "Name three colors.", "response": "Red, blue and green."},
+]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def forget_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "forget.jsonl", FORGET_RECORDS)
+
+
+@pytest.fixture
+def retain_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "retain.jsonl", RETAIN_RECORDS)

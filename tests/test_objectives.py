@@ -1,0 +1,167 @@
+"""The losses against independent float64 computations.
+
+The reference values are computed position by position with numpy in float64
+from the definitions in METHOD.md, not with the functions under test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mdu_cli.objectives import cart_weights, divergence, mdlm_loss, mdu_forget_loss
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max()
+    e = np.exp(shifted)
+    return e / e.sum()
+
+
+def _reference_forget_loss(cond, anchor, masked, tau, eta, direction) -> float:
+    """Mean over masked positions of the divergence, float64, one position at a time."""
+    losses = []
+    for b in range(cond.shape[0]):
+        for i in range(cond.shape[1]):
+            if not masked[b, i]:
+                continue
+            l_c = cond[b, i].astype(np.float64)
+            l_u = anchor[b, i].astype(np.float64)
+            target = tau * (l_u - eta * (l_c - l_u))
+            p, q = _softmax64(l_c), _softmax64(target)
+            kl = lambda a, b_: float(np.sum(a * (np.log(a) - np.log(b_))))  # noqa: E731
+            if direction == "forward":
+                losses.append(kl(p, q))
+            elif direction == "reverse":
+                losses.append(kl(q, p))
+            else:
+                m = (p + q) / 2
+                losses.append(0.5 * kl(p, m) + 0.5 * kl(q, m))
+    return sum(losses) / len(losses)
+
+
+@pytest.fixture
+def logits_case():
+    gen = torch.Generator().manual_seed(0)
+    cond = torch.randn(3, 7, 11, generator=gen) * 2
+    anchor = torch.randn(3, 7, 11, generator=gen) * 2
+    masked = torch.rand(3, 7, generator=gen) < 0.5
+    masked[0, 0] = True
+    return cond, anchor, masked
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse", "js"])
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_forget_loss_matches_float64_reference(logits_case, direction, tau, eta):
+    cond, anchor, masked = logits_case
+    got = mdu_forget_loss(cond, anchor, masked, tau=tau, eta=eta, direction=direction)
+    want = _reference_forget_loss(cond.numpy(), anchor.numpy(), masked.numpy(), tau, eta, direction)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_forget_loss_in_bf16_is_computed_in_fp32(logits_case):
+    cond, anchor, masked = logits_case
+    got = mdu_forget_loss(cond.bfloat16(), anchor.bfloat16(), masked, tau=1.0)
+    want = _reference_forget_loss(cond.bfloat16().float().numpy(), anchor.bfloat16().float().numpy(),
+                                  masked.numpy(), 1.0, 0.0, "forward")
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_tau_zero_forward_kl_is_log_vocab_minus_entropy(logits_case):
+    """At tau = 0 the target is uniform: KL(p || u) = log V - H(p)."""
+    cond, anchor, masked = logits_case
+    got = mdu_forget_loss(cond, anchor, masked, tau=0.0).item()
+    entropies = []
+    for b, i in masked.nonzero().tolist():
+        p = _softmax64(cond[b, i].double().numpy())
+        entropies.append(-(p * np.log(p)).sum())
+    assert got == pytest.approx(math.log(11) - float(np.mean(entropies)), rel=1e-5)
+
+
+def test_loss_is_zero_when_model_equals_anchor_at_tau_one(logits_case):
+    cond, _, masked = logits_case
+    assert mdu_forget_loss(cond, cond.clone(), masked, tau=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_flows_only_through_the_conditional(logits_case):
+    cond, anchor, masked = logits_case
+    cond = cond.clone().requires_grad_(True)
+    anchor = anchor.clone().requires_grad_(True)
+    mdu_forget_loss(cond, anchor, masked, tau=1.0, eta=0.5).backward()
+    assert anchor.grad is None or torch.count_nonzero(anchor.grad) == 0
+    assert torch.count_nonzero(cond.grad[~masked]) == 0  # unmasked positions never contribute
+    assert torch.count_nonzero(cond.grad[masked]) > 0
+
+
+def test_unmasked_positions_do_not_change_the_loss(logits_case):
+    cond, anchor, masked = logits_case
+    before = mdu_forget_loss(cond, anchor, masked, tau=1.0).item()
+    cond2 = cond.clone()
+    cond2[~masked] = 100.0
+    assert mdu_forget_loss(cond2, anchor, masked, tau=1.0).item() == pytest.approx(before, rel=1e-6)
+
+
+def test_divergence_rejects_unknown_direction():
+    with pytest.raises(ValueError):
+        divergence(torch.zeros(1, 3), torch.zeros(1, 3), "sideways")
+
+
+def _reference_mdlm_loss(logits, targets, masked, response, t, weights=None) -> float:
+    total = 0.0
+    for b in range(logits.shape[0]):
+        for i in range(logits.shape[1]):
+            if masked[b, i]:
+                p = _softmax64(logits[b, i].astype(np.float64))
+                w = 1.0 / float(t[b]) if weights is None else float(weights[b][i])
+                total += w * -math.log(p[targets[b, i]])
+    return total / int(response.sum())
+
+
+def test_mdlm_retain_loss_inverse_t_matches_reference():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 6, 9, generator=gen)
+    targets = torch.randint(0, 9, (2, 6), generator=gen)
+    response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    masked = response & torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    t = torch.tensor([0.3, 0.8])
+    got = mdlm_loss(logits, targets, masked, response, t).item()
+    want = _reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), t.numpy())
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def _reference_cart(masked_row, attention_row, p=0.3):
+    """Dream's CART weight, straight from the definition."""
+    weights = []
+    for i in range(len(masked_row)):
+        total = 0.0
+        for j in range(len(masked_row)):
+            if j != i and attention_row[j] and not masked_row[j]:
+                total += 0.5 * p * (1 - p) ** (abs(i - j) - 1)
+        weights.append(total)
+    return weights
+
+
+def test_cart_weights_match_definition():
+    masked = torch.tensor([[0, 0, 1, 1, 0, 1, 0], [0, 1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    got = cart_weights(masked, attention)
+    for row in range(2):
+        want = _reference_cart(masked[row].tolist(), attention[row].tolist())
+        assert got[row].tolist() == pytest.approx(want, rel=1e-6)
+
+
+def test_mdlm_retain_loss_with_cart_matches_reference():
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 9, generator=gen)
+    targets = torch.randint(0, 9, (2, 6), generator=gen)
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    masked = response & torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    got = mdlm_loss(logits, targets, masked, response, torch.tensor([0.5, 0.5]), "cart", attention).item()
+    weights = [_reference_cart(masked[r].tolist(), attention[r].tolist()) for r in range(2)]
+    want = _reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), None, weights)
+    assert got == pytest.approx(want, rel=1e-5)
