@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -141,12 +142,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     for name in ("forget", "retain", "chat_template", "out"):
         value = options.get(name)
         if isinstance(value, str) and not Path(value).is_absolute():
-            options[name] = str(path.parent / value)
+            options[name] = os.path.normpath(path.parent / value)
     # A model is either a directory (relative to the file, like the data) or a
     # Hub id; only an existing directory beside the file is taken as a path.
     model = options.get("model")
     if isinstance(model, str) and not Path(model).is_absolute() and (path.parent / model).is_dir():
-        options["model"] = str(path.parent / model)
+        options["model"] = os.path.normpath(path.parent / model)
     return options
 
 

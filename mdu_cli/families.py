@@ -26,11 +26,15 @@ class Family:
     # Tokens tried, in order, when neither the config nor the tokenizer names a
     # mask token (the hub LLaDA tokenizer does not declare `<|mdm_mask|>`).
     mask_token_candidates: tuple[str, ...]
+    # Dream's attention hands `attention_mask` straight to SDPA, so it takes a
+    # (batch, 1, seq, seq) boolean mask, as its own sampler builds; the others
+    # take the usual (batch, seq) padding mask.
+    attention_mask_4d: bool = False
 
 
 FAMILIES = {
     "llada": Family("llada", False, "inverse_t", ("<|mdm_mask|>",)),
-    "dream": Family("dream", True, "cart", ("<|mask|>",)),
+    "dream": Family("dream", True, "cart", ("<|mask|>",), attention_mask_4d=True),
     "masked-lm": Family("masked-lm", False, "inverse_t", ("[MASK]", "<mask>", "<|mask|>")),
 }
 
@@ -91,6 +95,21 @@ def resolve_mask_token_id(family: Family, config: dict, tokenizer, source: str) 
         f"mask_token and has none of {', '.join(family.mask_token_candidates)}); "
         "mdu needs a masked diffusion LM, or pass the right --family"
     )
+
+
+def forward_attention_mask(attention_mask: torch.Tensor, family: Family):
+    """The attention mask in the form the family's forward expects.
+
+    attention_mask: (batch, seq), 1 at tokens and 0 at padding. For Dream:
+    None when nothing is padded (its "full" attention), else a (batch, 1, seq,
+    seq) boolean mask that hides padded keys from every query.
+    """
+    if not family.attention_mask_4d:
+        return attention_mask
+    if bool(attention_mask.all()):
+        return None
+    keys = attention_mask.bool()[:, None, None, :]
+    return keys.expand(-1, 1, attention_mask.shape[1], -1)
 
 
 def align_logits(logits: torch.Tensor, family: Family) -> torch.Tensor:

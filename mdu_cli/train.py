@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.errors import MduError
-from mdu_cli.families import Family, align_logits
+from mdu_cli.families import Family, align_logits, forward_attention_mask
 from mdu_cli.masking import anchor_input_ids, noise_response
 from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
 from mdu_cli.tokenization import Example, collate
@@ -73,7 +73,7 @@ def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 
 def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, family: Family) -> torch.Tensor:
     """(batch, seq, vocab) logits aligned so that position i scores token i."""
-    output = model(input_ids=input_ids, attention_mask=attention_mask)
+    output = model(input_ids=input_ids, attention_mask=forward_attention_mask(attention_mask, family))
     logits = output.logits if hasattr(output, "logits") else output[0]
     return align_logits(logits, family)
 

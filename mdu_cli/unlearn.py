@@ -38,7 +38,8 @@ log = logging.getLogger("mdu")
 class UnlearnResult:
     out_dir: Path
     record: dict[str, Any]      # what mdu_run.json holds
-    model: Any = None           # the trained model, in memory, for callers that want it
+    model: Any = None           # with keep_model: the trained model, in memory
+    anchor: Any = None          # with keep_model: the frozen starting model it was pulled toward
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -119,8 +120,10 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    model = load_model(source, trust, weight_dtype)
-    anchor = frozen_copy(model).to(accelerator.device)
+    # Move before copying, so the anchor is made on the device and the host
+    # never holds two copies of an 8B model.
+    model = load_model(source, trust, weight_dtype).to(accelerator.device)
+    anchor = frozen_copy(model)
     log.info(
         "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
         len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,
@@ -132,7 +135,9 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
             accelerator, log_path=staging / "train_log.jsonl", show_progress=show_progress,
         )
-        del anchor
+        if not keep_model:
+            del anchor  # before writing: the writer may need the memory
+            anchor = None
         model = accelerator.unwrap_model(model)
         model.eval()
         write_model(model, source.path, staging, cfg.max_shard_size)
@@ -167,4 +172,4 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None)
+    return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None, anchor=anchor)

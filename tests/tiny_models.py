@@ -36,11 +36,12 @@ PUNCTUATION = list(".,?!:;'\"-()")
 def _word_tokenizer(specials: list[str], **declared):
     """A PreTrainedTokenizerFast over WORDS, with `specials` as special tokens
     and `declared` naming the roles (bos_token=..., eos_token=..., ...)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(specials + ["<unk>"] + WORDS + PUNCTUATION + [str(d) for d in range(10)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
     )

@@ -1,0 +1,223 @@
+"""Cost of one MDU step against one plain MDLM fine-tuning step, side by side.
+
+On a LLaDA-shaped model of about 20M parameters (the tests' remote-code
+fixture, scaled up), batch 4 x 256 tokens, CPU:
+
+- MDU step: anchor forward (no grad) + conditional forward/backward on the
+  forget batch, MDLM forward/backward on the retain batch, AdamW step.
+- Plain step: MDLM forward/backward on the same forget batch and on the same
+  retain batch, AdamW step.
+
+Time: both kinds of step alternate in one process, so machine noise hits
+both alike; the median of each is reported. Memory: each kind runs in a fresh
+child process, whose peak RSS (VmHWM) is read from /proc (Linux). MDU adds one no-grad
+forward of the forget batch, so the floor is about 7/6 = 1.17 in time.
+
+    python benchmarks/step_cost.py [--steps 8] [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def build_model(directory: Path, layers: int, d_model: int, vocab: int) -> None:
+    """A LLaDA-shaped remote-code checkpoint of the requested size."""
+    import json as _json
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    from tiny_models import FIXTURES
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for code in (FIXTURES / "tiny_llada").glob("*.py"):
+        shutil.copy(code, directory / code.name)
+    (directory / "config.json").write_text(_json.dumps({
+        "model_type": "tiny_llada", "architectures": ["TinyLLaDAModelLM"],
+        "auto_map": {"AutoConfig": "configuration_tiny_llada.TinyLLaDAConfig",
+                     "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM"},
+        "vocab_size": vocab, "d_model": d_model, "n_layers": layers, "n_heads": 8,
+        "mlp_hidden_size": 3 * d_model, "mask_token_id": vocab - 1,
+    }))
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    torch.manual_seed(0)
+    AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
+
+
+def make_batches(vocab: int, batch: int, seq: int, prompt: int):
+    from mdu_cli.tokenization import Example, collate
+
+    gen = torch.Generator().manual_seed(0)
+
+    def examples():
+        return [Example(tuple(torch.randint(0, vocab - 1, (prompt,), generator=gen).tolist()),
+                        tuple(torch.randint(0, vocab - 1, (seq - prompt,), generator=gen).tolist()))
+                for _ in range(batch)]
+
+    return collate(examples(), 0), collate(examples(), 0)
+
+
+class Stepper:
+    """One optimizer step of either kind, built from mdu's own pieces."""
+
+    def __init__(self, model_dir: Path, batch: int, seq: int, prompt: int, with_anchor: bool = True):
+        from mdu_cli.families import FAMILIES
+        from mdu_cli.loading import load_model, resolve_source
+        from mdu_cli.unlearn import frozen_copy
+
+        torch.manual_seed(0)
+        source = resolve_source(str(model_dir))
+        self.model = load_model(source, True, torch.float32).train()
+        # Plain fine-tuning has no anchor; MDU's frozen copy is part of its cost.
+        self.anchor = frozen_copy(self.model) if with_anchor else None
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.family = FAMILIES["llada"]
+        self.mask_id = source.config["mask_token_id"]
+        self.forget, self.retain = make_batches(source.config["vocab_size"], batch, seq, prompt)
+        self.noise = torch.Generator().manual_seed(1)
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def _mdlm(self, batch):
+        from mdu_cli.masking import noise_response
+        from mdu_cli.objectives import mdlm_loss
+        from mdu_cli.train import model_logits
+
+        noised = noise_response(batch, self.mask_id, self.noise)
+        logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
+        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t)
+        del logits
+        loss.backward()
+
+    def mdu_step(self):
+        from mdu_cli.masking import anchor_input_ids, noise_response
+        from mdu_cli.objectives import mdu_forget_loss
+        from mdu_cli.train import model_logits
+
+        noised = noise_response(self.forget, self.mask_id, self.noise)
+        with torch.no_grad():
+            anchor_logits = model_logits(self.anchor, anchor_input_ids(noised, self.mask_id),
+                                         noised.attention_mask, self.family)
+        logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
+        loss = mdu_forget_loss(logits, anchor_logits, noised.masked, tau=1.0)
+        del logits, anchor_logits
+        loss.backward()
+        self._mdlm(self.retain)
+        self._finish()
+
+    def plain_step(self):
+        self._mdlm(self.forget)
+        self._mdlm(self.retain)
+        self._finish()
+
+    def _finish(self):
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _proc_status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB. Unlike ru_maxrss, which Linux carries
+    over from the parent through fork and exec, VmHWM belongs to this process's
+    own address space."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss_child(kind: str, model_dir: str, args: dict, queue) -> None:
+    import transformers  # noqa: F401  (libraries count toward the baseline, not the step)
+
+    import mdu_cli.train  # noqa: F401
+
+    baseline = _proc_status_mb("VmRSS")
+    stepper = Stepper(Path(model_dir), args["batch"], args["seq"], args["prompt"], with_anchor=kind == "mdu")
+    step = stepper.mdu_step if kind == "mdu" else stepper.plain_step
+    for _ in range(3):
+        step()
+    peak = _proc_status_mb("VmHWM")
+    queue.put({"peak_rss_mb": peak, "above_baseline_mb": peak - baseline})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps of each kind")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=384)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "llada-20m"
+        build_model(model_dir, args.layers, args.d_model, args.vocab)
+        shape = {"batch": args.batch, "seq": args.seq, "prompt": args.prompt}
+
+        stepper = Stepper(model_dir, **shape)
+        stepper.mdu_step()
+        stepper.plain_step()  # warm-up of both paths
+        times = {"mdu": [], "plain": []}
+        for _ in range(args.steps):
+            for kind, step in (("mdu", stepper.mdu_step), ("plain", stepper.plain_step)):
+                start = time.perf_counter()
+                step()
+                times[kind].append(time.perf_counter() - start)
+        params = stepper.params
+        del stepper
+
+        ctx = mp.get_context("spawn")
+        memory = {}
+        for kind in ("mdu", "plain"):
+            queue = ctx.Queue()
+            child = ctx.Process(target=_peak_rss_child, args=(kind, str(model_dir), shape, queue))
+            child.start()
+            memory[kind] = queue.get()
+            child.join()
+
+    median = {kind: statistics.median(values) for kind, values in times.items()}
+    report = {
+        "params_millions": round(params / 1e6, 2),
+        "batch": f"{args.batch} x {args.seq} tokens ({args.prompt} prompt)",
+        "torch_threads": torch.get_num_threads(),
+        "median_step_s": {k: round(v, 4) for k, v in median.items()},
+        "time_ratio_mdu_over_plain": round(median["mdu"] / median["plain"], 3),
+        "peak_rss_mb": {k: round(v["peak_rss_mb"], 1) for k, v in memory.items()},
+        "training_memory_mb": {k: round(v["above_baseline_mb"], 1) for k, v in memory.items()},
+        "memory_ratio_mdu_over_plain": round(memory["mdu"]["peak_rss_mb"] / memory["plain"]["peak_rss_mb"], 3),
+        "training_memory_ratio": round(memory["mdu"]["above_baseline_mb"] / memory["plain"]["above_baseline_mb"], 3),
+        "target_time_ratio": 1.25,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"LLaDA-shaped model: {report['params_millions']}M parameters, batch {report['batch']}, "
+          f"{report['torch_threads']} threads, {args.steps} timed steps of each kind")
+    print(f"  median step   MDU {median['mdu']:.3f}s   plain MDLM {median['plain']:.3f}s   "
+          f"ratio {report['time_ratio_mdu_over_plain']:.3f} (target <= 1.25, floor ~1.17)")
+    print(f"  peak RSS      MDU {report['peak_rss_mb']['mdu']:.0f} MB   plain MDLM {report['peak_rss_mb']['plain']:.0f} MB   "
+          f"ratio {report['memory_ratio_mdu_over_plain']:.3f}")
+    print(f"  above the process baseline (libraries)   MDU {report['training_memory_mb']['mdu']:.0f} MB   "
+          f"plain MDLM {report['training_memory_mb']['plain']:.0f} MB   ratio {report['training_memory_ratio']:.3f} "
+          "(MDU holds a frozen anchor copy)")
+
+
+if __name__ == "__main__":
+    main()
