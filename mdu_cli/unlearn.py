@@ -8,6 +8,7 @@ the remote-code policy, the family and mask token, and the tokenised lengths.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import platform
@@ -97,6 +98,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     forget_data = load_dataset(cfg.forget)
     retain_data = load_dataset(cfg.retain) if cfg.retain else None
     out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    cfg = dataclasses.replace(cfg, out=str(out))  # record where it went, default or not
     data_paths = [forget_data.path] + ([retain_data.path] if retain_data else [])
     check_out_dir(out, cfg.overwrite, protected=data_paths)
 
