@@ -45,6 +45,9 @@ class UnlearnConfig:
     alpha: Optional[float] = None  # None: 1.0 with a retain file, 0.0 without
     # The optimisation.
     lr: float = 1e-5
+    # No decay by default: decay would shrink every weight, including the ones
+    # the forget set never touches, which is change the user did not ask for.
+    weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     epochs: int = 5
     max_steps: Optional[int] = None
@@ -77,7 +80,7 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)} (got {value!r})")
-        for name in ("tau", "eta", "alpha", "lr", "warmup_ratio", "max_grad_norm"):
+        for name in ("tau", "eta", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number (got {value!r})")
@@ -87,6 +90,8 @@ class UnlearnConfig:
             raise bad("alpha", f"must be >= 0 (got {self.alpha})")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", f"must be >= 0 (got {self.weight_decay})")
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})")
         if self.max_grad_norm <= 0:
@@ -158,7 +163,7 @@ def build_config(file_options: dict[str, Any], flag_options: dict[str, Any]) -> 
         cfg = UnlearnConfig(**merged)
     except TypeError as err:
         raise ConfigError(str(err)) from None
-    for name in ("tau", "eta", "lr", "warmup_ratio", "max_grad_norm"):
+    for name in ("tau", "eta", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
         value = getattr(cfg, name)
         if isinstance(value, int) and not isinstance(value, bool):
             cfg = dataclasses.replace(cfg, **{name: float(value)})

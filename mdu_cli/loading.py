@@ -41,7 +41,7 @@ class ModelSource:
         return bool(self.config.get("auto_map")) and model_type not in CONFIG_MAPPING
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
 
 
@@ -80,14 +80,14 @@ def _hub_error(name: str, err: Exception) -> MduError:
     return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}: {err}); check the network and retry")
 
 
-def _snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
+def snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
 
     try:
         return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
     except HFValidationError:
-        raise MduError(f"{name}: no such directory, and not a valid Hub model id; check --model") from None
+        raise MduError(f"{name}: no such directory, and not a valid Hub model id; check the path or id") from None
     except Exception as err:  # the hub client raises many types; each becomes one line
         raise _hub_error(name, err) from None
 
@@ -101,18 +101,18 @@ def resolve_source(name: str, revision: Optional[str] = None) -> ModelSource:
         if revision:
             raise ConfigError(f"--revision applies to Hub models; {name} is a local directory")
         return ModelSource(name, local.resolve(), False, None, _read_config(local, name))
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise MduError(f"{name}: no such directory; check --model")
-    snapshot = _snapshot(name, revision, SMALL_FILE_PATTERNS)
+    directory = snapshot(name, revision, SMALL_FILE_PATTERNS)
     # The snapshot folder is named after the commit it holds, which is what
     # `--revision main` resolved to at this moment.
-    return ModelSource(name, snapshot, True, snapshot.name, _read_config(snapshot, name))
+    return ModelSource(name, directory, True, directory.name, _read_config(directory, name))
 
 
 def fetch_weights(source: ModelSource) -> None:
     """Download the safetensors of a Hub model at the already-resolved commit."""
     if source.is_hub:
-        _snapshot(source.name, source.revision, WEIGHT_PATTERNS)
+        snapshot(source.name, source.revision, WEIGHT_PATTERNS)
     if not any(source.path.glob("*.safetensors")):
         raise MduError(
             f"{source.name}: no .safetensors weights (mdu never loads pickled .bin files); "

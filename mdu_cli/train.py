@@ -110,7 +110,8 @@ def train(
     plan = plan_steps(len(forget), cfg, order_generator)
     retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain else None
 
-    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr)
+    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(

@@ -26,9 +26,12 @@ from mdu_cli import __version__
 from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_model
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
+from mdu_cli.delta_report import compare, top_layers
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
+from mdu_cli.safetensors_reader import open_directory
 from mdu_cli.tokenization import encode_dataset, pad_token_id
 from mdu_cli.train import TrainResult, train
 
@@ -49,6 +52,8 @@ class UnlearnResult:
             "forget_loss": self.record["losses"]["forget"],
             "retain_loss": self.record["losses"]["retain"],
             "wall_time_s": self.record["wall_time_s"],
+            "delta_rel_l2": self.record["delta"]["rel_l2"],
+            "top_layers": self.record["delta"]["top_layers"],
         }
 
 
@@ -91,6 +96,19 @@ def frozen_copy(model):
     anchor = copy.deepcopy(model)
     anchor.requires_grad_(False)
     return anchor.eval()
+
+
+def write_delta_report(source, staging: Path, out: Path, show_progress: bool) -> dict:
+    """delta_report.json and delta_report.md of the new weights against the base,
+    by the engine behind `mdu diff`."""
+    base = open_directory(source.path, source.name)
+    base.revision = source.revision
+    unlearned = open_directory(staging, str(out))
+    unlearned.path = out  # where the files will be once the output is published
+    report = compare(base, unlearned, show_progress=show_progress)
+    write_json(report, staging / "delta_report.json")
+    write_text_atomic(staging / "delta_report.md", format_markdown(report))
+    return report
 
 
 def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
@@ -143,6 +161,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         model = accelerator.unwrap_model(model)
         model.eval()
         write_model(model, source.path, staging, cfg.max_shard_size)
+        delta = write_delta_report(source, staging, out, show_progress)
         record = {
             "tool": "mdu",
             "version": __version__,
@@ -162,6 +181,8 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_memory_bytes": _peak_memory_bytes(device),
             "losses": {"forget": result.first_last("forget_loss"), "retain": result.first_last("retain_loss")},
+            "delta": {"rel_l2": delta["total"]["rel_l2"],
+                      "top_layers": [{"layer": x["layer"], "rel_l2": x["rel_l2"]} for x in top_layers(delta)]},
             "environment": {
                 "python": platform.python_version(),
                 "torch": torch.__version__,

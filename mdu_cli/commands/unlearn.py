@@ -44,6 +44,7 @@ Examples:
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default=D.kl, show_default=True, help="Divergence direction.")
 @click.option("--alpha", type=float, help="Retain-loss weight.  [default: 1.0 with --retain, else 0]")
 @click.option("--lr", type=float, default=D.lr, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True, help="AdamW weight decay.")
 @click.option("--warmup-ratio", type=float, default=D.warmup_ratio, show_default=True, help="Linear warmup share, then cosine decay.")
 @click.option("--epochs", type=int, default=D.epochs, show_default=True, help="Passes over the forget set.")
 @click.option("--max-steps", type=int, help="Optimizer steps; replaces --epochs.")
@@ -63,7 +64,8 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
     Pulls the model's prompt-conditional prediction toward the frozen starting
     model's prompt-masked prediction (scaled by --tau) at every masked response
     position of the forget records, with an optional MDLM retain loss. Writes
-    safetensors weights loadable like the base, mdu_run.json and train_log.jsonl.
+    safetensors weights loadable like the base, mdu_run.json, train_log.jsonl and
+    the parameter-delta report (delta_report.json, delta_report.md).
     """
     file_options = read_yaml(config_file) if config_file else {}
     typed = {
@@ -85,3 +87,6 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
                + (f", retain loss {summary['retain_loss']['first']:.4f} -> {summary['retain_loss']['last']:.4f}"
                   if summary["retain_loss"]["first"] is not None else "")
                + f", {summary['wall_time_s']:.1f}s)")
+    if summary["top_layers"]:
+        click.echo("Layers that moved most (relative L2): " + ", ".join(
+            f"{entry['layer']} ({entry['rel_l2']:.2e})" for entry in summary["top_layers"]))

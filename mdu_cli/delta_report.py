@@ -1,0 +1,296 @@
+"""The parameter-delta report: how far each tensor, layer and module kind moved.
+
+Tensors of the two checkpoints are joined by name (through each side's index,
+never by file), read in chunks of CHUNK_ELEMENTS elements on a few threads,
+and reduced to float64 sums from which every statistic is derived. Memory
+stays bounded whatever the model size: each thread holds one chunk per side.
+
+Schema (version 1) of the report dictionary, also written as JSON:
+    schema_version  1
+    base, other     {source, path, revision, tensors, files}
+    tensors         one entry per tensor compared: name, shape, numel,
+                    dtype_base, dtype_other, layer (int or null), module, and
+                    the statistics below; tied tensors also carry tied_to
+    layers          statistics per block index (the N of "...layers.N...")
+    modules         statistics per module kind (MODULE_KINDS)
+    total           statistics over every compared tensor
+    top             the `top` tensors with the largest rel_l2: name, rel_l2
+    only_in_base, only_in_other   name, shape, dtype
+    shape_mismatch  name, shape_base, shape_other
+    tied            name, side ("base" | "other"), tied_to
+Statistics: l2 = ||other - base||, rel_l2 = l2 / ||base||, max_abs and
+mean_abs of the difference, cosine between base and other, frac_changed =
+fraction of elements not exactly equal, norm_base and norm_other. rel_l2
+and cosine are null where a norm is zero. Aggregates use the summed squares, so layer and module rel_l2 is
+the norm of the concatenated difference over the norm of the concatenated base.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo
+
+SCHEMA_VERSION = 1
+CHUNK_ELEMENTS = 1 << 16  # 512 KiB of float64: stays in cache, which is what makes it fast
+MODULE_KINDS = ("embedding", "attention_q", "attention_k", "attention_v", "attention_qkv", "attention_out",
+                "mlp", "norm", "head", "other")
+
+_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)(?:\.|$)")
+_EMBEDDING = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_positions", "wpe",
+              "position_embeddings", "token_type_embeddings")
+_HEAD_TAILS = ("lm_head.weight", "lm_head.bias", "decoder.weight", "decoder.bias", "transformer.ff_out.weight")
+_ATTENTION = {
+    "attention_q": ("q_proj", "query", "wq"),
+    "attention_k": ("k_proj", "key", "wk"),
+    "attention_v": ("v_proj", "value", "wv"),
+    "attention_qkv": ("wqkv", "qkv_proj", "c_attn", "att_proj", "query_key_value"),
+    "attention_out": ("o_proj", "attn_out", "out_proj", "dense_out"),
+}
+_MLP = ("mlp", "ff_proj", "up_proj", "gate_proj", "down_proj", "ff_out", "fc1", "fc2", "intermediate", "w1", "w2",
+        "w3", "wi", "wo", "c_fc", "gate_up_proj")
+
+
+def layer_of(name: str) -> Optional[int]:
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def module_of(name: str) -> str:
+    """The module kind of a parameter, from its name (LLaDA, Qwen/Dream, Llama,
+    BERT and ModernBERT conventions)."""
+    parts = name.lower().split(".")
+    leaf = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
+    if "norm" in leaf or leaf.startswith("ln") or "layernorm" in name.lower():
+        return "norm"
+    if any(part in _EMBEDDING for part in parts):
+        return "embedding"
+    if name.endswith(_HEAD_TAILS) and layer_of(name) is None or parts[0] in ("head", "cls") or "lm_head" in parts:
+        return "head"
+    in_attention = any(p in ("attn", "attention", "self_attn", "self_attention") for p in parts)
+    for kind, leaves in _ATTENTION.items():
+        if leaf in leaves:
+            return kind
+    if in_attention and leaf in ("wo", "dense", "c_proj"):
+        return "attention_out"
+    if leaf in _MLP or any(part in ("mlp", "feed_forward", "ffn", "intermediate") for part in parts):
+        return "mlp"
+    return "other"
+
+
+@dataclass
+class Sums:
+    """Float64 sums over elements; merging two is adding them."""
+
+    numel: int = 0
+    sq_diff: float = 0.0
+    sq_base: float = 0.0
+    sq_other: float = 0.0
+    abs_diff: float = 0.0
+    max_abs: float = 0.0
+    changed: int = 0
+
+    def add(self, other: "Sums") -> "Sums":
+        self.numel += other.numel
+        self.sq_diff += other.sq_diff
+        self.sq_base += other.sq_base
+        self.sq_other += other.sq_other
+        self.abs_diff += other.abs_diff
+        self.max_abs = max(self.max_abs, other.max_abs)
+        self.changed += other.changed
+        return self
+
+    def stats(self) -> dict:
+        l2 = math.sqrt(self.sq_diff)
+        base_norm, other_norm = math.sqrt(self.sq_base), math.sqrt(self.sq_other)
+        # <a, b> from the three squared norms, all float64: no fourth pass over the data.
+        dot = (self.sq_base + self.sq_other - self.sq_diff) / 2
+        cosine = dot / (base_norm * other_norm) if base_norm > 0 and other_norm > 0 else None
+        return {
+            "l2": l2,
+            "rel_l2": l2 / base_norm if base_norm > 0 else None,
+            "max_abs": self.max_abs,
+            "mean_abs": self.abs_diff / self.numel if self.numel else 0.0,
+            "cosine": min(1.0, max(-1.0, cosine)) if cosine is not None else None,
+            "frac_changed": self.changed / self.numel if self.numel else 0.0,
+            "norm_base": base_norm,
+            "norm_other": other_norm,
+        }
+
+
+def chunk_sums(base: torch.Tensor, other: torch.Tensor) -> Sums:
+    """Sums of one chunk pair (1-D tensors of any dtype), in float64."""
+    x, y = base.to(torch.float64), other.to(torch.float64)
+    diff = x - y
+    low, high = torch.aminmax(diff)
+    return Sums(
+        numel=diff.numel(),
+        sq_diff=float(torch.dot(diff, diff)),
+        sq_base=float(torch.dot(x, x)),
+        sq_other=float(torch.dot(y, y)),
+        abs_diff=float(torch.linalg.vector_norm(diff, ord=1)),
+        max_abs=max(-float(low), float(high)),
+        changed=int(torch.count_nonzero(diff)),
+    )
+
+
+class _Workers:
+    """A few threads, each with its own read buffers; torch and preadv both
+    release the GIL, so chunks of one tensor are reduced in parallel."""
+
+    def __init__(self, workers: int):
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.workers = workers
+        self.local = threading.local()
+        self.readers: list[ChunkReader] = []
+        self.lock = threading.Lock()
+
+    def _readers(self) -> tuple[ChunkReader, ChunkReader]:
+        if not hasattr(self.local, "pair"):
+            pair = (ChunkReader(CHUNK_ELEMENTS * 8), ChunkReader(CHUNK_ELEMENTS * 8))
+            with self.lock:
+                self.readers.extend(pair)
+            self.local.pair = pair
+        return self.local.pair
+
+    def _span(self, base: TensorInfo, other: TensorInfo, start: int, stop: int) -> Sums:
+        base_reader, other_reader = self._readers()
+        total = Sums()
+        for begin in range(start, stop, CHUNK_ELEMENTS):
+            count = min(CHUNK_ELEMENTS, stop - begin)
+            total.add(chunk_sums(base_reader.read(base, begin, count), other_reader.read(other, begin, count)))
+        return total
+
+    def tensor_sums(self, base: TensorInfo, other: TensorInfo) -> Sums:
+        numel = base.numel
+        if numel == 0:
+            return Sums()
+        chunks = math.ceil(numel / CHUNK_ELEMENTS)
+        spans = min(self.workers, chunks)
+        bounds = [min(numel, (chunks * i // spans) * CHUNK_ELEMENTS) for i in range(spans + 1)]
+        futures = [self.pool.submit(self._span, base, other, bounds[i], bounds[i + 1]) for i in range(spans)]
+        total = Sums()
+        for future in futures:
+            total.add(future.result())
+        return total
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for reader in self.readers:
+            reader.close()
+
+
+def _tied_partner(name: str, own: Checkpoint, other: Checkpoint) -> Optional[str]:
+    """For a head stored on one side only: the embedding of the same shape on
+    the other side, which stored the tied pair once (safetensors keeps one copy
+    of shared tensors)."""
+    if module_of(name) != "head" or not name.endswith("weight"):
+        return None
+    shape = own.tensors[name].shape
+    candidates = [n for n, info in other.tensors.items() if module_of(n) == "embedding" and info.shape == shape]
+    return candidates[0] if candidates else None
+
+
+def _describe(checkpoint: Checkpoint) -> dict:
+    return {"source": checkpoint.source, "path": str(checkpoint.path), "revision": checkpoint.revision,
+            "tensors": len(checkpoint.tensors), "files": len(checkpoint.files)}
+
+
+def _info_entry(info: TensorInfo) -> dict:
+    return {"name": info.name, "shape": list(info.shape), "dtype": info.dtype}
+
+
+def compare(base: Checkpoint, other: Checkpoint, top: int = 20, show_progress: bool = True,
+            workers: Optional[int] = None) -> dict:
+    """Build the delta report of `other` against `base` (schema in the module docstring)."""
+    pairs: list[tuple[str, TensorInfo, TensorInfo, Optional[str]]] = []
+    only_in_base, only_in_other, shape_mismatch, tied = [], [], [], []
+    for name, info in base.tensors.items():
+        if name in other.tensors:
+            if other.tensors[name].shape != info.shape:
+                shape_mismatch.append({"name": name, "shape_base": list(info.shape),
+                                       "shape_other": list(other.tensors[name].shape)})
+            else:
+                pairs.append((name, info, other.tensors[name], None))
+            continue
+        partner = _tied_partner(name, base, other)
+        if partner:
+            tied.append({"name": name, "side": "base", "tied_to": partner})
+            pairs.append((name, info, other.tensors[partner], partner))
+        else:
+            only_in_base.append(_info_entry(info))
+    for name, info in other.tensors.items():
+        if name in base.tensors:
+            continue
+        partner = _tied_partner(name, other, base)
+        if partner:
+            tied.append({"name": name, "side": "other", "tied_to": partner})
+            pairs.append((name, base.tensors[partner], info, partner))
+        else:
+            only_in_other.append(_info_entry(info))
+
+    workers = workers or max(1, min(4, torch.get_num_threads()))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)  # parallelism comes from the chunk threads; nested pools would fight
+    pool = _Workers(workers)
+    tensors, layer_sums, module_sums, total = [], {}, {}, Sums()
+    try:
+        for name, base_info, other_info, partner in tqdm(pairs, desc="mdu diff", unit="tensor",
+                                                         disable=not show_progress, dynamic_ncols=True):
+            sums = pool.tensor_sums(base_info, other_info)
+            layer, module = layer_of(name), module_of(name)
+            entry = {"name": name, "shape": list(base_info.shape), "numel": base_info.numel,
+                     "dtype_base": base_info.dtype, "dtype_other": other_info.dtype,
+                     "layer": layer, "module": module, **sums.stats()}
+            if partner:
+                entry["tied_to"] = partner
+            tensors.append(entry)
+            total.add(sums)
+            if layer is not None:
+                layer_sums.setdefault(layer, Sums()).add(sums)
+            module_sums.setdefault(module, Sums()).add(sums)
+    finally:
+        pool.close()
+        torch.set_num_threads(threads_before)
+
+    def aggregate(key: str, value, sums: Sums) -> dict:
+        return {key: value, "numel": sums.numel, **sums.stats()}
+
+    ranked = sorted((t for t in tensors if t["rel_l2"] is not None), key=lambda t: t["rel_l2"], reverse=True)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "base": _describe(base),
+        "other": _describe(other),
+        "tensors": tensors,
+        "layers": [aggregate("layer", layer, layer_sums[layer]) for layer in sorted(layer_sums)],
+        "modules": [aggregate("module", kind, module_sums[kind]) for kind in MODULE_KINDS if kind in module_sums],
+        "total": aggregate("tensors", len(tensors), total),
+        "top": [{"name": t["name"], "rel_l2": t["rel_l2"]} for t in ranked[:top]],
+        "only_in_base": only_in_base,
+        "only_in_other": only_in_other,
+        "shape_mismatch": shape_mismatch,
+        "tied": tied,
+    }
+
+
+def top_layers(report: dict, n: int = 3) -> list[dict]:
+    """The n layers whose weights moved most, by relative L2."""
+    layers = [layer for layer in report["layers"] if layer["rel_l2"] is not None]
+    return sorted(layers, key=lambda layer: layer["rel_l2"], reverse=True)[:n]
+
+
+def diff(base: str, other: str, revision_base: Optional[str] = None, revision_other: Optional[str] = None,
+         top: int = 20, show_progress: bool = True) -> dict:
+    """`mdu diff` as a library call: open both sides, compare, return the report."""
+    from mdu_cli.safetensors_reader import open_checkpoint
+
+    return compare(open_checkpoint(base, revision_base), open_checkpoint(other, revision_other),
+                   top=top, show_progress=show_progress)
