@@ -28,13 +28,14 @@ the norm of the concatenated difference over the norm of the concatenated base.
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
+import numpy as np
 from tqdm.auto import tqdm
 
 from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo
@@ -126,24 +127,26 @@ class Sums:
         }
 
 
-def chunk_sums(base: torch.Tensor, other: torch.Tensor) -> Sums:
-    """Sums of one chunk pair (1-D tensors of any dtype), in float64."""
-    x, y = base.to(torch.float64), other.to(torch.float64)
-    diff = x - y
-    low, high = torch.aminmax(diff)
-    return Sums(
-        numel=diff.numel(),
-        sq_diff=float(torch.dot(diff, diff)),
-        sq_base=float(torch.dot(x, x)),
-        sq_other=float(torch.dot(y, y)),
-        abs_diff=float(torch.linalg.vector_norm(diff, ord=1)),
-        max_abs=max(-float(low), float(high)),
-        changed=int(torch.count_nonzero(diff)),
+def chunk_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> Sums:
+    """Sums of one chunk pair (float64 arrays of equal length); `scratch` is a
+    float64 buffer at least as long, reused so that no chunk allocates."""
+    diff = scratch[: base.shape[0]]
+    np.subtract(other, base, out=diff)
+    sums = Sums(
+        numel=int(base.shape[0]),
+        sq_diff=float(np.dot(diff, diff)),
+        sq_base=float(np.dot(base, base)),
+        sq_other=float(np.dot(other, other)),
+        changed=int(np.count_nonzero(diff)),
     )
+    np.abs(diff, out=diff)
+    sums.abs_diff = float(diff.sum())
+    sums.max_abs = float(diff.max()) if diff.shape[0] else 0.0
+    return sums
 
 
 class _Workers:
-    """A few threads, each with its own read buffers; torch and preadv both
+    """A few threads, each with its own buffers; preadv and numpy's loops
     release the GIL, so chunks of one tensor are reduced in parallel."""
 
     def __init__(self, workers: int):
@@ -153,20 +156,21 @@ class _Workers:
         self.readers: list[ChunkReader] = []
         self.lock = threading.Lock()
 
-    def _readers(self) -> tuple[ChunkReader, ChunkReader]:
-        if not hasattr(self.local, "pair"):
-            pair = (ChunkReader(CHUNK_ELEMENTS * 8), ChunkReader(CHUNK_ELEMENTS * 8))
+    def _buffers(self) -> tuple[ChunkReader, ChunkReader, np.ndarray]:
+        if not hasattr(self.local, "buffers"):
+            buffers = (ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS), np.empty(CHUNK_ELEMENTS))
             with self.lock:
-                self.readers.extend(pair)
-            self.local.pair = pair
-        return self.local.pair
+                self.readers.extend(buffers[:2])
+            self.local.buffers = buffers
+        return self.local.buffers
 
     def _span(self, base: TensorInfo, other: TensorInfo, start: int, stop: int) -> Sums:
-        base_reader, other_reader = self._readers()
+        base_reader, other_reader, scratch = self._buffers()
         total = Sums()
         for begin in range(start, stop, CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, stop - begin)
-            total.add(chunk_sums(base_reader.read(base, begin, count), other_reader.read(other, begin, count)))
+            total.add(chunk_sums(base_reader.read_float64(base, begin, count),
+                                 other_reader.read_float64(other, begin, count), scratch))
         return total
 
     def tensor_sums(self, base: TensorInfo, other: TensorInfo) -> Sums:
@@ -186,8 +190,6 @@ class _Workers:
         self.pool.shutdown()
         for reader in self.readers:
             reader.close()
-
-
 def _tied_partner(name: str, own: Checkpoint, other: Checkpoint) -> Optional[str]:
     """For a head stored on one side only: the embedding of the same shape on
     the other side, which stored the tied pair once (safetensors keeps one copy
@@ -237,9 +239,7 @@ def compare(base: Checkpoint, other: Checkpoint, top: int = 20, show_progress: b
         else:
             only_in_other.append(_info_entry(info))
 
-    workers = workers or max(1, min(4, torch.get_num_threads()))
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)  # parallelism comes from the chunk threads; nested pools would fight
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
     pool = _Workers(workers)
     tensors, layer_sums, module_sums, total = [], {}, {}, Sums()
     try:
@@ -259,7 +259,6 @@ def compare(base: Checkpoint, other: Checkpoint, top: int = 20, show_progress: b
             module_sums.setdefault(module, Sums()).add(sums)
     finally:
         pool.close()
-        torch.set_num_threads(threads_before)
 
     def aggregate(key: str, value, sums: Sums) -> dict:
         return {key: value, "numel": sums.numel, **sums.stats()}

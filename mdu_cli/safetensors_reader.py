@@ -17,17 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-import torch
+import numpy as np
 
 from mdu_cli.errors import MduError
 
-# safetensors dtype names -> (torch dtype, bytes per element)
-DTYPES = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1), "F8_E5M2": (torch.float8_e5m2, 1),
-}
+# safetensors dtype name -> bytes per element
+DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "F8_E4M3": 1, "F8_E5M2": 1}
+NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+                "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -50,7 +48,7 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype][1]
+        return DTYPES[self.dtype]
 
 
 @dataclass
@@ -190,23 +188,43 @@ def open_checkpoint(spec: str, revision: Optional[str] = None) -> Checkpoint:
 
 
 class ChunkReader:
-    """Reads element ranges of tensors into a reusable buffer (one per thread)."""
+    """Reads element ranges of tensors into reusable buffers (one reader per
+    thread) and widens them to float64."""
 
-    def __init__(self, max_bytes: int):
-        self.buffer = bytearray(max_bytes)
+    def __init__(self, max_elements: int):
+        self.raw = bytearray(max_elements * 8)
+        self.wide = np.empty(max_elements, dtype=np.float64)
+        self.scratch = np.empty(max_elements, dtype=np.uint32)
         self.handles: dict[Path, int] = {}
 
-    def read(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start + count) of the flattened tensor, as a view of
-        the buffer (valid until the next read)."""
+    def _read_bytes(self, info: TensorInfo, start: int, count: int) -> memoryview:
         nbytes = count * info.itemsize
         if info.file not in self.handles:
             self.handles[info.file] = os.open(info.file, os.O_RDONLY)
-        view = memoryview(self.buffer)[:nbytes]
-        got = os.preadv(self.handles[info.file], [view], info.offset + start * info.itemsize)
-        if got != nbytes:
+        view = memoryview(self.raw)[:nbytes]
+        if os.preadv(self.handles[info.file], [view], info.offset + start * info.itemsize) != nbytes:
             raise _corrupt(info.file, f"tensor {info.name} is cut short")
-        return torch.frombuffer(self.buffer, dtype=DTYPES[info.dtype][0], count=count)
+        return view
+
+    def read_float64(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
+        """Elements [start, start + count) of the flattened tensor as float64, in
+        this reader's buffer (valid until its next read)."""
+        raw = self._read_bytes(info, start, count)
+        out = self.wide[:count]
+        if info.dtype == "BF16":
+            # bf16 is the top half of an fp32: widen the bits, then the value.
+            bits = self.scratch[:count]
+            np.copyto(bits, np.frombuffer(raw, dtype=np.uint16))
+            np.left_shift(bits, 16, out=bits)
+            np.copyto(out, bits.view(np.float32))
+        elif info.dtype in NUMPY_DTYPES:
+            np.copyto(out, np.frombuffer(raw, dtype=NUMPY_DTYPES[info.dtype]))
+        else:  # float8: numpy has no such type, torch does (imported only here: it costs a second)
+            import torch
+
+            kind = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[info.dtype]
+            np.copyto(out, torch.frombuffer(raw, dtype=kind).to(torch.float64).numpy())
+        return out
 
     def close(self) -> None:
         for handle in self.handles.values():

@@ -280,3 +280,14 @@ def test_unlearn_report_agrees_with_diff(llada_dir, forget_file, tmp_path):
     assert record["delta"]["rel_l2"] == pytest.approx(written["total"]["rel_l2"])
     assert (out / "delta_report.md").read_text().startswith("## Parameter delta")
     assert not math.isnan(written["total"]["cosine"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.int32, torch.float64, torch.bfloat16])
+def test_every_storage_dtype_is_widened_exactly(tmp_path, dtype):
+    base = {"w": (torch.randn(300, 7, generator=GEN) * 4).to(dtype)}
+    other = {"w": (base["w"].to(torch.float64) + (torch.arange(2100).view(300, 7) % 3 == 0)).to(dtype)}
+    report = compare(open_checkpoint(str(_save(tmp_path / "a", base))),
+                     open_checkpoint(str(_save(tmp_path / "b", other))), show_progress=False)
+    a = load_file(tmp_path / "a" / "model.safetensors")["w"].to(torch.float64).numpy()
+    b = load_file(tmp_path / "b" / "model.safetensors")["w"].to(torch.float64).numpy()
+    _assert_stats(report["tensors"][0], _reference(a, b))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -41,6 +43,10 @@ def diff(base, other, revision_base, revision_other, json_path, md_path, plot_pa
     fetched). Tensors are joined by name, statistics accumulated in float64,
     and memory stays bounded: tensors are streamed in chunks.
     """
+    # numpy's OpenBLAS would start its own threads inside each of the diff's
+    # chunk threads and slow both down; it reads this only when first loaded.
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from mdu_cli.delta_report import diff as run_diff
     from mdu_cli.report_format import format_markdown, format_table, write_json, write_plot, write_text_atomic
 
