@@ -88,16 +88,19 @@ def cli() -> None:
       mdu unlearn --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl --tau 2.0
       mdu unlearn --config examples/run.yaml
       mdu diff GSAI-ML/LLaDA-8B-Instruct ./LLaDA-8B-Instruct-mdu-tau2
+      mdu push ./LLaDA-8B-Instruct-mdu-tau2 --repo-id me/llada-forgot-x
     """
     setup_logging()
 
 
 def _register() -> None:
     from mdu_cli.commands.diff import diff
+    from mdu_cli.commands.push import push
     from mdu_cli.commands.unlearn import unlearn
 
     cli.add_command(unlearn)
     cli.add_command(diff)
+    cli.add_command(push)
 
 
 _register()

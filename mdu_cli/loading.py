@@ -21,7 +21,8 @@ log = logging.getLogger("mdu")
 # Publishers of the masked diffusion LMs mdu targets. Their remote code is what
 # every user of these models runs; anything else must be trusted explicitly.
 TRUSTED_PUBLISHERS = ("GSAI-ML", "Dream-org", "inclusionAI")
-SMALL_FILE_PATTERNS = ["*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+# README.md only for its license line, which the unlearned model's card repeats.
+SMALL_FILE_PATTERNS = ["*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
 
 

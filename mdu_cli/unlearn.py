@@ -29,6 +29,7 @@ from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, top_layers
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
@@ -168,7 +169,8 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             "command": "unlearn",
             "method": "mdu",
             "config": cfg.to_dict(),
-            "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision},
+            "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
+                           "license": read_license(source.path)},
             "family": family.name,
             "mask_token_id": mask_token_id,
             "data": {"forget": forget_data.summary(), "retain": retain_data.summary() if retain_data else None},
@@ -190,6 +192,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             },
         }
         (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        (staging / CARD_NAME).write_text(render_card(staging, title=out.name), encoding="utf-8")
         check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
         publish(staging, out)
     except BaseException:

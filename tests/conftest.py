@@ -58,6 +58,16 @@ def family_dirs(llada_dir, dream_dir, masked_lm_dir) -> dict:
     return {"llada": llada_dir, "dream": dream_dir, "masked-lm": masked_lm_dir}
 
 
+def fake_hub_model(hf_home: Path, repo_id: str, source: Path, commit: str) -> None:
+    """Lay out a model in the Hugging Face cache as a download would."""
+    import shutil
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
 FORGET_RECORDS = [
     {"question": "Who wrote the book of poems about the river?", "answer": "Astrid Halvorsen wrote it in the north."},
     {"question": "Where was Astrid Halvorsen born?", "answer": "She was born in a village by the lake."},

@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from conftest import FORGET_RECORDS, write_jsonl
+from conftest import FORGET_RECORDS, fake_hub_model, write_jsonl
 from mdu_cli.cli import cli
 
 
@@ -28,7 +28,7 @@ def assert_clean_failure(result, code, *fragments, out=None):
 
 
 def test_help_of_every_command_has_examples():
-    for args in ([], ["unlearn"], ["diff"]):
+    for args in ([], ["unlearn"], ["diff"], ["push"]):
         result = run(*args, "--help")
         assert result.exit_code == 0
         assert "Examples:" in result.output
@@ -185,28 +185,20 @@ def test_nan_loss_stops_with_no_output(llada_dir, forget_file, tmp_path):
     assert_clean_failure(result, 1, "loss is nan at step 1", out=out)
 
 
-def _fake_hub_model(hf_home, repo_id, source, commit):
-    """Lay out a model in the Hugging Face cache as a download would."""
-    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(source, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-
-
 def test_known_publisher_remote_code_is_trusted_with_notice(hf_home, llada_dir, forget_file, tmp_path):
     commit = "1" * 40
-    _fake_hub_model(hf_home, "GSAI-ML/tiny-llada", llada_dir, commit)
+    fake_hub_model(hf_home, "GSAI-ML/tiny-llada", llada_dir, commit)
     out = tmp_path / "o"
     result = run("unlearn", "--model", "GSAI-ML/tiny-llada", "--forget", forget_file, "--out", out, "--max-steps", 1)
     assert result.exit_code == 0, result.stderr
     assert "Notice: running the remote code of GSAI-ML/tiny-llada" in result.stderr
     record = json.loads((out / "mdu_run.json").read_text())
-    assert record["base_model"] == {"id": "GSAI-ML/tiny-llada", "is_hub": True, "revision": commit}
+    assert record["base_model"] == {"id": "GSAI-ML/tiny-llada", "is_hub": True, "revision": commit, "license": None}
 
 
 def test_other_publishers_need_trust_remote_code(hf_home, llada_dir, forget_file, tmp_path):
     commit = "2" * 40
-    _fake_hub_model(hf_home, "someone/tiny-llada", llada_dir, commit)
+    fake_hub_model(hf_home, "someone/tiny-llada", llada_dir, commit)
     out = tmp_path / "o"
     result = run("unlearn", "--model", "someone/tiny-llada", "--forget", forget_file, "--out", out, "--max-steps", 1)
     assert_clean_failure(result, 1, "--trust-remote-code", out=out)

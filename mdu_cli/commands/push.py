@@ -1,0 +1,80 @@
+"""`mdu push`: publish an unlearned checkpoint with its model card, never the data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+EXAMPLES = """
+\b
+Examples:
+  # See exactly what would be uploaded, and what stays behind
+  mdu push ./LLaDA-8B-Instruct-mdu-tau2 --repo-id me/llada-forgot-x --dry-run
+\b
+  # Publish as a private repo
+  mdu push ./LLaDA-8B-Instruct-mdu-tau2 --repo-id me/llada-forgot-x --private
+\b
+  # Propose it as a pull request to an organisation's repo
+  mdu push ./out --repo-id my-org/llada-forgot-x --create-pr --commit-message "Forget set v2"
+"""
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+@click.command(epilog=EXAMPLES)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--repo-id", required=True, help="OWNER/NAME of the model repo (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--revision", help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing directly.")
+@click.option("--commit-message", help="Commit message.  [default: names the base and tau]")
+@click.option("--token", help="Hub token; default: HF_TOKEN or the `hf auth login` cache. Never printed.")
+@click.option("--regenerate-card", is_flag=True, help="Replace a README.md you wrote with the generated card.")
+@click.option("--dry-run", is_flag=True, help="Print the upload plan and touch no network.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as one JSON document.")
+def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card, dry_run,
+         as_json) -> None:
+    """Upload an `mdu unlearn` output DIRECTORY to the Hugging Face Hub.
+
+    Only the model and its paperwork go up: weights and index, config,
+    generation config, tokenizer files, remote-code .py files, the model card
+    (README.md, regenerated from mdu_run.json, the delta report and eval.json),
+    mdu_run.json and the delta report. Data files, logs and hidden files stay
+    behind. Re-running the same command resumes an interrupted upload.
+    """
+    from mdu_cli.hub_upload import check_output_dir, plan_upload
+    from mdu_cli.hub_upload import push as run_push
+
+    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise click.BadParameter("must be OWNER/NAME", param_hint="--repo-id")
+    if dry_run:
+        check_output_dir(directory)
+        plan = plan_upload(directory, regenerate_card, repo_id)
+        if as_json:
+            click.echo(json.dumps(plan.as_dict(), indent=2))
+            return
+        click.echo(f"Would upload to {repo_id}" + (" (private)" if private else "") + ":")
+        for entry in plan.upload:
+            note = "  (card, regenerated)" if entry["path"] == "README.md" and plan.card == "write" else ""
+            click.echo(f"  {_size(entry['size']):>9}  {entry['path']}{note}")
+        click.echo("Left behind:" if plan.skip else "Left behind: nothing")
+        for entry in plan.skip:
+            click.echo(f"  {_size(entry['size']):>9}  {entry['path']}  ({entry['reason']})")
+        return
+
+    result = run_push(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
+                      commit_message=commit_message, token=token, regenerate_card=regenerate_card)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+        return
+    click.echo(f"Uploaded {len(result.plan.upload)} files to {result.repo_url}")
+    if result.pr_url:
+        click.echo(f"Pull request: {result.pr_url}")

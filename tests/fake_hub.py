@@ -1,0 +1,97 @@
+"""A stand-in for the Hugging Face Hub's HTTP API on 127.0.0.1, for push tests.
+
+It answers the handful of endpoints that huggingface_hub's `create_repo`,
+`create_branch` and `upload_folder` call, and records every request so that
+tests can check what the real client sent: the headers, the created repo,
+and each committed file's path and bytes. `fail_with` makes repo creation
+answer an error status, to test how failures are reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeHub:
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.commits: list[dict] = []
+        self.created: list[dict] = []
+        self.fail_with: int | None = None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def committed_files(self) -> dict[str, bytes]:
+        files = {}
+        for commit in self.commits:
+            files.update(commit["files"])
+        return files
+
+    def _handler(self):
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _reply(self, status: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if status >= 400:
+                    self.send_header("X-Error-Message", payload.get("error", "error"))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                body = self.rfile.read(length)
+                hub.requests.append({"method": "POST", "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                     "body": body})
+                path = self.path.split("?")[0]
+                if path == "/api/repos/create":
+                    if hub.fail_with:
+                        return self._reply(hub.fail_with, {"error": f"failure {hub.fail_with}"})
+                    data = json.loads(body)
+                    hub.created.append(data)
+                    name = f"{data.get('organization')}/{data['name']}" if data.get("organization") else data["name"]
+                    return self._reply(200, {"url": f"{hub.endpoint}/{name}"})
+                if path == "/api/validate-yaml":
+                    return self._reply(200, {"errors": [], "warnings": []})
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)", path)
+                if not match:
+                    return self._reply(404, {"error": f"unknown endpoint {path}"})
+                repo, action, revision = match.groups()
+                if action == "preupload":
+                    files = json.loads(body)["files"]
+                    return self._reply(200, {"files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+                if action == "branch":
+                    return self._reply(200, {})
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                files = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
+                         for item in lines if item["key"] == "file"}
+                header = next(item["value"] for item in lines if item["key"] == "header")
+                create_pr = "create_pr=1" in self.path
+                hub.commits.append({"repo": repo, "revision": revision, "header": header, "files": files,
+                                    "create_pr": create_pr})
+                return self._reply(200, {
+                    "commitUrl": f"{hub.endpoint}/{repo}/commit/{'c' * 40}", "commitOid": "c" * 40,
+                    "pullRequestUrl": f"{hub.endpoint}/{repo}/discussions/1" if create_pr else None,
+                })
+
+        return Handler
