@@ -233,3 +233,13 @@ def test_local_base_card_has_no_base_model(llada_dir, forget_file, tmp_path, hub
     result = run(out, "--repo-id", "me/local")
     assert result.exit_code == 0, result.stderr
     assert "the card names no base_model" in result.stderr
+
+
+def test_card_carries_evaluation_results_when_present(hub, out_dir):
+    (out_dir / "eval.json").write_text(json.dumps({"splits": {"forget": {"probability": 0.0123, "rouge_l": 0.1},
+                                                              "retain": {"probability": 0.5, "rouge_l": 0.9}}}))
+    assert run(out_dir, "--repo-id", "me/forgot").exit_code == 0
+    files = hub.committed_files()
+    assert "eval.json" in files
+    card = files["README.md"].decode()
+    assert "## Evaluation" in card and "| forget | 0.0123 | 0.1 |" in card
