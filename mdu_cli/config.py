@@ -22,6 +22,7 @@ FAMILIES = ("llada", "dream", "masked-lm")
 KL_DIRECTIONS = ("forward", "reverse", "js")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+METHODS = ("mdu", "ga", "npo")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,9 @@ class UnlearnConfig:
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
     max_length: int = 512
-    # The objective (METHOD.md section 2).
+    # The objective (METHOD.md section 2), or a baseline.
+    method: str = "mdu"
+    npo_beta: float = 0.1
     tau: float = 1.0
     eta: float = 0.0
     kl: str = "forward"
@@ -76,16 +79,19 @@ class UnlearnConfig:
             raise bad("model", "is required: a local checkpoint directory or a Hub model id")
         if not self.forget:
             raise bad("forget", "is required: the JSONL or JSON file of records to unlearn")
-        for name, choices in (("family", FAMILIES), ("kl", KL_DIRECTIONS), ("device", DEVICES), ("dtype", DTYPES)):
+        for name, choices in (("family", FAMILIES), ("kl", KL_DIRECTIONS), ("device", DEVICES), ("dtype", DTYPES),
+                              ("method", METHODS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)} (got {value!r})")
-        for name in ("tau", "eta", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+        for name in ("tau", "eta", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "npo_beta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number (got {value!r})")
         if self.tau < 0:
             raise bad("tau", f"must be >= 0 (got {self.tau}); tau = 0 pulls toward the uniform distribution")
+        if self.npo_beta <= 0:
+            raise bad("npo_beta", f"must be > 0 (got {self.npo_beta})")
         if self.alpha < 0:
             raise bad("alpha", f"must be >= 0 (got {self.alpha})")
         if self.lr <= 0:
@@ -163,7 +169,7 @@ def build_config(file_options: dict[str, Any], flag_options: dict[str, Any]) -> 
         cfg = UnlearnConfig(**merged)
     except TypeError as err:
         raise ConfigError(str(err)) from None
-    for name in ("tau", "eta", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
+    for name in ("tau", "eta", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "npo_beta"):
         value = getattr(cfg, name)
         if isinstance(value, int) and not isinstance(value, bool):
             cfg = dataclasses.replace(cfg, **{name: float(value)})

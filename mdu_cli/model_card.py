@@ -138,8 +138,21 @@ def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[st
     cfg, base = run["config"], run["base_model"]
     base_ref = f"[{base['id']}](https://huggingface.co/{base['id']})" if base.get("is_hub") else "A local checkpoint"
     title = repo_id.split("/")[-1] if repo_id else title or out_dir.name
-    kl = {"forward": "forward KL(p_model ‖ p_target)", "reverse": "reverse KL(p_target ‖ p_model)",
-          "js": "Jensen-Shannon divergence"}[cfg["kl"]]
+    method = run.get("method", "mdu")
+    if method == "mdu":
+        kl = {"forward": "forward KL(p_model ‖ p_target)", "reverse": "reverse KL(p_target ‖ p_model)",
+              "js": "Jensen-Shannon divergence"}[cfg["kl"]]
+        objective = f"MDU: {kl} to the anchor, tau = {cfg['tau']}, eta = {cfg['eta']}"
+        what = ("**Masked Diffusion Unlearning** (MDU)", "at every masked response position of the forget records, "
+                "the model's prompt-conditional prediction was pulled toward the frozen starting model's prediction "
+                "with the prompt masked out.")
+    elif method == "npo":
+        objective = f"NPO baseline, beta = {cfg.get('npo_beta')}, against the starting model"
+        what = ("negative preference optimisation (NPO, a baseline)",
+                "the likelihood of the forget answers was pushed below the starting model's, with a bounded loss.")
+    else:
+        objective = "gradient ascent on the MDLM loss (GA, a baseline)"
+        what = ("gradient ascent (GA, a baseline)", "the MDLM loss of the forget answers was maximised.")
     losses = run["losses"]
 
     lines = [
@@ -150,10 +163,7 @@ def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[st
         "",
         f"# {title}",
         "",
-        f"{base_ref} after **Masked Diffusion Unlearning** (MDU) with "
-        f"[mdu](https://pypi.org/project/mdu-cli/) {run['version']}: at every masked response position of "
-        "the forget records, the model's prompt-conditional prediction was pulled toward the frozen starting "
-        "model's prediction with the prompt masked out.",
+        f"{base_ref} after {what[0]} with [mdu](https://pypi.org/project/mdu-cli/) {run['version']}: {what[1]}",
         "",
         "## What was done",
         "",
@@ -162,7 +172,7 @@ def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[st
         f"| base model | {base['id'] if base.get('is_hub') else '(local checkpoint)'}"
         + (f" @ `{base['revision']}`" if base.get("revision") else "") + " |",
         f"| family | {run['family']} |",
-        f"| objective | {kl} to the anchor, tau = {cfg['tau']}, eta = {cfg['eta']} |",
+        f"| objective | {objective} |",
         f"| retain weight alpha | {cfg['alpha']} |",
         *_data_rows(run),
         f"| optimisation | AdamW, lr {cfg['lr']}, {run['steps']} steps, batch {cfg['batch_size']} x "
@@ -190,8 +200,9 @@ def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[st
     lines += [
         "## What unlearning does and does not guarantee",
         "",
-        "MDU changes the weights so that, for the forget prompts, the model's answers move toward what it "
-        "predicts without the prompt's information. That is evidence of forgetting, not proof: the information "
+        "Unlearning changes the weights so that the model's answers to the forget prompts move away from the "
+        "forgotten answers (for MDU, toward what it predicts without the prompt's information). That is "
+        "evidence of forgetting, not proof: the information "
         "may still be recoverable through other prompts, paraphrases, sampling settings or further fine-tuning, "
         "and facts learned from other documents are untouched. Only retraining without the data guarantees its "
         "absence. Check forgetting and retained utility on your own held-out probes before relying on it.",

@@ -103,3 +103,50 @@ def mdlm_loss(
     else:
         raise ValueError(f"unknown weighting {weighting!r}")
     return (ce * weights).sum() / response_mask.sum().clamp(min=1)
+
+
+def sequence_log_likelihood(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row MDLM evidence lower bound on log p(response | prompt):
+    sum over masked positions of log p(clean token) / t. (batch,) out.
+
+    logits: (batch, seq, vocab); targets, masked: (batch, seq); t: (batch,).
+    This is the sequence score NPO compares between the model and its anchor.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (log_probs * masked).sum(dim=1) / t.float()
+
+
+def gradient_ascent_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    response_mask: torch.Tensor,
+    t: torch.Tensor,
+    weighting: str = "inverse_t",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GA baseline: the negated MDLM loss of the forget rows (minimising it
+    ascends the likelihood loss). Same shapes as `mdlm_loss`."""
+    return -mdlm_loss(logits, targets, masked, response_mask, t, weighting, attention_mask)
+
+
+def npo_loss(
+    logits: torch.Tensor,
+    anchor_logits: torch.Tensor,
+    targets: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al., 2024, arXiv 2404.05868)
+    with MDLM sequence scores: (2 / beta) * mean softplus(beta * (s_theta - s_ref)),
+    where s is `sequence_log_likelihood` of the model and of the frozen anchor on
+    the same masked input. Both logits: (batch, seq, vocab)."""
+    ratio = sequence_log_likelihood(logits, targets, masked, t) - \
+        sequence_log_likelihood(anchor_logits.detach(), targets, masked, t)
+    return (2.0 / beta) * F.softplus(beta * ratio).mean()

@@ -2,7 +2,8 @@
 
 `train()` reads top to bottom: forget batch, mask, anchor forward, conditional
 forward, forget loss, backward; retain batch, mask, forward, retain loss,
-backward; clip, step, log. The losses live in `objectives.py`.
+backward; clip, step, log. The methods (MDU and the GA/NPO baselines) live in
+`methods.py`, their losses in `objectives.py`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from tqdm.auto import tqdm
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.errors import MduError
 from mdu_cli.families import Family, align_logits, forward_attention_mask
-from mdu_cli.masking import anchor_input_ids, noise_response
-from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
+from mdu_cli.masking import noise_response
+from mdu_cli.methods import make_method
+from mdu_cli.objectives import mdlm_loss
 from mdu_cli.tokenization import Example, collate
 
 log = logging.getLogger("mdu")
@@ -99,7 +101,8 @@ def train(
     log_path: Optional[Path] = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Run MDU on `model` (trainable) against `anchor` (the frozen starting model)."""
+    """Unlearn `forget` from `model` (trainable) with the configured method,
+    against `anchor` (the frozen starting model; None for methods without one)."""
     torch.manual_seed(cfg.seed)
     order_generator = torch.Generator().manual_seed(cfg.seed)
     retain_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -107,6 +110,7 @@ def train(
     device = accelerator.device
     use_retain = bool(retain) and cfg.alpha > 0
 
+    method = make_method(cfg)
     plan = plan_steps(len(forget), cfg, order_generator)
     retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain else None
 
@@ -119,7 +123,8 @@ def train(
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    anchor.eval()
+    if anchor is not None:
+        anchor.eval()
 
     result = TrainResult(steps=len(plan))
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
@@ -129,19 +134,21 @@ def train(
         for step, micro_batches in enumerate(plan, start=1):
             forget_losses, retain_losses, masked_positions = [], [], 0
             for rows in micro_batches:
-                # Forget: pull the conditional prediction toward the anchor's
-                # prompt-masked prediction at every masked response position.
+                # Forget: for MDU, pull the conditional prediction toward the
+                # anchor's prompt-masked prediction at every masked response
+                # position; the baselines plug in their own anchor input and loss.
                 forget_batch = noise_response(
                     collate([forget[i] for i in rows], pad_id).to(device), mask_token_id, noise_generator
                 )
-                with torch.no_grad():
-                    anchor_logits = model_logits(
-                        anchor, anchor_input_ids(forget_batch, mask_token_id), forget_batch.attention_mask, family
-                    )
+                anchor_logits = None
+                if method.needs_anchor:
+                    with torch.no_grad():
+                        anchor_logits = model_logits(
+                            anchor, method.anchor_input(forget_batch, mask_token_id), forget_batch.attention_mask,
+                            family,
+                        )
                 conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
-                forget_loss = mdu_forget_loss(
-                    conditional_logits, anchor_logits, forget_batch.masked, cfg.tau, cfg.eta, cfg.kl
-                )
+                forget_loss = method.loss(conditional_logits, anchor_logits, forget_batch, family)
                 # Free the full-vocabulary logits before backward, or they
                 # dominate peak memory on a 126k vocabulary.
                 del anchor_logits, conditional_logits

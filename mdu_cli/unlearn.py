@@ -29,6 +29,7 @@ from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, top_layers
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
@@ -144,7 +145,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     # Move before copying, so the anchor is made on the device and the host
     # never holds two copies of an 8B model.
     model = load_model(source, trust, weight_dtype).to(accelerator.device)
-    anchor = frozen_copy(model)
+    anchor = frozen_copy(model) if make_method(cfg).needs_anchor else None
     log.info(
         "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
         len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,
@@ -167,7 +168,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             "tool": "mdu",
             "version": __version__,
             "command": "unlearn",
-            "method": "mdu",
+            "method": cfg.method,
             "config": cfg.to_dict(),
             "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
                            "license": read_license(source.path)},

@@ -153,3 +153,15 @@ def test_padding_is_invisible_to_real_tokens(family, family_dirs):
         alone = model_logits(model, short, torch.ones_like(short), fam)
         batched = model_logits(model, padded, mask, fam)
     assert torch.allclose(alone[0], batched[0, :7], atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["ga", "npo"])
+def test_baselines_run_end_to_end(method, llada_dir, forget_file, retain_file, tmp_path):
+    cfg = build_config({}, dict(model=str(llada_dir), forget=str(forget_file), retain=str(retain_file),
+                                out=str(tmp_path / method), method=method, max_steps=2, batch_size=2, lr=1e-3))
+    result = run_unlearn(cfg, show_progress=False, keep_model=True)
+    record = json.loads((result.out_dir / "mdu_run.json").read_text())
+    assert record["method"] == method and record["config"]["method"] == method
+    assert (result.anchor is None) == (method == "ga"), "only methods that read an anchor hold a copy"
+    if method == "ga":
+        assert record["losses"]["forget"]["first"] < 0  # the negated MDLM loss

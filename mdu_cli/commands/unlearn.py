@@ -7,7 +7,8 @@ import json
 import click
 from click.core import ParameterSource
 
-from mdu_cli.config import DEVICES, DTYPES, FAMILIES, KL_DIRECTIONS, UnlearnConfig, build_config, read_yaml
+from mdu_cli.config import (DEVICES, DTYPES, FAMILIES, KL_DIRECTIONS, METHODS, UnlearnConfig, build_config,
+                            read_yaml)
 
 D = UnlearnConfig()
 
@@ -39,6 +40,9 @@ Examples:
               help="Run the Python code of a Hub repo outside GSAI-ML/, Dream-org/, inclusionAI/.")
 @click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja chat template replacing the tokenizer's.")
 @click.option("--max-length", type=int, default=D.max_length, show_default=True, help="Tokens per record; longer responses are cut.")
+@click.option("--method", type=click.Choice(METHODS), default=D.method, show_default=True,
+              help="mdu, or a baseline: ga (gradient ascent), npo (negative preference optimisation).")
+@click.option("--npo-beta", type=float, default=D.npo_beta, show_default=True, help="Beta of the npo baseline.")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Anchor temperature (>= 0; 0 = uniform target).")
 @click.option("--eta", type=float, default=D.eta, show_default=True, help="Extrapolation of the target away from the conditional.")
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default=D.kl, show_default=True, help="Divergence direction.")

@@ -1,0 +1,68 @@
+"""The unlearning methods: what the frozen anchor sees and which forget loss
+is minimised. Each is a small unit; the training loop asks the method, never
+branches on its name.
+
+- mdu: the anchor sees the noised sequence with the prompt masked; forward KL
+  (or reverse, JS) toward tau-scaled anchor logits (METHOD.md section 2).
+- ga:  no anchor; gradient ascent on the MDLM loss of the forget rows.
+- npo: the anchor sees the same noised sequence; NPO on MDLM sequence scores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mdu_cli.config import UnlearnConfig
+from mdu_cli.families import Family
+from mdu_cli.masking import NoisedBatch, anchor_input_ids
+from mdu_cli.objectives import gradient_ascent_loss, mdu_forget_loss, npo_loss
+
+@dataclass(frozen=True)
+class MDU:
+    tau: float
+    eta: float
+    direction: str
+    needs_anchor: bool = True
+
+    def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
+        return anchor_input_ids(noised, mask_token_id)
+
+    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return mdu_forget_loss(logits, anchor_logits, noised.masked, self.tau, self.eta, self.direction)
+
+
+@dataclass(frozen=True)
+class GradientAscent:
+    needs_anchor: bool = False
+
+    def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
+        return None
+
+    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t,
+                                    family.retain_weighting, noised.attention_mask)
+
+
+@dataclass(frozen=True)
+class NPO:
+    beta: float
+    needs_anchor: bool = True
+
+    def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
+        return noised.input_ids  # the reference model scores the very same masked input
+
+    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return npo_loss(logits, anchor_logits, noised.targets, noised.masked, noised.t, self.beta)
+
+
+def make_method(cfg: UnlearnConfig):
+    if cfg.method == "mdu":
+        return MDU(cfg.tau, cfg.eta, cfg.kl)
+    if cfg.method == "ga":
+        return GradientAscent()
+    if cfg.method == "npo":
+        return NPO(cfg.npo_beta)
+    raise ValueError(f"unknown method {cfg.method!r}")
