@@ -95,12 +95,15 @@ def cli() -> None:
 
 def _register() -> None:
     from mdu_cli.commands.diff import diff
+    from mdu_cli.commands.evaluate import eval_command, generate_command
     from mdu_cli.commands.push import push
     from mdu_cli.commands.unlearn import unlearn
 
     cli.add_command(unlearn)
     cli.add_command(diff)
     cli.add_command(push)
+    cli.add_command(eval_command)
+    cli.add_command(generate_command)
 
 
 _register()

@@ -34,6 +34,7 @@ class Record:
 
     messages: tuple[dict, ...]
     source: str  # "FILE:LINE", for error messages that must name the record
+    perturbed: tuple[str, ...] = ()  # TOFU's perturbed_answer: wrong answers, for the truth ratio
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -118,6 +119,17 @@ def _messages_from_record(obj) -> tuple[list[dict] | None, str | None]:
         ], None
 
     return None, f"no recognised fields (found {', '.join(sorted(obj)) or 'none'}); {SCHEMAS_HINT}"
+
+
+def _perturbed_answers(obj) -> tuple[tuple[str, ...], str | None]:
+    """The optional TOFU `perturbed_answer` field: a string or a list of strings."""
+    if not isinstance(obj, dict) or obj.get("perturbed_answer") is None:
+        return (), None
+    value = obj["perturbed_answer"]
+    answers = [value] if isinstance(value, str) else value
+    if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
+        return (), 'field "perturbed_answer" must be a non-empty string or a list of them'
+    return tuple(answers), None
 
 
 def _line_of(text: str, offset: int) -> int:
@@ -212,10 +224,11 @@ def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
             problems.append(f"{path}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax")
             continue
         messages, problem = _messages_from_record(value)
-        if problem:
-            problems.append(f"{path}:{line}: {problem}")
+        perturbed, perturbed_problem = _perturbed_answers(value)
+        if problem or perturbed_problem:
+            problems.append(f"{path}:{line}: {problem or perturbed_problem}")
         else:
-            records.append(Record(messages=tuple(messages), source=f"{path}:{line}"))
+            records.append(Record(messages=tuple(messages), source=f"{path}:{line}", perturbed=perturbed))
 
     if problems:
         extra = len(problems) - max_problems

@@ -28,7 +28,7 @@ def assert_clean_failure(result, code, *fragments, out=None):
 
 
 def test_help_of_every_command_has_examples():
-    for args in ([], ["unlearn"], ["diff"], ["push"]):
+    for args in ([], ["unlearn"], ["diff"], ["push"], ["eval"], ["generate"]):
         result = run(*args, "--help")
         assert result.exit_code == 0
         assert "Examples:" in result.output

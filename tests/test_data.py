@@ -112,3 +112,15 @@ def test_hash_and_count_but_no_content_in_summary(tmp_path):
     summary = load_dataset(path).summary()
     assert summary["records"] == 1 and len(summary["sha256"]) == 64
     assert "secret" not in json.dumps(summary)
+
+
+def test_perturbed_answers_are_kept_and_checked(tmp_path):
+    good = {"question": "q", "answer": "a", "perturbed_answer": ["b", "c"]}
+    single = {"question": "q", "answer": "a", "perturbed_answer": "b"}
+    bad = {"question": "q", "answer": "a", "perturbed_answer": ["b", 3]}
+    path = _write(tmp_path, "\n".join(json.dumps(x) for x in (good, single)) + "\n")
+    data = load_dataset(path)
+    assert data.records[0].perturbed == ("b", "c") and data.records[1].perturbed == ("b",)
+    with pytest.raises(DataError) as err:
+        load_dataset(_write(tmp_path, json.dumps(bad) + "\n", "bad.jsonl"))
+    assert err.value.problems[0].endswith(':1: field "perturbed_answer" must be a non-empty string or a list of them')

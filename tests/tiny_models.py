@@ -33,13 +33,14 @@ WORDS = (
 PUNCTUATION = list(".,?!:;'\"-()")
 
 
-def _word_tokenizer(specials: list[str], **declared):
-    """A PreTrainedTokenizerFast over WORDS, with `specials` as special tokens
+def word_tokenizer(specials: list[str], words=WORDS, **declared):
+    """A PreTrainedTokenizerFast over `words`, with `specials` as special tokens
     and `declared` naming the roles (bos_token=..., eos_token=..., ...)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(specials + ["<unk>"] + WORDS + PUNCTUATION + [str(d) for d in range(10)])}
+    vocab = {token: i for i, token in enumerate(specials + ["<unk>"] + list(words) + PUNCTUATION +
+                                                [str(d) for d in range(10)])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Sequence(
@@ -96,7 +97,7 @@ def build_llada(directory: Path, *, mask_in_config: bool = True, seed: int = 0, 
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                 "<|mdm_mask|>"]
-    tokenizer = _word_tokenizer(specials, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+    tokenizer = word_tokenizer(specials, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                                 pad_token="<|endoftext|>")
     tokenizer.chat_template = LLADA_TEMPLATE
     tokenizer.save_pretrained(directory)
@@ -124,7 +125,7 @@ def build_dream(directory: Path, *, seed: int = 0) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
-    tokenizer = _word_tokenizer(specials, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+    tokenizer = word_tokenizer(specials, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                 pad_token="<|endoftext|>")
     tokenizer.chat_template = QWEN_TEMPLATE
     tokenizer.save_pretrained(directory)
@@ -153,7 +154,7 @@ def build_masked_lm(directory: Path, *, seed: int = 0, chat_template: bool = Tru
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     specials = ["[CLS]", "[SEP]", "[PAD]", "[MASK]"]
-    tokenizer = _word_tokenizer(specials, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+    tokenizer = word_tokenizer(specials, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
                                 mask_token="[MASK]")
     if chat_template:
         tokenizer.chat_template = BERT_CHAT_TEMPLATE
@@ -176,7 +177,7 @@ def build_causal_lm(directory: Path) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _word_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    tokenizer = word_tokenizer(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
     tokenizer.chat_template = QWEN_TEMPLATE
     tokenizer.save_pretrained(directory)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

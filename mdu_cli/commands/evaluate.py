@@ -1,0 +1,97 @@
+"""`mdu eval` and `mdu generate`: measure forgetting, or look at a completion."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+EVAL_EXAMPLES = """
+\b
+Examples:
+  # The unlearned model against its base, on both splits
+  mdu eval ./LLaDA-8B-Instruct-mdu-tau2 --forget forget.jsonl --retain retain.jsonl \\
+      --base GSAI-ML/LLaDA-8B-Instruct
+\b
+  # A quick look: 20 records, fewer samples, short generations
+  mdu eval ./out --forget forget.jsonl --limit 20 --mc-samples 32 --max-new-tokens 32 --steps 32
+"""
+
+GENERATE_EXAMPLES = """
+\b
+Examples:
+  mdu generate GSAI-ML/LLaDA-8B-Instruct --prompt "Who wrote The Green Mountain?"
+  mdu generate ./out --prompt "Where was Astrid Halvorsen born?" --max-new-tokens 32 --steps 32
+"""
+
+
+def _generation_options(function):
+    for option in reversed([
+        click.option("--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
+                     help="Length of the generated answer (0 skips generation in eval)."),
+        click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Denoising steps over all blocks."),
+        click.option("--block-length", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Tokens filled per block, left to right."),
+        click.option("--device", type=click.Choice(("auto", "cuda", "cpu")), default="auto", show_default=True),
+        click.option("--trust-remote-code", is_flag=True, help="Allow remote code outside the known publishers."),
+    ]):
+        function = option(function)
+    return function
+
+
+@click.command("eval", epilog=EVAL_EXAMPLES)
+@click.argument("model")
+@click.option("--forget", required=True, help="Forget records (JSONL or JSON array).")
+@click.option("--retain", help="Retain records.")
+@click.option("--base", help="A second model (the base) to show side by side, with the change.")
+@click.option("--mc-samples", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Monte Carlo samples per answer probability.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per forward.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N records of each split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_generation_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
+def eval_command(model, forget, retain, base, mc_samples, batch_size, limit, seed, max_new_tokens, steps,
+                 block_length, device, trust_remote_code, as_json) -> None:
+    """Measure forgetting: answer probability, ROUGE-L and truth ratio per split.
+
+    Answer probability is the Monte Carlo estimator of METHOD.md (mask l ~ U{1..L}
+    answer tokens, score the mean cross-entropy, exp(-mean)); ROUGE-L recall
+    compares greedy generations (low-confidence remasking) with the gold
+    answers; the truth ratio needs records with a "perturbed_answer" list.
+    When MODEL is an `mdu unlearn` output, the report is also written there as
+    eval.json, and `mdu push` puts it in the model card.
+    """
+    from mdu_cli.evaluation import format_eval, run_eval
+
+    generation = {"max_new_tokens": max_new_tokens, "steps": steps, "block_length": block_length}
+    report = run_eval(model, forget, retain, base, mc_samples=mc_samples, limit=limit, seed=seed,
+                      generation=generation, batch_size=batch_size, device=device,
+                      trust_remote_code=trust_remote_code, show_progress=not as_json)
+    click.echo(json.dumps(report, indent=2) if as_json else format_eval(report))
+
+
+@click.command("generate", epilog=GENERATE_EXAMPLES)
+@click.argument("model")
+@click.option("--prompt", required=True, help="The user turn; the chat template is applied.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_generation_options
+def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, block_length, device,
+                     trust_remote_code) -> None:
+    """Print the model's completion of PROMPT (low-confidence remasking)."""
+    import torch
+
+    from mdu_cli.inference import load_for_inference
+    from mdu_cli.sampling import generate
+
+    if max_new_tokens < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--max-new-tokens")
+    loaded = load_for_inference(model, trust_remote_code=trust_remote_code, device=device)
+    prompt_ids = loaded.prompt_ids([{"role": "user", "content": prompt}])
+    [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
+                         max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
+                         temperature=temperature, pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(),
+                         generator=torch.Generator().manual_seed(seed))
+    click.echo(loaded.tokenizer.decode(new_ids, skip_special_tokens=True).strip())

@@ -1,0 +1,187 @@
+"""Measuring forgetting (METHOD.md section 4).
+
+- Answer probability: the Monte Carlo estimator of LLaDA (Eq. 14 style). For
+  each of n samples draw l ~ U{1..L} (L = answer length), mask l answer tokens
+  chosen uniformly without replacement, and score the mean cross-entropy at
+  the masked positions; probability = exp(-mean score over the samples).
+- ROUGE-L recall of a greedy generation against the gold answer, with Porter
+  stemming, tokenised as the rouge-score package does.
+- Truth ratio (TOFU): exp(score(gold) - mean score(perturbed answers)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mdu_cli.data import Dataset, Record, load_dataset
+from mdu_cli.inference import LoadedModel, load_for_inference
+from mdu_cli.sampling import generate
+from mdu_cli.train import model_logits
+
+EVAL_FILE = "eval.json"
+
+
+def mc_masks(length: int, samples: int, generator: torch.Generator) -> list[list[int]]:
+    """For each sample, the answer positions it masks: l ~ U{1..length}, then l
+    distinct positions uniformly."""
+    masks = []
+    for _ in range(samples):
+        count = int(torch.randint(1, length + 1, (1,), generator=generator))
+        masks.append(sorted(torch.randperm(length, generator=generator)[:count].tolist()))
+    return masks
+
+
+@torch.no_grad()
+def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[int], masks: list[list[int]],
+                  batch_size: int = 32) -> list[float]:
+    """Mean cross-entropy at the masked answer positions, one value per mask."""
+    sequence = torch.tensor(prompt_ids + answer_ids, dtype=torch.long, device=loaded.device)
+    start = len(prompt_ids)
+    scores = []
+    for first in range(0, len(masks), batch_size):
+        chunk = masks[first:first + batch_size]
+        inputs = sequence.repeat(len(chunk), 1)
+        masked = torch.zeros_like(inputs, dtype=torch.bool)
+        for row, positions in enumerate(chunk):
+            masked[row, [start + p for p in positions]] = True
+        inputs[masked] = loaded.mask_token_id
+        logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
+        ce = F.cross_entropy(logits[masked].float(), sequence.repeat(len(chunk), 1)[masked], reduction="none")
+        counts = masked.sum(1)
+        sums = torch.zeros(len(chunk), device=ce.device).index_add_(0, masked.nonzero()[:, 0], ce)
+        scores += (sums / counts).tolist()
+    return scores
+
+
+def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, samples: int,
+                 generator: torch.Generator, batch_size: int = 32) -> float:
+    """The estimator's mean score for one answer (its probability is exp(-score))."""
+    answer_ids = list(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if not answer_ids:
+        return float("nan")
+    scores = answer_scores(loaded, prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator), batch_size)
+    return sum(scores) / len(scores)
+
+
+def truth_ratio(gold_score: float, perturbed_scores: list[float]) -> float:
+    return math.exp(gold_score - sum(perturbed_scores) / len(perturbed_scores))
+
+
+_stemmer = None
+
+
+def _tokens(text: str) -> list[str]:
+    """rouge-score's tokenisation: lowercase, alphanumeric runs, Porter stems of
+    tokens longer than 3 characters."""
+    global _stemmer
+    if _stemmer is None:
+        from nltk.stem import porter
+
+        _stemmer = porter.PorterStemmer()
+    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
+    return [_stemmer.stem(w) if len(w) > 3 else w for w in words]
+
+
+def rouge_l_recall(prediction: str, reference: str) -> float:
+    """Longest common subsequence of the token lists over the reference length."""
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not ref or not pred:
+        return 0.0
+    previous = [0] * (len(pred) + 1)
+    for r in ref:
+        current = [0]
+        for j, p in enumerate(pred, start=1):
+            current.append(previous[j - 1] + 1 if r == p else max(previous[j], current[j - 1]))
+        previous = current
+    return previous[-1] / len(ref)
+
+
+def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, seed: int, generation: dict,
+                   batch_size: int = 32, desc: str = "eval", show_progress: bool = True) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    probabilities, rouges, ratios = [], [], []
+    for record in tqdm(records, desc=desc, unit="record", disable=not show_progress, dynamic_ncols=True):
+        prompt_ids = loaded.prompt_ids(record.prompt_messages)
+        gold = answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size)
+        probabilities.append(math.exp(-gold))
+        if record.perturbed:
+            wrong = [answer_score(loaded, prompt_ids, a, mc_samples, generator, batch_size) for a in record.perturbed]
+            ratios.append(truth_ratio(gold, wrong))
+        if generation.get("max_new_tokens", 0) > 0:
+            [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
+                                 pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(), **generation)
+            text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
+            rouges.append(rouge_l_recall(text, record.response))
+    result = {"records": len(records), "probability": sum(probabilities) / len(probabilities)}
+    if rouges:
+        result["rouge_l"] = sum(rouges) / len(rouges)
+    if ratios:
+        result["truth_ratio"] = sum(ratios) / len(ratios)
+    return result
+
+
+def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Optional[str] = None,
+             mc_samples: int = 128, limit: Optional[int] = None, seed: int = 0, generation: Optional[dict] = None,
+             batch_size: int = 32, device: str = "auto", trust_remote_code: bool = False,
+             show_progress: bool = True, write: bool = True) -> dict:
+    """Evaluate MODEL (and BASE, side by side) on the forget and retain files.
+    When MODEL is an `mdu unlearn` output directory, the report is also written
+    there as eval.json, for the model card."""
+    datasets: dict[str, Dataset] = {"forget": load_dataset(forget)}
+    if retain:
+        datasets["retain"] = load_dataset(retain)
+    generation = generation if generation is not None else {"max_new_tokens": 128, "steps": 128, "block_length": 32}
+    splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
+
+    def evaluate(name: str) -> dict:
+        loaded = load_for_inference(name, trust_remote_code=trust_remote_code, device=device)
+        return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
+                                      desc=f"eval {split}", show_progress=show_progress)
+                for split, records in splits.items()}
+
+    report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
+              "data": {split: data.summary() for split, data in datasets.items()}, "splits": evaluate(model)}
+    if base:
+        report["base"] = {"model": base, "splits": evaluate(base)}
+        report["change"] = {
+            split: {metric: (value / report["base"]["splits"][split][metric] - 1
+                             if report["base"]["splits"][split].get(metric) else None)
+                    for metric, value in metrics.items() if metric != "records"}
+            for split, metrics in report["splits"].items()
+        }
+    model_dir = Path(model)
+    if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file():
+        from mdu_cli.report_format import write_text_atomic
+
+        write_text_atomic(model_dir / EVAL_FILE, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_eval(report: dict) -> str:
+    metrics = ("probability", "rouge_l", "truth_ratio")
+    has_base = "base" in report
+    header = ["split", "metric"] + (["base", "model", "change"] if has_base else ["model"])
+    rows = []
+    for split, values in report["splits"].items():
+        for metric in metrics:
+            if metric not in values:
+                continue
+            row = [split, metric]
+            if has_base:
+                base_value = report["base"]["splits"][split].get(metric)
+                change = report["change"][split].get(metric)
+                row += [f"{base_value:.4f}" if base_value is not None else "-", f"{values[metric]:.4f}",
+                        f"{100 * change:+.0f}%" if change is not None else "-"]
+            else:
+                row.append(f"{values[metric]:.4f}")
+            rows.append(row)
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows)

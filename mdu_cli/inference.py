@@ -1,0 +1,62 @@
+"""Loading a checkpoint to score or generate with (`mdu eval`, `mdu generate`).
+
+The same checks as `mdu unlearn` apply: remote-code policy, family, mask
+token; weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from mdu_cli.errors import MduError
+from mdu_cli.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.loading import ModelSource, decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.tokenization import encode_prompt, end_of_turn_id, pad_token_id
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    family: Family
+    mask_token_id: int
+    source: ModelSource
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return pad_token_id(self.tokenizer)
+
+    def stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)}
+        return sorted(i for i in ids if i is not None)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return encode_prompt(self.tokenizer, messages)
+
+
+def load_for_inference(name: str, revision: Optional[str] = None, family: Optional[str] = None,
+                       trust_remote_code: bool = False, device: str = "auto",
+                       chat_template: Optional[str] = None) -> LoadedModel:
+    source = resolve_source(name, revision)
+    if family:
+        check_not_autoregressive(source.config, source.name)
+        chosen = FAMILIES[family]
+    else:
+        chosen = detect_family(source.config, source.name)
+    trust = decide_remote_code(source, trust_remote_code)
+    tokenizer = load_tokenizer(source, trust, chat_template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise MduError(f"{name}: the tokenizer has no chat template; pass --chat-template FILE")
+    mask_token_id = resolve_mask_token_id(chosen, source.config, tokenizer, source.name)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MduError("--device cuda, but no CUDA device is visible; use --device cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    fetch_weights(source)
+    model = load_model(source, trust, dtype).to(device).eval()
+    return LoadedModel(model, tokenizer, chosen, mask_token_id, source, torch.device(device))

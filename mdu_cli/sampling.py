@@ -1,0 +1,88 @@
+"""Generation from a masked diffusion LM: low-confidence remasking.
+
+The response starts as `max_new_tokens` mask tokens after the prompt. It is
+filled block by block (`block_length` tokens, left to right, as LLaDA's
+semi-autoregressive sampler does); within a block, each of the block's steps
+predicts every masked position and commits the most confident predictions,
+so that the block is complete after its share of `steps`. Temperature 0 is
+greedy; above 0, Gumbel noise on the logits samples. Dream's right-shifted
+logits are read through `families.align_logits`, like everywhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from mdu_cli.families import Family
+from mdu_cli.train import model_logits
+
+
+def transfer_schedule(width: int, steps: int) -> list[int]:
+    """How many positions to commit at each step so that `width` are done in `steps`."""
+    base, extra = divmod(width, steps)
+    return [base + (1 if k < extra else 0) for k in range(steps)]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    family: Family,
+    mask_token_id: int,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    steps: int = 128,
+    block_length: int = 32,
+    temperature: float = 0.0,
+    pad_id: int = 0,
+    stop_ids: Sequence[int] = (),
+    generator: Optional[torch.Generator] = None,
+) -> list[list[int]]:
+    """Complete each prompt (token ids); returns the new tokens of each, cut
+    before the first stop id."""
+    if max_new_tokens < 1 or steps < 1 or block_length < 1:
+        raise ValueError("max_new_tokens, steps and block_length must be >= 1")
+    device = next(model.parameters()).device
+    rows, lengths = len(prompts), [len(p) for p in prompts]
+    width = max(lengths) + max_new_tokens
+    x = torch.full((rows, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((rows, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        x[row, :lengths[row]] = torch.tensor(list(prompt), dtype=torch.long)
+        x[row, lengths[row]:lengths[row] + max_new_tokens] = mask_token_id
+        attention[row, :lengths[row] + max_new_tokens] = 1
+    x, attention = x.to(device), attention.to(device)
+    # Column of every generated position, per row: (rows, max_new_tokens).
+    positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(max_new_tokens, device=device)[None, :]
+
+    block_length = min(block_length, max_new_tokens)
+    blocks = math.ceil(max_new_tokens / block_length)
+    steps_per_block = max(1, steps // blocks)
+    for block in range(blocks):
+        columns = positions[:, block * block_length:(block + 1) * block_length]
+        for count in transfer_schedule(columns.shape[1], steps_per_block):
+            if count == 0:
+                continue
+            logits = model_logits(model, x, attention, family).float()
+            block_logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+            block_logits[..., mask_token_id] = -math.inf  # never "fill" a mask with a mask
+            if temperature > 0:
+                uniform = torch.rand(block_logits.shape, generator=generator).to(device).clamp_(1e-20, 1.0)
+                choice = (block_logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
+            else:
+                choice = block_logits.argmax(-1)
+            confidence = torch.softmax(block_logits, dim=-1).gather(-1, choice[..., None]).squeeze(-1)
+            still_masked = x.gather(1, columns) == mask_token_id
+            confidence = torch.where(still_masked, confidence, torch.full_like(confidence, -math.inf))
+            picked = confidence.topk(count, dim=1).indices
+            x.scatter_(1, columns.gather(1, picked), choice.gather(1, picked))
+
+    outputs = []
+    stops = set(stop_ids)
+    for row in range(rows):
+        new = x[row, lengths[row]:lengths[row] + max_new_tokens].tolist()
+        cut = next((i for i, token in enumerate(new) if token in stops), len(new))
+        outputs.append(new[:cut])
+    return outputs

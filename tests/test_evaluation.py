@@ -1,0 +1,171 @@
+"""The forgetting measures and the sampler, against independent computations."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mdu_cli.evaluation import answer_scores, mc_masks, rouge_l_recall, truth_ratio
+from mdu_cli.families import FAMILIES
+from mdu_cli.inference import LoadedModel, load_for_inference
+from mdu_cli.sampling import generate, transfer_schedule
+
+
+class TableModel(torch.nn.Module):
+    """Logits that depend only on the position (and, for `reads_input`, on the
+    token there): a model whose predictions a test can work out by hand."""
+
+    def __init__(self, table: torch.Tensor, reads_input: bool = False):
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+        self.reads_input = reads_input
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = self.table[: input_ids.shape[1]].unsqueeze(0).expand(input_ids.shape[0], -1, -1).clone()
+        if self.reads_input:
+            logits = logits + 0.01 * input_ids.unsqueeze(-1).float()
+        return type("Output", (), {"logits": logits})()
+
+
+def _loaded(model, family="llada", mask=0):
+    return LoadedModel(model=model, tokenizer=None, family=FAMILIES[family], mask_token_id=mask, source=None,
+                       device=torch.device("cpu"))
+
+
+def test_mc_masks_draw_l_uniformly_and_distinct_positions():
+    masks = mc_masks(5, 5000, torch.Generator().manual_seed(0))
+    counts = np.bincount([len(m) for m in masks], minlength=6)[1:]
+    assert counts.min() > 850 and counts.max() < 1150  # l ~ U{1..5}
+    assert all(len(set(m)) == len(m) and all(0 <= p < 5 for p in m) for m in masks)
+    singles = np.bincount([m[0] for m in masks if len(m) == 1], minlength=5)
+    assert singles.min() > 120  # which single position is masked is uniform too
+
+
+def test_answer_scores_against_float64_reference():
+    gen = torch.Generator().manual_seed(1)
+    table = torch.randn(12, 9, generator=gen)
+    loaded = _loaded(TableModel(table))
+    prompt, answer = [3, 4, 5], [6, 7, 8, 2, 1]
+    masks = mc_masks(len(answer), 40, torch.Generator().manual_seed(2))
+    got = answer_scores(loaded, prompt, answer, masks, batch_size=7)
+    logp = table.double().log_softmax(-1).numpy()
+    for score, mask in zip(got, masks):
+        want = -sum(logp[len(prompt) + p, answer[p]] for p in mask) / len(mask)
+        assert score == pytest.approx(want, rel=1e-5)
+
+
+def test_probability_of_a_uniform_model_is_one_over_vocab():
+    loaded = _loaded(TableModel(torch.zeros(20, 13)))
+    scores = answer_scores(loaded, [1, 2], [3, 4, 5, 6], mc_masks(4, 64, torch.Generator().manual_seed(0)))
+    assert math.exp(-np.mean(scores)) == pytest.approx(1 / 13, rel=1e-6)
+
+
+def test_dream_scores_read_the_previous_position():
+    table = torch.full((8, 6), -10.0)
+    for i in range(8):
+        table[i, (i + 1) % 6] = 10.0  # position i is sure of the token at i + 1
+    shifted, unshifted = _loaded(TableModel(table), "dream"), _loaded(TableModel(table), "llada")
+    # Answer tokens sit at positions 2, 3, 4. Read from the previous position
+    # (Dream), they are predicted as 2, 3, 4; read in place, as 3, 4, 5.
+    prompt, answer = [0, 1], [2, 3, 4]
+    masks = [[0, 1, 2]]
+    assert answer_scores(shifted, prompt, answer, masks)[0] < 1e-6
+    assert answer_scores(unshifted, prompt, answer, masks)[0] > 10
+
+
+def test_truth_ratio():
+    assert truth_ratio(1.0, [2.0, 4.0]) == pytest.approx(math.exp(1.0 - 3.0))
+
+
+@pytest.mark.parametrize("prediction, reference, want", [
+    ("the cat sat on the mat", "the cat sat on the mat", 1.0),
+    ("a dog", "the cat sat", 0.0),
+    ("cat the sat", "the cat sat", 2 / 3),
+    ("He was running quickly", "he runs quickly", 1.0),  # stemming: running/runs -> run
+    ("Paris, France!", "paris france", 1.0),
+])
+def test_rouge_l_recall(prediction, reference, want):
+    assert rouge_l_recall(prediction, reference) == pytest.approx(want)
+
+
+def test_transfer_schedule_sums_to_width():
+    assert transfer_schedule(10, 4) == [3, 3, 2, 2]
+    assert sum(transfer_schedule(7, 7)) == 7 and transfer_schedule(2, 5) == [1, 1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_sampler_fills_every_mask_and_respects_the_shift(family):
+    vocab, mask = 200, 0
+    table = torch.full((64, vocab), -5.0)
+    for i in range(64):
+        table[i, 100 + i] = 5.0  # position i predicts token 100 + i
+    model = TableModel(table)
+    prompts = [[1, 2, 3], [4, 5]]
+    out = generate(model, FAMILIES[family], mask, prompts, max_new_tokens=10, steps=5, block_length=4)
+    for prompt, new in zip(prompts, out):
+        assert len(new) == 10 and mask not in new
+        offset = 0 if family == "llada" else -1  # Dream reads token i from position i - 1
+        assert new == [100 + len(prompt) + k + offset for k in range(10)]
+
+
+def test_sampler_on_a_real_fixture(llada_dir, dream_dir, masked_lm_dir):
+    for directory in (llada_dir, dream_dir, masked_lm_dir):
+        loaded = load_for_inference(str(directory))
+        prompt = loaded.prompt_ids([{"role": "user", "content": "who wrote the book ?"}])
+        first = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt, prompt[:4]],
+                         max_new_tokens=9, steps=9, block_length=3, pad_id=loaded.pad_id)
+        again = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt, prompt[:4]],
+                         max_new_tokens=9, steps=9, block_length=3, pad_id=loaded.pad_id)
+        assert first == again  # greedy is deterministic
+        assert all(len(row) == 9 and loaded.mask_token_id not in row for row in first)
+
+
+def test_sampler_commits_most_confident_first():
+    vocab, mask = 50, 0
+    table = torch.zeros(8, vocab)
+    confidences = [1.0, 6.0, 3.0, 9.0]  # per generated position
+    for k, c in enumerate(confidences):
+        table[2 + k, 10 + k] = c
+    calls = []
+
+    class Recorder(TableModel):
+        def forward(self, input_ids, attention_mask=None):
+            calls.append(input_ids[0, 2:6].tolist())
+            return super().forward(input_ids, attention_mask)
+
+    generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=4)
+    # After each step one more position is filled, most confident first: 3, 1, 2, 0.
+    assert calls[1] == [0, 0, 0, 13] and calls[2] == [0, 11, 0, 13] and calls[3] == [0, 11, 12, 13]
+
+
+def test_generate_command_prints_a_completion(dream_dir):
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    result = CliRunner().invoke(cli, ["generate", str(dream_dir), "--prompt", "who wrote the book ?",
+                                      "--max-new-tokens", "6", "--steps", "6", "--block-length", "3"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() and "<|mask|>" not in result.stdout
+
+
+def test_eval_command_with_base_and_truth_ratio(llada_dir, tmp_path):
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    data = tmp_path / "f.jsonl"
+    data.write_text(_json.dumps({"question": "who wrote the book ?", "answer": "astrid wrote it .",
+                                 "perturbed_answer": ["tarrin wrote it .", "nobody did ."]}) + "\n")
+    result = CliRunner().invoke(cli, ["eval", str(llada_dir), "--base", str(llada_dir), "--forget", str(data),
+                                      "--mc-samples", "8", "--max-new-tokens", "4", "--steps", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = _json.loads(result.stdout)
+    forget = report["splits"]["forget"]
+    assert set(forget) == {"records", "probability", "rouge_l", "truth_ratio"}
+    assert report["base"]["splits"]["forget"] == forget  # same model, same seed
+    assert report["change"]["forget"]["probability"] == 0
+    assert not (llada_dir / "eval.json").exists()  # only mdu outputs get an eval.json

@@ -1,0 +1,49 @@
+"""The shipped examples stay valid, and the demo really shows forgetting."""
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from mdu_cli.cli import cli
+from mdu_cli.config import build_config, read_yaml
+from mdu_cli.data import load_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_example_files_parse_and_the_gpu_config_validates():
+    assert len(load_dataset(EXAMPLES / "forget.jsonl")) == 6
+    assert len(load_dataset(EXAMPLES / "retain.jsonl")) == 6
+    cfg = build_config(read_yaml(EXAMPLES / "run.yaml"), {})
+    assert cfg.model == "GSAI-ML/LLaDA-8B-Instruct" and cfg.tau == 2.0 and cfg.dtype == "bf16"
+    demo = build_config(read_yaml(EXAMPLES / "demo" / "run.yaml"), {})
+    assert Path(demo.model).is_dir() and demo.method == "mdu"
+
+
+def _probabilities(report: dict, key: str) -> tuple[float, float]:
+    splits = report[key]["splits"] if key == "base" else report["splits"]
+    return splits["forget"]["probability"], splits["retain"]["probability"]
+
+
+def test_mdu_forgets_the_demo_authors_and_keeps_the_others(tmp_path):
+    """The README's promise, through the CLI: forget-set probability falls below
+    half of the base's while the retain set keeps at least 80% of its own.
+    Measured over seeds 1-4 with this budget: forget 0.17-0.30 of a 0.99 base,
+    retain 0.87-0.93 of a 0.99 base."""
+    out = tmp_path / "demo-mdu"
+    result = CliRunner().invoke(cli, ["unlearn", "--config", str(EXAMPLES / "demo" / "run.yaml"), "--out", str(out),
+                                      "--json"])
+    assert result.exit_code == 0, result.stderr
+    result = CliRunner().invoke(cli, [
+        "eval", str(out), "--base", str(EXAMPLES / "demo" / "model"),
+        "--forget", str(EXAMPLES / "demo" / "forget.jsonl"), "--retain", str(EXAMPLES / "demo" / "retain.jsonl"),
+        "--mc-samples", "32", "--max-new-tokens", "0", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    base_forget, base_retain = _probabilities(report, "base")
+    forget, retain = _probabilities(report, "model")
+    assert base_forget > 0.9 and base_retain > 0.9, "the demo model knows its facts"
+    assert forget < 0.5 * base_forget
+    assert retain >= 0.8 * base_retain
+    assert json.loads((out / "eval.json").read_text())["splits"]["forget"]["probability"] == forget
