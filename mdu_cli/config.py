@@ -61,6 +61,7 @@ class UnlearnConfig:
     device: str = "auto"
     dtype: str = "auto"
     max_shard_size: str = "5GB"
+    gradient_checkpointing: bool = False
 
     def resolved(self) -> "UnlearnConfig":
         """Fill the values that depend on others, then validate."""

@@ -18,12 +18,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from mdu_cli import __version__
 from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_model
+from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, top_layers
@@ -146,6 +147,9 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     # never holds two copies of an 8B model.
     model = load_model(source, trust, weight_dtype).to(accelerator.device)
     anchor = frozen_copy(model) if make_method(cfg).needs_anchor else None
+    if cfg.gradient_checkpointing:
+        # After the anchor copy: the frozen model only runs without gradients.
+        enable_gradient_checkpointing(model)
     log.info(
         "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
         len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,

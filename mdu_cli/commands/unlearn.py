@@ -59,6 +59,8 @@ Examples:
 @click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default=D.dtype, show_default=True,
               help="auto: bf16 weights on CUDA, fp32 on CPU. fp16: fp32 weights with fp16 autocast (CUDA).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute block activations in backward: less memory, about a third more time.")
 @click.option("--max-shard-size", default=D.max_shard_size, show_default=True, help="Largest safetensors shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout; no progress bar.")
 @click.pass_context
