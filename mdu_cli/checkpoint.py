@@ -65,6 +65,21 @@ def write_model(model, source_dir: Path, staging: Path, max_shard_size: str) -> 
         shutil.copy2(code, staging / code.name)
 
 
+def write_adapter(peft_model, source, staging: Path) -> None:
+    """The LoRA adapter alone, in the PEFT layout (adapter_config.json,
+    adapter_model.safetensors), naming the base by the id the user gave, plus
+    the tokenizer files so the directory is self-contained."""
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = source.name
+    if source.revision:
+        config.revision = source.revision
+    peft_model.save_pretrained(staging, safe_serialization=True)
+    (staging / "README.md").unlink(missing_ok=True)  # PEFT's template card; mdu writes its own
+    for name in TOKENIZER_FILES:
+        if (source.path / name).is_file():
+            shutil.copy2(source.path / name, staging / name)
+
+
 def publish(staging: Path, out: Path) -> None:
     """Move the finished staging directory to `out`, replacing what is there.
 

@@ -62,6 +62,13 @@ class UnlearnConfig:
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     gradient_checkpointing: bool = False
+    # LoRA: the anchor is the same model with the adapter off, so no second copy.
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: Optional[str] = None  # comma-separated layer names; default: every linear layer in the blocks
+    save_adapter: bool = False
 
     def resolved(self) -> "UnlearnConfig":
         """Fill the values that depend on others, then validate."""
@@ -103,12 +110,18 @@ class UnlearnConfig:
             raise bad("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})")
         if self.max_grad_norm <= 0:
             raise bad("max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, f"must be a whole number >= 1 (got {value!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be a whole number >= 1 (got {self.max_steps!r})")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise bad("lora_alpha", f"must be > 0 (got {self.lora_alpha!r})")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", f"must be in [0, 1) (got {self.lora_dropout!r})")
+        if self.save_adapter and not self.lora:
+            raise bad("save_adapter", "needs --lora")
         if self.alpha > 0 and not self.retain:
             raise bad("alpha", f"is {self.alpha} but no --retain file is given; add --retain FILE or drop --alpha")
 

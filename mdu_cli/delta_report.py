@@ -27,18 +27,21 @@ the norm of the concatenated difference over the norm of the concatenated base.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo
+from mdu_cli.errors import MduError
+from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo, read_header
 
 SCHEMA_VERSION = 1
 CHUNK_ELEMENTS = 1 << 16  # 512 KiB of float64: stays in cache, which is what makes it fast
@@ -286,10 +289,101 @@ def top_layers(report: dict, n: int = 3) -> list[dict]:
     return sorted(layers, key=lambda layer: layer["rel_l2"], reverse=True)[:n]
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_LORA_NAME = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
+
+
+def is_adapter_dir(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+
+
+def _adapter_modules(adapter_dir: Path) -> tuple[dict[str, dict[str, TensorInfo]], float]:
+    """{module path: {"A": info, "B": info}} and the LoRA scale of an adapter directory."""
+    config_path = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        r, alpha = int(config["r"]), float(config["lora_alpha"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise MduError(f"{config_path}: not a LoRA adapter config (needs r and lora_alpha)") from None
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    modules: dict[str, dict[str, TensorInfo]] = {}
+    for name, info in read_header(adapter_dir / ADAPTER_WEIGHTS).items():
+        match = _LORA_NAME.match(name)
+        if match:
+            modules.setdefault(match["module"], {})[match["part"]] = info
+    return modules, scale
+
+
+def compare_adapter(base: Checkpoint, adapter_dir: Path, source: str, top: int = 20,
+                    show_progress: bool = True) -> dict:
+    """The effective delta scale * B @ A of each adapted module against its base
+    weight, one block of rows at a time, without merging the model. Tensors the
+    adapter does not touch are unchanged and counted in `unchanged`."""
+    adapter_dir = Path(adapter_dir)
+    modules, scale = _adapter_modules(adapter_dir)
+    scratch = np.empty(CHUNK_ELEMENTS)
+    reader_a, reader_b, reader_w = ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS)
+    tensors, only_in_other, layer_sums, module_sums, total = [], [], {}, {}, Sums()
+    try:
+        for module in tqdm(sorted(modules), desc="mdu diff", unit="module", disable=not show_progress,
+                           dynamic_ncols=True):
+            name, parts = f"{module}.weight", modules[module]
+            weight = base.tensors.get(name)
+            if weight is None or set(parts) != {"A", "B"} or len(weight.shape) != 2:
+                only_in_other.append({"name": name, "shape": None, "dtype": "lora"})
+                continue
+            rows, cols = weight.shape
+            rank = parts["A"].shape[0]
+            lora_a = reader_a.read_float64(parts["A"], 0, rank * cols).reshape(rank, cols).copy()
+            lora_b = reader_b.read_float64(parts["B"], 0, rows * rank).reshape(rows, rank).copy() * scale
+            sums = Sums()
+            step = max(1, CHUNK_ELEMENTS // cols)
+            for first in range(0, rows, step):
+                count = min(step, rows - first)
+                block = reader_w.read_float64(weight, first * cols, count * cols)
+                moved = block + (lora_b[first:first + count] @ lora_a).ravel()
+                sums.add(chunk_sums(block, moved, scratch))
+            layer, kind = layer_of(name), module_of(name)
+            tensors.append({"name": name, "shape": list(weight.shape), "numel": weight.numel,
+                            "dtype_base": weight.dtype, "dtype_other": "lora", "layer": layer, "module": kind,
+                            "lora_rank": rank, **sums.stats()})
+            total.add(sums)
+            if layer is not None:
+                layer_sums.setdefault(layer, Sums()).add(sums)
+            module_sums.setdefault(kind, Sums()).add(sums)
+    finally:
+        for reader in (reader_a, reader_b, reader_w):
+            reader.close()
+    ranked = sorted((t for t in tensors if t["rel_l2"] is not None), key=lambda t: t["rel_l2"], reverse=True)
+    adapted = {t["name"] for t in tensors}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "base": _describe(base),
+        "other": {"source": source, "path": str(adapter_dir), "revision": None, "tensors": len(tensors),
+                  "files": 1, "adapter": {"scale": scale, "modules": len(modules)}},
+        "tensors": tensors,
+        "layers": [{"layer": k, "numel": v.numel, **v.stats()} for k, v in sorted(layer_sums.items())],
+        "modules": [{"module": k, "numel": module_sums[k].numel, **module_sums[k].stats()}
+                    for k in MODULE_KINDS if k in module_sums],
+        "total": {"tensors": len(tensors), "numel": total.numel, **total.stats()},
+        "top": [{"name": t["name"], "rel_l2": t["rel_l2"]} for t in ranked[:top]],
+        "only_in_base": [],
+        "only_in_other": only_in_other,
+        "shape_mismatch": [],
+        "tied": [],
+        "unchanged": len([n for n in base.tensors if n not in adapted]),
+    }
+
+
 def diff(base: str, other: str, revision_base: Optional[str] = None, revision_other: Optional[str] = None,
          top: int = 20, show_progress: bool = True) -> dict:
     """`mdu diff` as a library call: open both sides, compare, return the report."""
     from mdu_cli.safetensors_reader import open_checkpoint
 
+    if is_adapter_dir(other):
+        return compare_adapter(open_checkpoint(base, revision_base), Path(other), other, top=top,
+                               show_progress=show_progress)
     return compare(open_checkpoint(base, revision_base), open_checkpoint(other, revision_other),
                    top=top, show_progress=show_progress)

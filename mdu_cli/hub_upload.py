@@ -24,7 +24,7 @@ from mdu_cli.safetensors_reader import open_directory
 
 # The model and its paperwork. Anything else in the directory stays behind.
 ALLOWED = (
-    "*.safetensors", "model.safetensors.index.json", "config.json", *TOKENIZER_FILES, "*.py",
+    "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
     CARD_NAME, "mdu_run.json", "delta_report.json", "delta_report.md", "eval.json",
 )
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".xlsx", ".pkl", ".pickle",
@@ -77,8 +77,8 @@ def check_output_dir(directory: Path) -> dict:
         raise incomplete("mdu_run.json is not valid JSON") from None
     if not isinstance(run, dict) or run.get("tool") != "mdu" or "base_model" not in run:
         raise incomplete("mdu_run.json was not written by mdu unlearn")
-    if not (directory / "config.json").is_file():
-        raise incomplete("no config.json")
+    if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
+        raise incomplete("no config.json (nor adapter_config.json)")
     try:
         weights = open_directory(directory, str(directory))
     except MduError as err:

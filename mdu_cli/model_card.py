@@ -67,7 +67,19 @@ def _fmt(value, spec=".4g") -> str:
 
 
 def _loading_snippet(run: dict, model_ref: str) -> str:
-    if run["family"] in REMOTE_CODE_FAMILIES:
+    remote = run["family"] in REMOTE_CODE_FAMILIES
+    if run["config"].get("save_adapter"):
+        auto = "AutoModel" if remote else "AutoModelForMaskedLM"
+        trust = ", trust_remote_code=True" if remote else ""
+        return (
+            "This repository holds a LoRA adapter; load the base, then the adapter:\n\n"
+            "```python\n"
+            f"from peft import PeftModel\nfrom transformers import {auto}\n\n"
+            f'base = {auto}.from_pretrained("{run["base_model"]["id"]}"{trust})\n'
+            f'model = PeftModel.from_pretrained(base, "{model_ref}").merge_and_unload()\n'
+            "```"
+        )
+    if remote:
         return (
             "```python\n"
             "import torch\n"

@@ -23,15 +23,16 @@ from typing import Any
 import torch
 
 from mdu_cli import __version__
-from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_model
+from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_adapter, write_model
 from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
-from mdu_cli.delta_report import compare, top_layers
+from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
+from mdu_cli.lora import AdapterOffAnchor, apply_lora
 from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
@@ -106,9 +107,13 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
     by the engine behind `mdu diff`."""
     base = open_directory(source.path, source.name)
     base.revision = source.revision
-    unlearned = open_directory(staging, str(out))
-    unlearned.path = out  # where the files will be once the output is published
-    report = compare(base, unlearned, show_progress=show_progress)
+    if is_adapter_dir(staging):
+        report = compare_adapter(base, staging, str(out), show_progress=show_progress)
+    else:
+        unlearned = open_directory(staging, str(out))
+        unlearned.path = out  # where the files will be once the output is published
+        report = compare(base, unlearned, show_progress=show_progress)
+    report["other"]["path"] = str(out)
     write_json(report, staging / "delta_report.json")
     write_text_atomic(staging / "delta_report.md", format_markdown(report))
     return report
@@ -146,7 +151,12 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     # Move before copying, so the anchor is made on the device and the host
     # never holds two copies of an 8B model.
     model = load_model(source, trust, weight_dtype).to(accelerator.device)
-    anchor = frozen_copy(model) if make_method(cfg).needs_anchor else None
+    needs_anchor = make_method(cfg).needs_anchor
+    if cfg.lora:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        anchor = AdapterOffAnchor(model) if needs_anchor else None
+    else:
+        anchor = frozen_copy(model) if needs_anchor else None
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
@@ -166,7 +176,12 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             anchor = None
         model = accelerator.unwrap_model(model)
         model.eval()
-        write_model(model, source.path, staging, cfg.max_shard_size)
+        if cfg.save_adapter:
+            write_adapter(model, source, staging)
+        else:
+            if cfg.lora:
+                model = model.merge_and_unload()  # full weights, loadable exactly like the base
+            write_model(model, source.path, staging, cfg.max_shard_size)
         delta = write_delta_report(source, staging, out, show_progress)
         record = {
             "tool": "mdu",

@@ -61,6 +61,13 @@ Examples:
               help="auto: bf16 weights on CUDA, fp32 on CPU. fp16: fp32 weights with fp16 autocast (CUDA).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute block activations in backward: less memory, about a third more time.")
+@click.option("--lora", is_flag=True, help="Train a LoRA adapter; the anchor is the model with the adapter off.")
+@click.option("--lora-r", type=int, default=D.lora_r, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=float, default=D.lora_alpha, show_default=True, help="LoRA alpha (scale alpha/r).")
+@click.option("--lora-dropout", type=float, default=D.lora_dropout, show_default=True)
+@click.option("--lora-targets", help="Comma-separated linear layer names inside the blocks.  "
+              "[default: all of them; never the head]")
+@click.option("--save-adapter", is_flag=True, help="With --lora: write the adapter alone (PEFT layout), not merged weights.")
 @click.option("--max-shard-size", default=D.max_shard_size, show_default=True, help="Largest safetensors shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout; no progress bar.")
 @click.pass_context

@@ -1,0 +1,58 @@
+"""LoRA for `mdu unlearn --lora`, with the adapter-off anchor.
+
+With LoRA the starting model theta_0 is the same base weights with the adapter
+switched off, so MDU's anchor needs no second copy of the model (METHOD.md
+section 2): `AdapterOffAnchor` runs the trained model under
+`disable_adapter()`. Adapters go only on linear layers inside the transformer
+blocks, which keeps LLaDA's head (also named `ff_out`) out by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from mdu_cli.checkpointing import transformer_blocks
+from mdu_cli.errors import MduError
+
+BLOCK_LISTS = "blocks|layers|layer|h"
+
+
+def default_targets(model) -> list[str]:
+    """Names of every linear layer inside the transformer blocks: LLaDA's
+    q/k/v_proj, attn_out, ff_proj, up_proj, ff_out; Dream's q/k/v/o_proj,
+    gate/up/down_proj; a masked-LM's own names."""
+    names = {name.split(".")[-1] for name, module in transformer_blocks(model).named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    return sorted(names)
+
+
+def target_regex(names: list[str]) -> str:
+    """A PEFT target_modules pattern matching those names inside a block only."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return rf".*\.(?:{BLOCK_LISTS})\.\d+\.(?:.*\.)?(?:{alternatives})$"
+
+
+def apply_lora(model, r: int, alpha: float, dropout: float, targets: Optional[str] = None):
+    from peft import LoraConfig, get_peft_model
+
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else default_targets(model)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_regex(names))
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise MduError(f"--lora-targets {','.join(names)}: {err}; name linear layers inside the blocks") from None
+
+
+class AdapterOffAnchor(torch.nn.Module):
+    """The frozen starting model, as the trained model with its adapter off."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        object.__setattr__(self, "peft_model", peft_model)  # not a submodule: no parameters of its own
+
+    def forward(self, **inputs):
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)

@@ -1,0 +1,118 @@
+"""--lora: adapters inside the blocks only, the adapter-off anchor, merged or
+adapter-only output, and the adapter's effective delta in `mdu diff`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from mdu_cli.cli import cli
+from mdu_cli.config import build_config
+from mdu_cli.families import FAMILIES
+from mdu_cli.loading import load_model, resolve_source
+from mdu_cli.lora import AdapterOffAnchor, apply_lora, default_targets
+from mdu_cli.train import model_logits
+from mdu_cli.unlearn import run_unlearn
+
+LLADA_LINEARS = ["attn_out", "ff_out", "ff_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def _load(directory):
+    return load_model(resolve_source(str(directory)), True, torch.float32)
+
+
+def test_default_targets_never_adapt_the_llada_head(llada_dir):
+    model = _load(llada_dir)
+    assert default_targets(model) == LLADA_LINEARS
+    peft_model = apply_lora(model, 4, 8, 0.0)
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in peft_model.named_parameters() if ".lora_A" in name}
+    assert any(name.endswith("blocks.0.ff_out") for name in adapted)
+    assert not any(name.endswith("transformer.ff_out") for name in adapted), "the head stays as it is"
+    assert len(adapted) == 2 * len(LLADA_LINEARS)
+
+
+def test_adapter_off_anchor_is_exactly_the_base_and_holds_no_copy(llada_dir):
+    base = _load(llada_dir).eval()
+    peft_model = apply_lora(_load(llada_dir), 4, 8, 0.0)
+    with torch.no_grad():  # move the adapter away from its zero start
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.05)
+    anchor = AdapterOffAnchor(peft_model)
+    assert list(anchor.parameters()) == []
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    family = FAMILIES["llada"]
+    with torch.no_grad():
+        assert torch.equal(model_logits(anchor, ids, mask, family), model_logits(base, ids, mask, family))
+        assert not torch.allclose(model_logits(peft_model, ids, mask, family), model_logits(base, ids, mask, family))
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_merged_output_changes_only_adapted_weights(family, family_dirs, forget_file, retain_file, tmp_path):
+    out = tmp_path / "merged"
+    cfg = build_config({}, dict(model=str(family_dirs[family]), forget=str(forget_file), retain=str(retain_file),
+                                out=str(out), lora=True, lora_r=4, max_steps=3, batch_size=2, lr=1e-2))
+    result = run_unlearn(cfg, show_progress=False, keep_model=True)
+    assert isinstance(result.anchor, AdapterOffAnchor)
+    base = load_file(family_dirs[family] / "model.safetensors")
+    merged = load_file(out / "model.safetensors")
+    assert merged.keys() == base.keys(), "same layout as the base"
+    linears = set(default_targets(_load(family_dirs[family])))
+    for name in base:
+        adapted = ".layers." in name or ".blocks." in name
+        adapted = adapted and name.endswith(".weight") and name.split(".")[-2] in linears
+        assert torch.equal(base[name], merged[name]) != adapted, name
+    reloaded = AutoModel.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(5, 100, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model_logits(reloaded, ids, torch.ones_like(ids), FAMILIES[family]),
+                              model_logits(result.model, ids, torch.ones_like(ids), FAMILIES[family]), atol=1e-6)
+
+
+def test_save_adapter_and_its_effective_delta(llada_dir, forget_file, tmp_path):
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
+                                      "--out", str(out), "--lora", "--lora-r", "4", "--lora-alpha", "8",
+                                      "--save-adapter", "--max-steps", "3", "--lr", "1e-2"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(llada_dir) and config["r"] == 4
+    assert not (out / "model.safetensors").exists()
+
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(_load(llada_dir), out).merge_and_unload()
+    assert not torch.equal(merged.state_dict()["model.transformer.blocks.0.q_proj.weight"],
+                           _load(llada_dir).state_dict()["model.transformer.blocks.0.q_proj.weight"])
+
+    report = json.loads((out / "delta_report.json").read_text())
+    adapter = load_file(out / "adapter_model.safetensors")
+    base = load_file(llada_dir / "model.safetensors")
+    scale = 8 / 4
+    assert report["total"]["tensors"] == 2 * len(LLADA_LINEARS)
+    for entry in report["tensors"]:
+        module = entry["name"][: -len(".weight")]
+        a = adapter[f"base_model.model.{module}.lora_A.weight"].double().numpy()
+        b = adapter[f"base_model.model.{module}.lora_B.weight"].double().numpy()
+        w = base[entry["name"]].double().numpy()
+        delta = scale * b @ a
+        assert entry["l2"] == pytest.approx(np.linalg.norm(delta), rel=1e-9)
+        assert entry["rel_l2"] == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(w), rel=1e-9)
+        assert entry["max_abs"] == pytest.approx(np.abs(delta).max(), rel=1e-9)
+    assert report["unchanged"] == len(base) - len(report["tensors"])
+
+    result = CliRunner().invoke(cli, ["push", str(out), "--repo-id", "me/adapter", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.stderr
+    uploaded = {e["path"] for e in json.loads(result.stdout)["upload"]}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= uploaded
+    assert "PeftModel.from_pretrained" in (out / "README.md").read_text()
+
+
+def test_save_adapter_needs_lora():
+    with pytest.raises(Exception, match="--save-adapter needs --lora"):
+        build_config({}, dict(model="m", forget="f", save_adapter=True))
