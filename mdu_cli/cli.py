@@ -13,7 +13,7 @@ import sys
 import click
 
 from mdu_cli import __version__
-from mdu_cli.errors import ConfigError, DataError, MduError
+from mdu_cli.errors import ConfigError, DataError, Interrupted, MduError
 
 DEBUG_VARIABLE = "MDU_DEBUG"
 
@@ -42,6 +42,8 @@ class MduGroup(click.Group):
             if debug:
                 raise
             raise Failure(err.problems, 1) from None
+        except Interrupted as err:
+            raise Failure([str(err)], 130) from None
         except ConfigError as err:
             if debug:
                 raise

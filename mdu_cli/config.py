@@ -69,6 +69,9 @@ class UnlearnConfig:
     lora_dropout: float = 0.0
     lora_targets: Optional[str] = None  # comma-separated layer names; default: every linear layer in the blocks
     save_adapter: bool = False
+    # Resumable state beside the output every N optimizer steps; --resume continues it.
+    save_every: Optional[int] = None
+    resume: bool = False
 
     def resolved(self) -> "UnlearnConfig":
         """Fill the values that depend on others, then validate."""
@@ -114,6 +117,8 @@ class UnlearnConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, f"must be a whole number >= 1 (got {value!r})")
+        if self.save_every is not None and (not isinstance(self.save_every, int) or self.save_every < 1):
+            raise bad("save_every", f"must be a whole number >= 1 (got {self.save_every!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be a whole number >= 1 (got {self.max_steps!r})")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:

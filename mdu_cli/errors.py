@@ -22,3 +22,7 @@ class DataError(MduError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__(problems[0] if problems else "bad data")
+
+
+class Interrupted(MduError):
+    """Ctrl-C during training, after the state was saved. Exit code 130."""

@@ -20,11 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mdu_cli.config import UnlearnConfig
-from mdu_cli.errors import MduError
+from mdu_cli.errors import Interrupted, MduError
 from mdu_cli.families import Family, align_logits, forward_attention_mask
 from mdu_cli.masking import noise_response
 from mdu_cli.methods import make_method
 from mdu_cli.objectives import mdlm_loss
+from mdu_cli.resume import TrainingState, save_state, trainable_state
 from mdu_cli.tokenization import Example, collate
 
 log = logging.getLogger("mdu")
@@ -100,6 +101,9 @@ def train(
     accelerator,
     log_path: Optional[Path] = None,
     show_progress: bool = True,
+    state_dir: Optional[Path] = None,
+    state_key: str = "",
+    resume_from: Optional[TrainingState] = None,
 ) -> TrainResult:
     """Unlearn `forget` from `model` (trainable) with the configured method,
     against `anchor` (the frozen starting model; None for methods without one)."""
@@ -121,17 +125,50 @@ def train(
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * len(plan)), num_training_steps=len(plan)
     )
+    result = TrainResult(steps=len(plan))
+    done = 0
+    if resume_from is not None:
+        # Everything that decides the next step: weights, optimizer, schedule,
+        # the noise generator and the retain stream (replayed: it is indices only).
+        trainable = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in resume_from.trainable.items():
+                trainable[name].copy_(tensor)
+        optimizer.load_state_dict(resume_from.optimizer)
+        scheduler.load_state_dict(resume_from.scheduler)
+        noise_generator.set_state(resume_from.generators["noise"])
+        torch.set_rng_state(resume_from.torch_rng)
+        done = resume_from.step
+        result.history = list(resume_from.history)
+        if retain_batches is not None:
+            for _ in range(sum(len(step) for step in plan[:done])):
+                next(retain_batches)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
     if anchor is not None:
         anchor.eval()
 
-    result = TrainResult(steps=len(plan))
+    # Random states as of the last completed step: an interrupt mid-step must
+    # not save the draws of the step it abandoned.
+    random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
+
+    def save(step: int) -> None:
+        save_state(state_dir, TrainingState(
+            step=step, history=result.history, trainable=trainable_state(accelerator.unwrap_model(model)),
+            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+            generators={"noise": random_states["noise"]}, torch_rng=random_states["torch"],
+        ), state_key)
+
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
-    bar = tqdm(total=len(plan), desc="mdu unlearn", unit="step", disable=not show_progress, dynamic_ncols=True)
+    if log_file:
+        log_file.writelines(json.dumps(entry) + "\n" for entry in result.history)
+    bar = tqdm(total=len(plan), initial=done, desc="mdu unlearn", unit="step", disable=not show_progress,
+               dynamic_ncols=True)
     start = time.perf_counter()
     try:
         for step, micro_batches in enumerate(plan, start=1):
+            if step <= done:
+                continue
             forget_losses, retain_losses, masked_positions = [], [], 0
             for rows in micro_batches:
                 # Forget: for MDU, pull the conditional prediction toward the
@@ -198,6 +235,16 @@ def train(
                 postfix["retain"] = f"{entry['retain_loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            done = step
+            random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
+            if state_dir and cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
+                save(step)
+    except KeyboardInterrupt:
+        if not state_dir:
+            raise
+        save(done)
+        raise Interrupted(f"interrupted after step {done} of {len(plan)}; the state is saved in {state_dir}. "
+                          "Run the same command with --resume to continue") from None
     finally:
         bar.close()
         if log_file:

@@ -34,6 +34,7 @@ from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.lora import AdapterOffAnchor, apply_lora
 from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.resume import fingerprint, load_state, state_dir_for
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
 from mdu_cli.tokenization import encode_dataset, pad_token_id
@@ -142,6 +143,20 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     retain = encode_dataset(retain_data, tokenizer, cfg.max_length) if retain_data else []
     device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
 
+    state_dir = state_dir_for(out)
+    state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
+                                            "retain": retain_data.sha256 if retain_data else None})
+    resume_from = None
+    if cfg.resume:
+        resume_from = load_state(state_dir, state_key)
+        if resume_from is None:
+            log.info("Notice: no saved state in %s; starting from the beginning", state_dir)
+        for stale in out.parent.glob(f".{out.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by the run that was killed
+    elif (state_dir / "progress.json").is_file() and not cfg.overwrite:
+        raise MduError(f"{state_dir} holds the state of an interrupted run; pass --resume to continue it, "
+                       "or --overwrite to start over")
+
     fetch_weights(source)
     from accelerate import Accelerator
 
@@ -152,6 +167,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     # never holds two copies of an 8B model.
     model = load_model(source, trust, weight_dtype).to(accelerator.device)
     needs_anchor = make_method(cfg).needs_anchor
+    torch.manual_seed(cfg.seed)  # the adapter's random initialisation is part of the run
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         anchor = AdapterOffAnchor(model) if needs_anchor else None
@@ -170,6 +186,8 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         result: TrainResult = train(
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
             accelerator, log_path=staging / "train_log.jsonl", show_progress=show_progress,
+            state_dir=state_dir, state_key=state_key,
+            resume_from=resume_from,
         )
         if not keep_model:
             del anchor  # before writing: the writer may need the memory
@@ -215,6 +233,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         (staging / CARD_NAME).write_text(render_card(staging, title=out.name), encoding="utf-8")
         check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
         publish(staging, out)
+        shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

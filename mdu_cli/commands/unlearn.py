@@ -68,6 +68,8 @@ Examples:
 @click.option("--lora-targets", help="Comma-separated linear layer names inside the blocks.  "
               "[default: all of them; never the head]")
 @click.option("--save-adapter", is_flag=True, help="With --lora: write the adapter alone (PEFT layout), not merged weights.")
+@click.option("--save-every", type=int, help="Save resumable state beside the output every N steps.")
+@click.option("--resume", is_flag=True, help="Continue from the saved state of the same command.")
 @click.option("--max-shard-size", default=D.max_shard_size, show_default=True, help="Largest safetensors shard.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout; no progress bar.")
 @click.pass_context

@@ -1,0 +1,90 @@
+"""Resumable training state: what `--save-every N` writes and `--resume` reads.
+
+A state directory sits beside the output (`OUT.mdu-state`) and holds the
+trainable weights (all of them, or only the adapter with --lora) as
+safetensors, the optimizer and scheduler states, every random generator, the
+step reached and the log so far. It is written to a temporary sibling and
+renamed into place, so a kill at any moment leaves either the previous state
+or the new one, never half of one. Tensors are read back with
+`torch.load(weights_only=True)`, which unpickles no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdu_cli.errors import MduError
+
+# Options that may differ between the interrupted command and the resuming one.
+NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite")
+
+
+def state_dir_for(out: Path) -> Path:
+    return out.parent / f"{out.name}.mdu-state"
+
+
+def fingerprint(config: dict, data: dict) -> str:
+    """What must be identical for a state to be continued: the options and the data."""
+    relevant = {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
+    text = json.dumps({"config": relevant, "data": data}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class TrainingState:
+    step: int
+    history: list[dict]
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    generators: dict[str, torch.Tensor]
+    torch_rng: torch.Tensor
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_state(directory: Path, state: TrainingState, key: str) -> None:
+    """Write the state atomically: build a sibling, then swap it in."""
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        save_file(state.trainable, tmp / "trainable.safetensors")
+        torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "generators": state.generators,
+                    "torch_rng": state.torch_rng}, tmp / "training.pt")
+        (tmp / "progress.json").write_text(json.dumps({"step": state.step, "fingerprint": key,
+                                                       "history": state.history}) + "\n")
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_state(directory: Path, key: str) -> Optional[TrainingState]:
+    if not (directory / "progress.json").is_file():
+        return None
+    progress = json.loads((directory / "progress.json").read_text())
+    if progress.get("fingerprint") != key:
+        raise MduError(f"{directory} was saved by a run with other options or data; re-run that exact command "
+                       "with --resume, or delete the state directory to start over")
+    blob = torch.load(directory / "training.pt", weights_only=True)
+    return TrainingState(step=progress["step"], history=progress["history"],
+                         trainable=load_file(directory / "trainable.safetensors"), optimizer=blob["optimizer"],
+                         scheduler=blob["scheduler"], generators=blob["generators"], torch_rng=blob["torch_rng"])

@@ -1,0 +1,134 @@
+"""Resume: a run killed with SIGKILL, or stopped with Ctrl-C, and resumed ends
+with exactly the weights of an uninterrupted run (CPU, fixed seed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from mdu_cli.cli import cli
+
+STEPS = 40
+
+
+def _args(model, forget, retain, out, *extra):
+    return ["unlearn", "--model", str(model), "--forget", str(forget), "--retain", str(retain), "--out", str(out),
+            "--max-steps", str(STEPS), "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3", *extra]
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, "-m", "mdu_cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _wait_for(condition, process, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {process.stderr.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _state_step(state):
+    try:
+        return json.loads((state / "progress.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture
+def reference(llada_dir, forget_file, retain_file, tmp_path):
+    out = tmp_path / "uninterrupted"
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out))
+    assert result.exit_code == 0, result.stderr
+    return load_file(out / "model.safetensors"), [json.loads(x) for x in (out / "train_log.jsonl").open()]
+
+
+def _assert_same_run(out, reference):
+    weights, history = reference
+    resumed = load_file(out / "model.safetensors")
+    assert resumed.keys() == weights.keys()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights), "bitwise the same weights"
+    log = [json.loads(x) for x in (out / "train_log.jsonl").open()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    assert [e["forget_loss"] for e in log] == [e["forget_loss"] for e in history]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(llada_dir, forget_file, retain_file, tmp_path, reference):
+    out = tmp_path / "killed"
+    state = tmp_path / "killed.mdu-state"
+    process = _start(_args(llada_dir, forget_file, retain_file, out, "--save-every", "3"))
+    _wait_for(lambda: _state_step(state) >= 3, process, "the first saved state")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists(), "no output from a killed run"
+    saved = _state_step(state)
+    assert 3 <= saved < STEPS and saved % 3 == 0
+
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--save-every", "3", "--resume"))
+    assert result.exit_code == 0, result.stderr
+    _assert_same_run(out, reference)
+    assert not state.exists(), "the state goes once the output is complete"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".killed")], "no partial output left"
+
+
+def test_ctrl_c_saves_state_and_says_how_to_resume(llada_dir, forget_file, retain_file, tmp_path, reference):
+    out = tmp_path / "stopped"
+    process = _start(_args(llada_dir, forget_file, retain_file, out))
+
+    def training_started():
+        logs = list(tmp_path.glob(".stopped.partial-*/train_log.jsonl"))
+        return bool(logs) and len(logs[0].read_text().splitlines()) >= 2
+
+    _wait_for(training_started, process, "two steps")
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "state is saved in" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    assert _state_step(tmp_path / "stopped.mdu-state") >= 2
+
+    again = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out))
+    assert again.exit_code == 1 and "pass --resume to continue it" in again.stderr
+
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--resume"))
+    assert result.exit_code == 0, result.stderr
+    _assert_same_run(out, reference)
+
+
+def test_resume_refuses_a_state_of_other_options(llada_dir, forget_file, retain_file, tmp_path):
+    out = tmp_path / "o"
+    process = _start(_args(llada_dir, forget_file, retain_file, out, "--save-every", "2"))
+    _wait_for(lambda: _state_step(tmp_path / "o.mdu-state") >= 2, process, "a saved state")
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--resume", "--tau", "2"))
+    assert result.exit_code == 1 and "saved by a run with other options or data" in result.stderr
+
+
+def test_lora_sigkill_then_resume(llada_dir, forget_file, retain_file, tmp_path):
+    lora = ["--lora", "--lora-r", "4", "--save-adapter"]
+    straight = tmp_path / "straight"
+    assert CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, straight, *lora)).exit_code == 0
+    out, state = tmp_path / "lora", tmp_path / "lora.mdu-state"
+    process = _start(_args(llada_dir, forget_file, retain_file, out, *lora, "--save-every", "4"))
+    _wait_for(lambda: _state_step(state) >= 4, process, "a saved state")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert set(load_file(state / "trainable.safetensors")) and all(
+        "lora_" in name for name in load_file(state / "trainable.safetensors")), "only the adapter is saved"
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, *lora, "--save-every", "4",
+                                           "--resume"))
+    assert result.exit_code == 0, result.stderr
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
