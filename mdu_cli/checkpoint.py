@@ -51,11 +51,11 @@ def new_staging_dir(out: Path) -> Path:
     return staging
 
 
-def write_model(model, source_dir: Path, staging: Path, max_shard_size: str) -> None:
+def write_model(model, source_dir: Path, staging: Path, max_shard_size: str, state_dict=None) -> None:
     """Weights (safetensors, sharded with an index above `max_shard_size`), config,
     tokenizer and generation files, and the base's remote-code `.py` files."""
     try:
-        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
     except ValueError as err:
         raise MduError(f"cannot write the weights ({err}); check --max-shard-size (e.g. 5GB)") from None
     for name in TOKENIZER_FILES:

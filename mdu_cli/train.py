@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from mdu_cli.config import UnlearnConfig
@@ -41,20 +42,27 @@ class TrainResult:
         return {"first": values[0], "last": values[-1]} if values else {"first": None, "last": None}
 
 
-def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator) -> list[list[list[int]]]:
+def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
+               processes: int = 1) -> list[list[list[int]]]:
     """Forget-set indices for every optimizer step: steps -> micro-batches -> rows.
 
     An epoch is one shuffled pass over the forget set, cut into micro-batches of
-    --batch-size, grouped --grad-accum at a time (an epoch's last step may hold
-    fewer). --max-steps, when set, replaces --epochs and runs as many passes as
-    it needs.
+    --batch-size, grouped --grad-accum x processes at a time (an epoch's last
+    step may hold fewer). With several processes, every rank must run the same
+    number of micro-batches, so a short last group is filled with the epoch's
+    first micro-batches, as a distributed sampler pads. --max-steps, when set,
+    replaces --epochs and runs as many passes as it needs.
     """
+    per_step = cfg.grad_accum * processes
     steps: list[list[list[int]]] = []
     epoch = 0
     while True:
         order = torch.randperm(n_forget, generator=generator).tolist()
         micro = [order[i:i + cfg.batch_size] for i in range(0, n_forget, cfg.batch_size)]
-        steps.extend(micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum))
+        for i in range(0, len(micro), per_step):
+            group = micro[i:i + per_step]
+            short = -len(group) % processes
+            steps.append(group + (micro * (short // len(micro) + 1))[:short])
         epoch += 1
         if cfg.max_steps is not None:
             if len(steps) >= cfg.max_steps:
@@ -107,15 +115,18 @@ def train(
 ) -> TrainResult:
     """Unlearn `forget` from `model` (trainable) with the configured method,
     against `anchor` (the frozen starting model; None for methods without one)."""
+    rank, processes = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
+    # The forget order is shared (each rank takes its own micro-batches of it);
+    # retain draws and masks differ per rank, or every rank would repeat the others.
     order_generator = torch.Generator().manual_seed(cfg.seed)
-    retain_generator = torch.Generator().manual_seed(cfg.seed + 1)
-    noise_generator = torch.Generator().manual_seed(cfg.seed + 2)
+    retain_generator = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
+    noise_generator = torch.Generator().manual_seed(cfg.seed + 2 + 1000 * rank)
     device = accelerator.device
     use_retain = bool(retain) and cfg.alpha > 0
 
     method = make_method(cfg)
-    plan = plan_steps(len(forget), cfg, order_generator)
+    plan = plan_steps(len(forget), cfg, order_generator, processes)
     retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain else None
 
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
@@ -141,9 +152,11 @@ def train(
         done = resume_from.step
         result.history = list(resume_from.history)
         if retain_batches is not None:
-            for _ in range(sum(len(step) for step in plan[:done])):
+            for _ in range(sum(len(step[rank::processes]) for step in plan[:done])):
                 next(retain_batches)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside prepare(): accelerate would step it once per
+    # process, while the plan already counts global steps.
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     if anchor is not None:
         anchor.eval()
@@ -169,8 +182,12 @@ def train(
         for step, micro_batches in enumerate(plan, start=1):
             if step <= done:
                 continue
-            forget_losses, retain_losses, masked_positions = [], [], 0
-            for rows in micro_batches:
+            mine = micro_batches[rank::processes]
+            forget_total = torch.zeros((), device=device)
+            retain_total = torch.zeros((), device=device)
+            masked_positions = torch.zeros((), device=device)
+            retain_rows: list[int] = []
+            for rows in mine:
                 # Forget: for MDU, pull the conditional prediction toward the
                 # anchor's prompt-masked prediction at every masked response
                 # position; the baselines plug in their own anchor input and loss.
@@ -189,16 +206,16 @@ def train(
                 # Free the full-vocabulary logits before backward, or they
                 # dominate peak memory on a 126k vocabulary.
                 del anchor_logits, conditional_logits
-                _check_finite(forget_loss.item(), "forget", step)
-                accelerator.backward(forget_loss / len(micro_batches))
-                forget_losses.append(forget_loss.item())
-                masked_positions += int(forget_batch.masked.sum())
+                accelerator.backward(forget_loss / len(mine))
+                forget_total += forget_loss.detach()
+                masked_positions += forget_batch.masked.sum()
 
                 if use_retain:
                     # Retain: the ordinary MDLM loss, so that utility stays.
+                    drawn = next(retain_batches)
+                    retain_rows += drawn
                     retain_batch = noise_response(
-                        collate([retain[i] for i in next(retain_batches)], pad_id).to(device),
-                        mask_token_id, noise_generator,
+                        collate([retain[i] for i in drawn], pad_id).to(device), mask_token_id, noise_generator,
                     )
                     logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
                     retain_loss = mdlm_loss(
@@ -206,10 +223,15 @@ def train(
                         retain_batch.t, family.retain_weighting, retain_batch.attention_mask,
                     )
                     del logits
-                    _check_finite(retain_loss.item(), "retain", step)
-                    accelerator.backward(cfg.alpha * retain_loss / len(micro_batches))
-                    retain_losses.append(retain_loss.item())
+                    accelerator.backward(cfg.alpha * retain_loss / len(mine))
+                    retain_total += retain_loss.detach()
 
+            # Every rank sees the same averaged losses, so a NaN stops all of
+            # them together, before the optimizer could apply it.
+            forget_mean = accelerator.reduce(forget_total / len(mine), reduction="mean").item()
+            retain_mean = accelerator.reduce(retain_total / len(mine), reduction="mean").item()
+            _check_finite(forget_mean, "forget", step)
+            _check_finite(retain_mean, "retain", step)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -218,20 +240,23 @@ def train(
 
             entry = {
                 "step": step,
-                "forget_loss": sum(forget_losses) / len(forget_losses),
-                "retain_loss": sum(retain_losses) / len(retain_losses) if retain_losses else None,
+                "forget_loss": forget_mean,
+                "retain_loss": retain_mean if use_retain else None,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "masked_positions": masked_positions,
+                "masked_positions": int(accelerator.reduce(masked_positions, reduction="sum").item()),
+                "forget_rows": sum(len(rows) for rows in micro_batches),
+                # Indices, never content: which retain rows each process drew.
+                "retain_rows": gather_object([retain_rows]) if processes > 1 else [retain_rows],
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
-            entry["loss"] = entry["forget_loss"] + (cfg.alpha * entry["retain_loss"] if retain_losses else 0.0)
+            entry["loss"] = entry["forget_loss"] + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)
             result.history.append(entry)
             if log_file:
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
             postfix = {"forget": f"{entry['forget_loss']:.4f}"}
-            if retain_losses:
+            if use_retain:
                 postfix["retain"] = f"{entry['retain_loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -28,7 +28,7 @@ from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
-from mdu_cli.errors import MduError
+from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
@@ -46,7 +46,7 @@ log = logging.getLogger("mdu")
 @dataclass
 class UnlearnResult:
     out_dir: Path
-    record: dict[str, Any]      # what mdu_run.json holds
+    record: Optional[dict[str, Any]]  # what mdu_run.json holds; None in non-main processes
     model: Any = None           # with keep_model: the trained model, in memory
     anchor: Any = None          # with keep_model: the frozen starting model it was pulled toward
 
@@ -161,6 +161,12 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    is_main = accelerator.is_main_process
+    if accelerator.num_processes > 1:
+        if cfg.save_every or cfg.resume:
+            raise ConfigError("--save-every and --resume work in single-process runs only, for now")
+        if not is_main:
+            log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Move before copying, so the anchor is made on the device and the host
@@ -181,14 +187,22 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,
     )
 
-    staging = new_staging_dir(out)
+    # Only the main process writes: the output, the log, the saved state.
+    staging = new_staging_dir(out) if is_main else None
     try:
         result: TrainResult = train(
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
-            accelerator, log_path=staging / "train_log.jsonl", show_progress=show_progress,
-            state_dir=state_dir, state_key=state_key,
+            accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
+            show_progress=show_progress and is_main,
+            state_dir=state_dir if is_main and accelerator.num_processes == 1 else None, state_key=state_key,
             resume_from=resume_from,
         )
+        accelerator.wait_for_everyone()
+        # Under FSDP each rank holds a shard: gathering the full weights takes
+        # every rank, so it happens before the non-main ranks leave.
+        full_state = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "FSDP" else None
+        if not is_main:
+            return UnlearnResult(out_dir=out, record=None)
         if not keep_model:
             del anchor  # before writing: the writer may need the memory
             anchor = None
@@ -199,7 +213,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         else:
             if cfg.lora:
                 model = model.merge_and_unload()  # full weights, loadable exactly like the base
-            write_model(model, source.path, staging, cfg.max_shard_size)
+            write_model(model, source.path, staging, cfg.max_shard_size, state_dict=full_state)
         delta = write_delta_report(source, staging, out, show_progress)
         record = {
             "tool": "mdu",
@@ -235,6 +249,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         publish(staging, out)
         shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None, anchor=anchor)

@@ -92,6 +92,8 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
     from mdu_cli.unlearn import run_unlearn
 
     result = run_unlearn(cfg, show_progress=not as_json)
+    if result.record is None:
+        return  # a non-main process of a multi-process run: the main one reports
     summary = result.summary()
     if as_json:
         click.echo(json.dumps(summary, indent=2))

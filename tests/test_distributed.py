@@ -1,0 +1,50 @@
+"""Several processes through accelerate (DDP, gloo on the CPU): shared forget
+order split across ranks, per-rank retain draws, one writer."""
+
+import json
+import os
+import subprocess
+import sys
+
+from mdu_cli.config import build_config
+from mdu_cli.train import plan_steps
+
+import torch
+
+
+def test_plan_gives_every_rank_the_same_number_of_micro_batches():
+    cfg = build_config({}, dict(model="m", forget="f", epochs=2, batch_size=2, grad_accum=2))
+    plan = plan_steps(11, cfg, torch.Generator().manual_seed(0), processes=2)
+    # 11 rows -> 6 micro-batches per epoch -> groups of 4 -> [4, 2] per epoch.
+    assert [len(step) for step in plan] == [4, 2, 4, 2]
+    for epoch in (plan[:2], plan[2:]):
+        rows = sorted(i for step in epoch for micro in step for i in micro)
+        assert rows == list(range(11))
+    odd = plan_steps(5, build_config({}, dict(model="m", forget="f", epochs=1, batch_size=1, grad_accum=2)),
+                     torch.Generator().manual_seed(0), processes=2)
+    assert [len(step) for step in odd] == [4, 2]  # 5 micro-batches: the last group is padded to 2
+    assert odd[1][1] == odd[0][0], "padding repeats the epoch's first micro-batch"
+
+
+def test_two_processes_with_accelerate_launch(llada_dir, forget_file, retain_file, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
+               "--retain", str(retain_file), "--out", str(out), "--max-steps", "4", "--batch-size", "1",
+               "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # only the main process prints
+    assert summary["steps"] == 4 and summary["out_dir"] == str(out)
+    assert proc.stderr.count("Unlearning 4 records") == 1, "one copy of every notice"
+
+    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    assert all(entry["forget_rows"] == 2 for entry in log), "one micro-batch on each of two ranks"
+    assert all(len(entry["retain_rows"]) == 2 for entry in log)
+    assert any(entry["retain_rows"][0] != entry["retain_rows"][1] for entry in log), "ranks draw their own retain rows"
+    record = json.loads((out / "mdu_run.json").read_text())
+    assert record["steps"] == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no second writer, no leftovers"
