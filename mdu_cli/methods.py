@@ -1,5 +1,6 @@
-"""The unlearning methods: what the frozen anchor sees and which forget loss
-is minimised. Each is a small unit; the training loop asks the method, never
+"""The unlearning methods: what the frozen anchor sees, what of its output the
+loss keeps (so the full-vocabulary anchor logits can be freed before the
+trainable model's forward), and which forget loss is minimised. Each is a small unit; the training loop asks the method, never
 branches on its name.
 
 - mdu: the anchor sees the noised sequence with the prompt masked; forward KL
@@ -18,7 +19,7 @@ import torch
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.families import Family
 from mdu_cli.masking import NoisedBatch, anchor_input_ids
-from mdu_cli.objectives import gradient_ascent_loss, mdu_forget_loss, npo_loss
+from mdu_cli.objectives import gradient_ascent_loss, mdu_forget_loss, npo_loss, sequence_log_likelihood
 
 @dataclass(frozen=True)
 class MDU:
@@ -30,8 +31,11 @@ class MDU:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return anchor_input_ids(noised, mask_token_id)
 
-    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
-        return mdu_forget_loss(logits, anchor_logits, noised.masked, self.tau, self.eta, self.direction)
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+        return anchor_logits[noised.masked]  # (N, vocab): all the loss reads
+
+    def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return mdu_forget_loss(logits, anchor_view, noised.masked, self.tau, self.eta, self.direction)
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,10 @@ class GradientAscent:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return None
 
-    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> None:
+        return None
+
+    def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
         return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t,
                                     family.retain_weighting, noised.attention_mask)
 
@@ -54,8 +61,11 @@ class NPO:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return noised.input_ids  # the reference model scores the very same masked input
 
-    def loss(self, logits, anchor_logits, noised: NoisedBatch, family: Family) -> torch.Tensor:
-        return npo_loss(logits, anchor_logits, noised.targets, noised.masked, noised.t, self.beta)
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+        return sequence_log_likelihood(anchor_logits, noised.targets, noised.masked, noised.t)  # (batch,)
+
+    def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return npo_loss(logits, anchor_view, noised.targets, noised.masked, noised.t, self.beta)
 
 
 def make_method(cfg: UnlearnConfig):

@@ -54,12 +54,13 @@ def mdu_forget_loss(
     """L_forget: the mean divergence over all masked response positions of the batch.
 
     conditional_logits: (batch, seq, vocab), with gradient, on [P | x_t]
-    anchor_logits:      (batch, seq, vocab), frozen model on [MASK..MASK | x_t]
+    anchor_logits:      (batch, seq, vocab), frozen model on [MASK..MASK | x_t],
+                        or already gathered at the masked positions, (N, vocab)
     masked:             (batch, seq) bool, the set M
     No 1/t weight (METHOD.md section 2, step 6).
     """
     conditional = conditional_logits[masked].float()
-    anchor = anchor_logits[masked].float()
+    anchor = (anchor_logits[masked] if anchor_logits.dim() == 3 else anchor_logits).float()
     target = mdu_target_logits(conditional, anchor, tau, eta)
     return divergence(conditional, target, direction).mean()
 
@@ -137,16 +138,17 @@ def gradient_ascent_loss(
 
 def npo_loss(
     logits: torch.Tensor,
-    anchor_logits: torch.Tensor,
+    reference_scores: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
     t: torch.Tensor,
     beta: float = 0.1,
 ) -> torch.Tensor:
     """Negative preference optimisation (Zhang et al., 2024, arXiv 2404.05868)
-    with MDLM sequence scores: (2 / beta) * mean softplus(beta * (s_theta - s_ref)),
-    where s is `sequence_log_likelihood` of the model and of the frozen anchor on
-    the same masked input. Both logits: (batch, seq, vocab)."""
-    ratio = sequence_log_likelihood(logits, targets, masked, t) - \
-        sequence_log_likelihood(anchor_logits.detach(), targets, masked, t)
+    with MDLM sequence scores: (2 / beta) * mean softplus(beta * (s_theta - s_ref)).
+
+    logits: (batch, seq, vocab) of the model; reference_scores: (batch,), the
+    `sequence_log_likelihood` of the frozen anchor on the same masked input.
+    """
+    ratio = sequence_log_likelihood(logits, targets, masked, t) - reference_scores.detach().float()
     return (2.0 / beta) * F.softplus(beta * ratio).mean()

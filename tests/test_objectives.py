@@ -82,6 +82,13 @@ def test_tau_zero_forward_kl_is_log_vocab_minus_entropy(logits_case):
     assert got == pytest.approx(math.log(11) - float(np.mean(entropies)), rel=1e-5)
 
 
+def test_pre_gathered_anchor_gives_the_same_loss(logits_case):
+    cond, anchor, masked = logits_case
+    full = mdu_forget_loss(cond, anchor, masked, tau=2.0, eta=0.3, direction="js")
+    gathered = mdu_forget_loss(cond, anchor[masked], masked, tau=2.0, eta=0.3, direction="js")
+    assert torch.equal(full, gathered)
+
+
 def test_loss_is_zero_when_model_equals_anchor_at_tau_one(logits_case):
     cond, _, masked = logits_case
     assert mdu_forget_loss(cond, cond.clone(), masked, tau=1.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -204,7 +211,9 @@ def test_npo_matches_float64_reference(beta):
     masked = torch.rand(3, 5, generator=gen) < 0.6
     masked[:, 2] = True
     t = torch.tensor([0.2, 0.5, 0.9])
-    got = npo_loss(logits, anchor, targets, masked, t, beta).item()
+    from mdu_cli.objectives import sequence_log_likelihood
+
+    got = npo_loss(logits, sequence_log_likelihood(anchor, targets, masked, t), targets, masked, t, beta).item()
     s_model = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), t.numpy())
     s_ref = _reference_sequence_ll(anchor.numpy(), targets.numpy(), masked.numpy(), t.numpy())
     # (2 / beta) * mean log(1 + (pi / pi_ref) ** beta), written as in the NPO paper.
@@ -223,7 +232,8 @@ def test_npo_at_the_anchor_has_the_known_gradient():
     targets = torch.randint(0, 5, (2, 4), generator=gen)
     masked = torch.ones(2, 4, dtype=torch.bool)
     t = torch.tensor([0.5, 0.5])
-    npo_loss(logits, logits.detach().clone(), targets, masked, t, beta=0.1).backward()
+    reference = sequence_log_likelihood(logits.detach().clone(), targets, masked, t)
+    npo_loss(logits, reference, targets, masked, t, beta=0.1).backward()
     npo_grad = logits.grad.clone()
     logits.grad = None
     sequence_log_likelihood(logits, targets, masked, t).mean().backward()
