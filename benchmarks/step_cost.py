@@ -108,9 +108,9 @@ class Stepper:
         from mdu_cli.train import model_logits
 
         noised = noise_response(self.forget, self.mask_id, self.noise)
-        with torch.no_grad():
+        with torch.no_grad():  # as the training loop does: keep the masked positions only
             anchor_logits = model_logits(self.anchor, anchor_input_ids(noised, self.mask_id),
-                                         noised.attention_mask, self.family)
+                                         noised.attention_mask, self.family)[noised.masked]
         logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
         loss = mdu_forget_loss(logits, anchor_logits, noised.masked, tau=1.0)
         del logits, anchor_logits

@@ -11,8 +11,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 KL_DIRECTIONS = ("forward", "reverse", "js")
+LOSS_CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per block of the forget loss (16 MB in fp32)
 CART_P = 0.3
 
 
@@ -59,10 +61,30 @@ def mdu_forget_loss(
     masked:             (batch, seq) bool, the set M
     No 1/t weight (METHOD.md section 2, step 6).
     """
-    conditional = conditional_logits[masked].float()
-    anchor = (anchor_logits[masked] if anchor_logits.dim() == 3 else anchor_logits).float()
-    target = mdu_target_logits(conditional, anchor, tau, eta)
-    return divergence(conditional, target, direction).mean()
+    conditional = conditional_logits[masked]
+    anchor = anchor_logits[masked] if anchor_logits.dim() == 3 else anchor_logits
+    rows = conditional.shape[0]
+    if rows == 0:
+        return conditional.sum() * 0.0
+    # A block of positions at a time, recomputed in backward: autograd would
+    # otherwise keep several fp32 (positions x vocabulary) intermediates of the
+    # softmaxes alive until backward, more than the model's own activations.
+    step = max(1, LOSS_CHUNK_ELEMENTS // conditional.shape[1])
+    total = conditional.new_zeros((), dtype=torch.float32)
+    for first in range(0, rows, step):
+        args = (conditional[first:first + step], anchor[first:first + step], tau, eta, direction)
+        if torch.is_grad_enabled() and conditional.requires_grad:
+            total = total + checkpoint(_divergence_sum, *args, use_reentrant=False)
+        else:
+            total = total + _divergence_sum(*args)
+    return total / rows
+
+
+def _divergence_sum(conditional: torch.Tensor, anchor: torch.Tensor, tau: float, eta: float,
+                    direction: str) -> torch.Tensor:
+    conditional = conditional.float()
+    target = mdu_target_logits(conditional, anchor.float(), tau, eta)
+    return divergence(conditional, target, direction).sum()
 
 
 def cart_weights(masked: torch.Tensor, attention_mask: torch.Tensor, p: float = CART_P) -> torch.Tensor:

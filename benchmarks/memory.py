@@ -1,0 +1,159 @@
+"""Peak memory of full MDU, LoRA MDU and LoRA plain MDLM fine-tuning, side by side.
+
+On one LLaDA-shaped model of about 100M parameters (CPU, fp32, batch
+4 x 256 tokens, forget + retain batch per step), each mode runs two optimizer
+steps in a fresh child process, whose peak RSS (VmHWM, Linux) is read against
+its RSS before the model was loaded. LoRA MDU's only extra over LoRA
+fine-tuning is one no-grad forward of the forget batch (the adapter-off
+anchor), so the target is LoRA MDU <= 1.15 x LoRA fine-tuning.
+
+    python benchmarks/memory.py [--layers 12] [--d-model 640] [--vocab 32000]
+
+It also prints the GPU memory each mode needs for LLaDA-8B in bf16, projected
+from the parameter counts (weights, gradients, AdamW states, anchor copy)
+plus the activation share measured here, scaled by hidden size and depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+MODES = ("full_mdu", "lora_mdu", "lora_finetune")
+
+
+def _child(mode: str, model_dir: str, args: dict, queue) -> None:
+    import torch
+
+    from mdu_cli.families import FAMILIES
+    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.lora import AdapterOffAnchor, apply_lora
+    from mdu_cli.masking import anchor_input_ids, noise_response
+    from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
+    from mdu_cli.train import model_logits
+    from mdu_cli.unlearn import frozen_copy
+    from step_cost import _proc_status_mb, make_batches
+
+    torch.manual_seed(0)
+    baseline = _proc_status_mb("VmRSS")
+    source = resolve_source(model_dir)
+    model = load_model(source, True, torch.float32)
+    family, mask_id = FAMILIES["llada"], source.config["mask_token_id"]
+    if mode == "full_mdu":
+        anchor = frozen_copy(model)
+    else:
+        model = apply_lora(model, 16, 32, 0.0)
+        anchor = AdapterOffAnchor(model) if mode == "lora_mdu" else None
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, weight_decay=0.0)
+    forget, retain = make_batches(source.config["vocab_size"], args["batch"], args["seq"], args["prompt"])
+    noise = torch.Generator().manual_seed(1)
+
+    def mdlm(batch):
+        noised = noise_response(batch, mask_id, noise)
+        logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
+        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t)
+        del logits
+        loss.backward()
+
+    for _ in range(2):
+        if mode == "lora_finetune":
+            mdlm(forget)
+        else:
+            noised = noise_response(forget, mask_id, noise)
+            with torch.no_grad():
+                anchor_view = model_logits(anchor, anchor_input_ids(noised, mask_id), noised.attention_mask,
+                                           family)[noised.masked]
+            logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
+            loss = mdu_forget_loss(logits, anchor_view, noised.masked, tau=1.0)
+            del logits, anchor_view
+            loss.backward()
+        mdlm(retain)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = _proc_status_mb("VmHWM")
+    params = sum(p.numel() for p in model.parameters())
+    queue.put({"mode": mode, "peak_mb": peak, "training_mb": peak - baseline,
+               "trainable": sum(p.numel() for p in trainable), "params": params})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=640)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--glibc-cache", action="store_true",
+                        help="measure with glibc's default heap caching (peak RSS then includes freed memory)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from step_cost import build_model
+
+    # Large blocks straight from mmap, so that what is freed leaves the RSS:
+    # otherwise glibc keeps freed heap memory and the peak RSS measures its
+    # cache (the no-grad anchor pass then looks like +20%) instead of live tensors.
+    if not args.glibc_cache:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    shape = {"batch": args.batch, "seq": args.seq, "prompt": args.prompt}
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "llada-100m"
+        build_model(model_dir, args.layers, args.d_model, args.vocab)
+        ctx = mp.get_context("spawn")
+        for mode in MODES:
+            queue = ctx.Queue()
+            child = ctx.Process(target=_child, args=(mode, str(model_dir), shape, queue))
+            child.start()
+            results[mode] = queue.get()
+            child.join()
+
+    params = results["full_mdu"]["params"]
+    ratio = results["lora_mdu"]["training_mb"] / results["lora_finetune"]["training_mb"]
+    # Projection for LLaDA-8B in bf16 (2 bytes a parameter; AdamW states in the
+    # weights' dtype, as a bf16 run keeps them). Activations scale with
+    # d_model x layers x tokens; the share measured here is scaled by that.
+    llada_params, gb = 8.016e9, 1e9
+    weights = llada_params * 2 / gb
+    lora_trainable = results["lora_mdu"]["trainable"] / params * llada_params
+    measured_weights_mb = params * 4 / 1e6
+    act_full = max(0.0, results["full_mdu"]["training_mb"] - 5 * measured_weights_mb)  # w, g, 2 adam, anchor
+    act_lora_mdu = max(0.0, results["lora_mdu"]["training_mb"] - measured_weights_mb)
+    act_lora_ft = max(0.0, results["lora_finetune"]["training_mb"] - measured_weights_mb)
+    scale = (4096 * 32) / (args.d_model * args.layers) / 2  # bf16 activations are half of fp32 ones
+    projection = {
+        "full_mdu": 5 * weights + act_full * scale / 1e3,
+        "lora_mdu": weights + lora_trainable * 2 * 4 / gb + act_lora_mdu * scale / 1e3,
+        "lora_finetune": weights + lora_trainable * 2 * 4 / gb + act_lora_ft * scale / 1e3,
+    }
+    report = {"params_millions": round(params / 1e6, 1), "batch": shape, "modes": results,
+              "lora_mdu_over_lora_finetune": round(ratio, 3), "target": 1.15,
+              "llada_8b_bf16_projection_gb": {k: round(v, 1) for k, v in projection.items()}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return
+    print(f"LLaDA-shaped model, {params / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} tokens, fp32, CPU")
+    for mode in MODES:
+        r = results[mode]
+        print(f"  {mode:14s} peak RSS {r['peak_mb']:7.0f} MB   above start {r['training_mb']:7.0f} MB   "
+              f"trainable {r['trainable'] / 1e6:6.2f}M")
+    print(f"  LoRA MDU / LoRA fine-tuning (above start): {ratio:.3f} (target <= 1.15)")
+    print("  projected GPU memory for LLaDA-8B in bf16 at 4 x 256 tokens:")
+    for mode in MODES:
+        print(f"    {mode:14s} ~{projection[mode]:.0f} GB")
+
+
+if __name__ == "__main__":
+    main()
