@@ -24,6 +24,14 @@ Examples:
 \b
   # Everything from a file, one flag overridden
   mdu unlearn --config examples/run.yaml --max-steps 20
+
+  # LoRA on a 40 GB card, resumable, adapter only
+  mdu unlearn --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl --lora --save-adapter \
+      --gradient-checkpointing --save-every 50
+
+  # Two GPUs with DDP
+  accelerate launch --multi_gpu --num_processes 2 -m mdu_cli unlearn --model GSAI-ML/LLaDA-8B-Instruct \
+      --forget data.jsonl
 """
 
 
