@@ -47,8 +47,8 @@ class TrainingState:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
-    generators: dict[str, torch.Tensor]
-    torch_rng: torch.Tensor
+    generators: dict[str, list[torch.Tensor]]  # one state per process
+    torch_rng: list[torch.Tensor]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -147,8 +147,11 @@ def train(
                 trainable[name].copy_(tensor)
         optimizer.load_state_dict(resume_from.optimizer)
         scheduler.load_state_dict(resume_from.scheduler)
-        noise_generator.set_state(resume_from.generators["noise"])
-        torch.set_rng_state(resume_from.torch_rng)
+        if len(resume_from.generators["noise"]) != processes:
+            raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
+                           f"resume with the same number (this run has {processes})")
+        noise_generator.set_state(resume_from.generators["noise"][rank])
+        torch.set_rng_state(resume_from.torch_rng[rank])
         done = resume_from.step
         result.history = list(resume_from.history)
         if retain_batches is not None:
@@ -166,10 +169,17 @@ def train(
     random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
 
     def save(step: int) -> None:
+        """Collective: every rank hands its random states to the main process,
+        which alone writes (the weights and optimizer are the same on all)."""
+        states = [random_states]
+        if processes > 1:
+            states = gather_object([random_states])
+        if state_dir is None or not accelerator.is_main_process:
+            return
         save_state(state_dir, TrainingState(
             step=step, history=result.history, trainable=trainable_state(accelerator.unwrap_model(model)),
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            generators={"noise": random_states["noise"]}, torch_rng=random_states["torch"],
+            generators={"noise": [s["noise"] for s in states]}, torch_rng=[s["torch"] for s in states],
         ), state_key)
 
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
@@ -265,11 +275,11 @@ def train(
             bar.update(1)
             done = step
             random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
-            if state_dir and cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
+            if cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
                 save(step)
     except KeyboardInterrupt:
-        if not state_dir:
-            raise
+        if not state_dir or processes > 1:
+            raise  # the other ranks may not have stopped at the same point
         save(done)
         raise Interrupted(f"interrupted after step {done} of {len(plan)}; the state is saved in {state_dir}. "
                           "Run the same command with --resume to continue") from None

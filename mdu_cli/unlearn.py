@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import platform
 import resource
 import shutil
@@ -28,7 +29,7 @@ from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
-from mdu_cli.errors import ConfigError, MduError
+from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
@@ -60,6 +61,11 @@ class UnlearnResult:
             "delta_rel_l2": self.record["delta"]["rel_l2"],
             "top_layers": self.record["delta"]["top_layers"],
         }
+
+
+def is_main_process_env() -> bool:
+    """Rank 0 by the launcher's environment (before accelerate is set up)."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def default_out_dir(cfg: UnlearnConfig) -> Path:
@@ -151,8 +157,9 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         resume_from = load_state(state_dir, state_key)
         if resume_from is None:
             log.info("Notice: no saved state in %s; starting from the beginning", state_dir)
-        for stale in out.parent.glob(f".{out.name}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # left by the run that was killed
+        if is_main_process_env():
+            for stale in out.parent.glob(f".{out.name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by the run that was killed
     elif (state_dir / "progress.json").is_file() and not cfg.overwrite:
         raise MduError(f"{state_dir} holds the state of an interrupted run; pass --resume to continue it, "
                        "or --overwrite to start over")
@@ -162,11 +169,8 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
 
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     is_main = accelerator.is_main_process
-    if accelerator.num_processes > 1:
-        if cfg.save_every or cfg.resume:
-            raise ConfigError("--save-every and --resume work in single-process runs only, for now")
-        if not is_main:
-            log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
+    if accelerator.num_processes > 1 and not is_main:
+        log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Move before copying, so the anchor is made on the device and the host
@@ -194,7 +198,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
             accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
             show_progress=show_progress and is_main,
-            state_dir=state_dir if is_main and accelerator.num_processes == 1 else None, state_key=state_key,
+            state_dir=state_dir, state_key=state_key,
             resume_from=resume_from,
         )
         accelerator.wait_for_everyone()

@@ -48,3 +48,50 @@ def test_two_processes_with_accelerate_launch(llada_dir, forget_file, retain_fil
     record = json.loads((out / "mdu_run.json").read_text())
     assert record["steps"] == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no second writer, no leftovers"
+
+
+def _launch(llada_dir, forget_file, retain_file, out, *extra, background=False):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
+               "--retain", str(retain_file), "--out", str(out), "--max-steps", "30", "--batch-size", "1",
+               "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if background:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(llada_dir, forget_file, retain_file,
+                                                                         tmp_path):
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    straight = _launch(llada_dir, forget_file, retain_file, tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out, state = tmp_path / "killed", tmp_path / "killed.mdu-state"
+    process = _launch(llada_dir, forget_file, retain_file, out, "--save-every", "3", background=True)
+    deadline = time.monotonic() + 120
+    while not (state / "progress.json").is_file():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no state saved in time"
+        time.sleep(0.01)
+    import psutil
+
+    # The launcher and both ranks (torchrun may start the ranks in their own sessions).
+    for proc in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
+        proc.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists()
+    saved = json.loads((state / "progress.json").read_text())["step"]
+    assert 3 <= saved < 30
+
+    resumed = _launch(llada_dir, forget_file, retain_file, out, "--save-every", "3", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
+    assert not state.exists()
