@@ -29,7 +29,7 @@ from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
-from mdu_cli.errors import MduError
+from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
@@ -61,6 +61,10 @@ class UnlearnResult:
             "delta_rel_l2": self.record["delta"]["rel_l2"],
             "top_layers": self.record["delta"]["top_layers"],
         }
+
+
+def fsdp_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def is_main_process_env() -> bool:
@@ -171,6 +175,12 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     is_main = accelerator.is_main_process
     if accelerator.num_processes > 1 and not is_main:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
+    if fsdp_requested() and make_method(cfg).needs_anchor and not cfg.lora:
+        # With FSDP, transformers loads real weights on rank 0 only and FSDP
+        # broadcasts them when it wraps the model; a frozen copy taken before
+        # that holds garbage on the other ranks, and one taken after is a shard.
+        raise ConfigError("full-model MDU/NPO under FSDP is not supported yet (the frozen anchor would need its "
+                          "own sharding); use DDP, or --lora, whose anchor is the model itself")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Move before copying, so the anchor is made on the device and the host

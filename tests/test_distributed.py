@@ -95,3 +95,14 @@ def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(llada_d
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
     assert not state.exists()
+
+
+def test_full_model_mdu_under_fsdp_is_refused(llada_dir, forget_file, monkeypatch):
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
+                                      "--max-steps", "1"])
+    assert result.exit_code == 2 and "under FSDP is not supported yet" in result.stderr
