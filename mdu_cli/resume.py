@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from mdu_cli.checkpoint import publish
 from mdu_cli.errors import MduError
 
 # Options that may differ between the interrupted command and the resuming one.
@@ -65,13 +65,7 @@ def save_state(directory: Path, state: TrainingState, key: str) -> None:
                     "torch_rng": state.torch_rng}, tmp / "training.pt")
         (tmp / "progress.json").write_text(json.dumps({"step": state.step, "fingerprint": key,
                                                        "history": state.history}) + "\n")
-        if directory.exists():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        publish(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
