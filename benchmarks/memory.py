@@ -38,7 +38,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     from mdu_cli.lora import AdapterOffAnchor, apply_lora
     from mdu_cli.masking import anchor_input_ids, noise_response
     from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
-    from mdu_cli.train import model_logits
+    from mdu_cli.families import model_logits
     from mdu_cli.unlearn import frozen_copy
     from step_cost import _proc_status_mb, make_batches
 

@@ -94,7 +94,7 @@ class Stepper:
     def _mdlm(self, batch):
         from mdu_cli.masking import noise_response
         from mdu_cli.objectives import mdlm_loss
-        from mdu_cli.train import model_logits
+        from mdu_cli.families import model_logits
 
         noised = noise_response(batch, self.mask_id, self.noise)
         logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
@@ -105,7 +105,7 @@ class Stepper:
     def mdu_step(self):
         from mdu_cli.masking import anchor_input_ids, noise_response
         from mdu_cli.objectives import mdu_forget_loss
-        from mdu_cli.train import model_logits
+        from mdu_cli.families import model_logits
 
         noised = noise_response(self.forget, self.mask_id, self.noise)
         with torch.no_grad():  # as the training loop does: keep the masked positions only
@@ -121,7 +121,7 @@ class Stepper:
     def anchor_forward(self):
         """Just MDU's extra work: the no-grad anchor forward of the forget batch."""
         from mdu_cli.masking import anchor_input_ids, noise_response
-        from mdu_cli.train import model_logits
+        from mdu_cli.families import model_logits
 
         noised = noise_response(self.forget, self.mask_id, self.noise)
         with torch.no_grad():

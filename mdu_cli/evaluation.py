@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mdu_cli.data import Dataset, Record, load_dataset
 from mdu_cli.inference import LoadedModel, load_for_inference
 from mdu_cli.sampling import generate
-from mdu_cli.train import model_logits
+from mdu_cli.families import model_logits
 
 EVAL_FILE = "eval.json"
 

@@ -122,3 +122,10 @@ def align_logits(logits: torch.Tensor, family: Family) -> torch.Tensor:
     if not family.shifted_logits:
         return logits
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, family: Family) -> torch.Tensor:
+    """(batch, seq, vocab) logits aligned so that position i scores token i."""
+    output = model(input_ids=input_ids, attention_mask=forward_attention_mask(attention_mask, family))
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    return align_logits(logits, family)

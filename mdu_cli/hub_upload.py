@@ -38,6 +38,7 @@ class UploadPlan:
     upload: list[dict] = field(default_factory=list)   # {"path", "size"}
     skip: list[dict] = field(default_factory=list)     # {"path", "size", "reason"}
     card: str = "keep"                                 # "write" or "keep"
+    card_text: Optional[str] = None                    # the card to write, when card == "write"
 
     def as_dict(self) -> dict:
         return {"upload": self.upload, "skip": self.skip}
@@ -91,7 +92,9 @@ def check_output_dir(directory: Path) -> dict:
 def plan_upload(directory: Path, regenerate_card: bool = False, repo_id: Optional[str] = None) -> UploadPlan:
     directory = Path(directory)
     plan = UploadPlan(card=card_action(directory, regenerate_card))
-    card_size = len(render_card(directory, repo_id).encode("utf-8")) if plan.card == "write" else None
+    if plan.card == "write":
+        plan.card_text = render_card(directory, repo_id)
+    card_size = len(plan.card_text.encode("utf-8")) if plan.card_text is not None else None
     files = sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
     relatives = {p.relative_to(directory).as_posix(): p for p in files}
     if plan.card == "write":
@@ -170,7 +173,7 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
         log.info("Notice: the base was a local checkpoint, so the card names no base_model")
     plan = plan_upload(directory, regenerate_card, repo_id)
     if plan.card == "write":
-        write_text_atomic(directory / CARD_NAME, render_card(directory, repo_id))
+        write_text_atomic(directory / CARD_NAME, plan.card_text)
 
     from huggingface_hub import HfApi
 

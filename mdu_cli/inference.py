@@ -13,7 +13,8 @@ import torch
 
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
-from mdu_cli.loading import ModelSource, decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.loading import (ModelSource, decide_remote_code, fetch_weights, load_model, load_tokenizer,
+                             resolve_device, resolve_source)
 from mdu_cli.tokenization import encode_prompt, end_of_turn_id, pad_token_id
 
 
@@ -52,10 +53,7 @@ def load_for_inference(name: str, revision: Optional[str] = None, family: Option
     if not getattr(tokenizer, "chat_template", None):
         raise MduError(f"{name}: the tokenizer has no chat template; pass --chat-template FILE")
     mask_token_id = resolve_mask_token_id(chosen, source.config, tokenizer, source.name)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MduError("--device cuda, but no CUDA device is visible; use --device cpu")
+    device = resolve_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     fetch_weights(source)
     model = load_model(source, trust, dtype).to(device).eval()

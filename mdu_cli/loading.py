@@ -144,6 +144,17 @@ def decide_remote_code(source: ModelSource, trust_remote_code: bool) -> bool:
     )
 
 
+def resolve_device(device: str) -> str:
+    """'auto' becomes cuda when a GPU is visible, else cpu; cuda without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MduError("--device cuda, but no CUDA device is visible; use --device cpu or check the driver")
+    return device
+
+
 def load_tokenizer(source: ModelSource, trust: bool, chat_template: Optional[str]):
     from transformers import AutoTokenizer
 

@@ -140,8 +140,12 @@ def sequence_log_likelihood(
     logits: (batch, seq, vocab); targets, masked: (batch, seq); t: (batch,).
     This is the sequence score NPO compares between the model and its anchor.
     """
-    log_probs = F.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (log_probs * masked).sum(dim=1) / t.float()
+    # Only masked positions count: a softmax over the whole (batch, seq, vocab)
+    # would cost a full fp32 copy of the logits for nothing.
+    log_probs = F.log_softmax(logits[masked].float(), dim=-1).gather(-1, targets[masked].unsqueeze(-1)).squeeze(-1)
+    rows = masked.nonzero()[:, 0]
+    per_row = torch.zeros(masked.shape[0], dtype=log_probs.dtype, device=log_probs.device).index_add(0, rows, log_probs)
+    return per_row / t.float()
 
 
 def gradient_ascent_loss(

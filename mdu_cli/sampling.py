@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdu_cli.families import Family
-from mdu_cli.train import model_logits
+from mdu_cli.families import Family, model_logits
 
 
 def transfer_schedule(width: int, steps: int) -> list[int]:

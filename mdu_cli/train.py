@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.errors import Interrupted, MduError
-from mdu_cli.families import Family, align_logits, forward_attention_mask
+from mdu_cli.families import Family, model_logits
 from mdu_cli.masking import noise_response
 from mdu_cli.methods import make_method
 from mdu_cli.objectives import mdlm_loss
@@ -80,13 +80,6 @@ def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
             pending += torch.randperm(n, generator=generator).tolist()
         yield pending[:size]
         pending = pending[size:]
-
-
-def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, family: Family) -> torch.Tensor:
-    """(batch, seq, vocab) logits aligned so that position i scores token i."""
-    output = model(input_ids=input_ids, attention_mask=forward_attention_mask(attention_mask, family))
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    return align_logits(logits, family)
 
 
 def _check_finite(value: float, what: str, step: int) -> None:

@@ -34,7 +34,8 @@ from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, 
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.lora import AdapterOffAnchor, apply_lora
-from mdu_cli.loading import decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_source
+from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_device,
+                             resolve_source)
 from mdu_cli.resume import fingerprint, load_state, state_dir_for
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
@@ -84,11 +85,7 @@ def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, 
     an 8B model fit (METHOD.md section 3). fp16 weights do not train stably, so
     fp16 means fp32 weights under fp16 autocast with loss scaling (CUDA only).
     """
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MduError("--device cuda, but no CUDA device is visible; use --device cpu or check the driver")
+    device = resolve_device(cfg.device)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -121,10 +118,8 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
     if is_adapter_dir(staging):
         report = compare_adapter(base, staging, str(out), show_progress=show_progress)
     else:
-        unlearned = open_directory(staging, str(out))
-        unlearned.path = out  # where the files will be once the output is published
-        report = compare(base, unlearned, show_progress=show_progress)
-    report["other"]["path"] = str(out)
+        report = compare(base, open_directory(staging, str(out)), show_progress=show_progress)
+    report["other"]["path"] = str(out)  # where the files will be once the output is published
     write_json(report, staging / "delta_report.json")
     write_text_atomic(staging / "delta_report.md", format_markdown(report))
     return report
@@ -175,7 +170,8 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     is_main = accelerator.is_main_process
     if accelerator.num_processes > 1 and not is_main:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
-    if fsdp_requested() and make_method(cfg).needs_anchor and not cfg.lora:
+    needs_anchor = make_method(cfg).needs_anchor
+    if fsdp_requested() and needs_anchor and not cfg.lora:
         # With FSDP, transformers loads real weights on rank 0 only and FSDP
         # broadcasts them when it wraps the model; a frozen copy taken before
         # that holds garbage on the other ranks, and one taken after is a shard.
@@ -186,7 +182,6 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     # Move before copying, so the anchor is made on the device and the host
     # never holds two copies of an 8B model.
     model = load_model(source, trust, weight_dtype).to(accelerator.device)
-    needs_anchor = make_method(cfg).needs_anchor
     torch.manual_seed(cfg.seed)  # the adapter's random initialisation is part of the run
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

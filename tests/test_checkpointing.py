@@ -7,9 +7,8 @@ import torch
 
 from mdu_cli.checkpointing import enable_gradient_checkpointing, transformer_blocks
 from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES
+from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
-from mdu_cli.train import model_logits
 from mdu_cli.unlearn import run_unlearn
 
 

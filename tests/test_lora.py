@@ -12,10 +12,9 @@ from transformers import AutoModel
 
 from mdu_cli.cli import cli
 from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES
+from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.lora import AdapterOffAnchor, apply_lora, default_targets
-from mdu_cli.train import model_logits
 from mdu_cli.unlearn import run_unlearn
 
 LLADA_LINEARS = ["attn_out", "ff_out", "ff_proj", "k_proj", "q_proj", "up_proj", "v_proj"]

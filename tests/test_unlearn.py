@@ -7,10 +7,10 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
 from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES
+from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.tokenization import Example
-from mdu_cli.train import model_logits, plan_steps, train
+from mdu_cli.train import plan_steps, train
 from mdu_cli.unlearn import frozen_copy, run_unlearn
 
 
