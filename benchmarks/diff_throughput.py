@@ -2,8 +2,9 @@
 
 Builds a pair of fp32 checkpoints of about 1.5 GB each, sharded differently
 on the two sides, reads them once with `cat` to warm the page cache, then in
-the same run times `cat BASE OTHER > /dev/null` and `mdu diff BASE OTHER`, and
-reads the diff's peak RSS (VmHWM of its own process). Targets: wall time <= 2x
+the same run times `cat BASE OTHER > /dev/null`, `mdu diff BASE OTHER`, and the
+same diff on its numpy fallback, and reads the diff's peak RSS (VmHWM of its
+own process). Targets: wall time <= 2x
 the raw read; peak RSS <= 3x the largest tensor + 300 MB.
 
     python benchmarks/diff_throughput.py [--gb 1.5] [--keep DIR]
@@ -94,10 +95,10 @@ def time_cat(files: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def run_diff(base: Path, other: Path, report: Path) -> dict:
+def run_diff(base: Path, other: Path, report: Path, engine: str = "auto") -> dict:
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", CHILD, "diff", str(base), str(other), "-q", "--json", str(report)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env={**os.environ, "MDU_DIFF_ENGINE": engine})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"mdu diff failed:\n{proc.stderr}")
@@ -126,10 +127,11 @@ def main() -> None:
         size = sum(os.path.getsize(f) for f in files)
         time_cat(files)  # warm the page cache
 
-        cats, diffs = [], []
+        cats, diffs, numpy_diffs = [], [], []
         for _ in range(args.repeats):
             cats.append(time_cat(files))
             diffs.append(run_diff(base, other, root / "report.json"))
+            numpy_diffs.append(run_diff(base, other, root / "report-numpy.json", "numpy"))
         cat_s = statistics.median(cats)
         wall_s = statistics.median(d["wall_s"] for d in diffs)
         engine_s = statistics.median(d["diff_s"] for d in diffs)
@@ -142,14 +144,19 @@ def main() -> None:
         print(f"pair: 2 x {size / 2e9:.2f} GB fp32 ({len(files)} shards, sharded differently), "
               f"{len(report['tensors'])} tensors, largest {largest / 1e6:.0f} MB, {os.cpu_count()} CPUs")
         print(f"  raw read (cat, warm cache)   {cat_s:.2f}s   {size / cat_s / 1e9:.2f} GB/s")
-        print(f"  mdu diff wall                {wall_s:.2f}s   ratio {wall_s / cat_s:.2f} (target <= 2)")
+        from mdu_cli.delta_report import engine
+
+        print(f"  mdu diff wall                {wall_s:.2f}s   ratio {wall_s / cat_s:.2f} (target <= 2), "
+              f"{engine()} kernel")
         print(f"    of which start-up/imports  {import_s:.2f}s; comparison {engine_s:.2f}s "
               f"({elements / engine_s / 1e6:.0f} M element pairs/s, ratio {engine_s / cat_s:.2f})")
         print(f"  peak RSS                     {peak_mb:.0f} MB   budget 3 x largest + 300 = {budget_mb:.0f} MB "
               f"({'within' if peak_mb <= budget_mb else 'OVER'})")
+        numpy_wall = statistics.median(d["wall_s"] for d in numpy_diffs)
+        print(f"  numpy fallback (MDU_DIFF_ENGINE=numpy) wall {numpy_wall:.2f}s   ratio {numpy_wall / cat_s:.2f}")
         llada_elements, llada_bytes = 8.016e9, 16.03e9 * 2
         print(f"  projection, LLaDA-8B pair (bf16, 2 x 16 GB, 8.0e9 element pairs): comparison ~"
-              f"{llada_elements / (elements / engine_s) / 60:.1f} min at this element rate; a raw read of "
+              f"{llada_elements / (elements / engine_s):.0f}s at this element rate; a raw read of "
               f"{llada_bytes / 1e9:.0f} GB at the measured cat rate ~{llada_bytes / (size / cat_s):.0f}s (warm) "
               "or at disk speed when cold")
     finally:

@@ -31,7 +31,29 @@ class Failure(click.ClickException):
             click.echo(f"Error: {line}", err=True)
 
 
+# name -> (module, attribute). Commands are imported when run or listed, so
+# `mdu diff` does not pay for the imports of `mdu unlearn` (torch among them).
+COMMANDS = {
+    "unlearn": ("mdu_cli.commands.unlearn", "unlearn"),
+    "diff": ("mdu_cli.commands.diff", "diff"),
+    "push": ("mdu_cli.commands.push", "push"),
+    "eval": ("mdu_cli.commands.evaluate", "eval_command"),
+    "generate": ("mdu_cli.commands.evaluate", "generate_command"),
+}
+
+
 class MduGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name not in COMMANDS:
+            return None
+        import importlib
+
+        module, attribute = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
     def invoke(self, ctx: click.Context):
         debug = bool(os.environ.get(DEBUG_VARIABLE))
         try:
@@ -93,22 +115,6 @@ def cli() -> None:
       mdu push ./LLaDA-8B-Instruct-mdu-tau2 --repo-id me/llada-forgot-x
     """
     setup_logging()
-
-
-def _register() -> None:
-    from mdu_cli.commands.diff import diff
-    from mdu_cli.commands.evaluate import eval_command, generate_command
-    from mdu_cli.commands.push import push
-    from mdu_cli.commands.unlearn import unlearn
-
-    cli.add_command(unlearn)
-    cli.add_command(diff)
-    cli.add_command(push)
-    cli.add_command(eval_command)
-    cli.add_command(generate_command)
-
-
-_register()
 
 
 def main() -> None:

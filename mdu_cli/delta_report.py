@@ -2,8 +2,10 @@
 
 Tensors of the two checkpoints are joined by name (through each side's index,
 never by file), read in chunks of CHUNK_ELEMENTS elements on a few threads,
-and reduced to float64 sums from which every statistic is derived. Memory
-stays bounded whatever the model size: each thread holds one chunk per side.
+and reduced to float64 sums from which every statistic is derived. The
+reduction is one fused pass in the native kernel (mdu_cli/_diffkernel.c), or
+numpy where that did not build. Memory stays bounded whatever the model size:
+each thread holds one chunk per side.
 
 Schema (version 1) of the report dictionary, also written as JSON:
     schema_version  1
@@ -27,6 +29,7 @@ the norm of the concatenated difference over the norm of the concatenated base.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -35,16 +38,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from mdu_cli.errors import MduError
 from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo, read_header
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SCHEMA_VERSION = 1
-CHUNK_ELEMENTS = 1 << 16  # 512 KiB of float64: stays in cache, which is what makes it fast
+# Elements per read: large enough that Python's per-chunk work is small beside
+# the kernel's, small enough that a chunk of both sides stays in L2.
+CHUNK_ELEMENTS = 1 << 17
 MODULE_KINDS = ("embedding", "attention_q", "attention_k", "attention_v", "attention_qkv", "attention_out",
                 "mlp", "norm", "head", "other")
 
@@ -108,7 +115,8 @@ class Sums:
         self.sq_base += other.sq_base
         self.sq_other += other.sq_other
         self.abs_diff += other.abs_diff
-        self.max_abs = max(self.max_abs, other.max_abs)
+        if other.max_abs > self.max_abs or math.isnan(other.max_abs):  # a NaN stays: max() would drop it
+            self.max_abs = other.max_abs
         self.changed += other.changed
         return self
 
@@ -130,9 +138,36 @@ class Sums:
         }
 
 
-def chunk_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> Sums:
-    """Sums of one chunk pair (float64 arrays of equal length); `scratch` is a
-    float64 buffer at least as long, reused so that no chunk allocates."""
+def _load_kernel():
+    """The native kernel (mdu_cli/_diffkernel.c) unless it did not build or
+    MDU_DIFF_ENGINE=numpy asks for the numpy path."""
+    choice = os.environ.get("MDU_DIFF_ENGINE", "auto")
+    if choice not in ("auto", "native", "numpy"):
+        raise MduError(f"MDU_DIFF_ENGINE={choice!r}: use auto, native or numpy")
+    if choice == "numpy":
+        return None
+    try:
+        kernel = importlib.import_module("mdu_cli._diffkernel")
+    except ImportError:
+        if choice == "native":
+            raise MduError("MDU_DIFF_ENGINE=native, but mdu_cli._diffkernel is not built; reinstall mdu-cli "
+                           "where a C compiler is available, or unset MDU_DIFF_ENGINE") from None
+        return None
+    return kernel
+
+
+def engine() -> str:
+    """Which inner loop `mdu diff` runs: "native" or "numpy"."""
+    return "native" if _load_kernel() else "numpy"
+
+
+def _native_kinds(kernel) -> dict[str, int]:
+    return {"F64": kernel.F64, "F32": kernel.F32, "BF16": kernel.BF16, "F16": kernel.F16}
+
+
+def _numpy_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> Sums:
+    import numpy as np
+
     diff = scratch[: base.shape[0]]
     np.subtract(other, base, out=diff)
     sums = Sums(
@@ -140,7 +175,7 @@ def chunk_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> Sums
         sq_diff=float(np.dot(diff, diff)),
         sq_base=float(np.dot(base, base)),
         sq_other=float(np.dot(other, other)),
-        changed=int(np.count_nonzero(diff)),
+        changed=int(np.count_nonzero(np.not_equal(base, other))),
     )
     np.abs(diff, out=diff)
     sums.abs_diff = float(diff.sum())
@@ -148,11 +183,21 @@ def chunk_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray) -> Sums
     return sums
 
 
+def chunk_sums(base: np.ndarray, other: np.ndarray, scratch: np.ndarray, kernel=None) -> Sums:
+    """Sums of one chunk pair (float64 arrays of equal length); `scratch` is a
+    float64 buffer at least as long, reused so that no chunk allocates."""
+    if kernel is None:
+        return _numpy_sums(base, other, scratch)
+    return Sums(int(base.shape[0]), *kernel.sums(base, kernel.F64, other, kernel.F64, base.shape[0]))
+
+
 class _Workers:
-    """A few threads, each with its own buffers; preadv and numpy's loops
-    release the GIL, so chunks of one tensor are reduced in parallel."""
+    """A few threads, each with its own buffers; preadv, the kernel and numpy's
+    loops release the GIL, so chunks of one tensor are reduced in parallel."""
 
     def __init__(self, workers: int):
+        self.kernel = _load_kernel()
+        self.kinds = _native_kinds(self.kernel) if self.kernel else {}
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self.workers = workers
         self.local = threading.local()
@@ -161,7 +206,12 @@ class _Workers:
 
     def _buffers(self) -> tuple[ChunkReader, ChunkReader, np.ndarray]:
         if not hasattr(self.local, "buffers"):
-            buffers = (ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS), np.empty(CHUNK_ELEMENTS))
+            scratch = None
+            if self.kernel is None:
+                import numpy as np
+
+                scratch = np.empty(CHUNK_ELEMENTS)
+            buffers = (ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS), scratch)
             with self.lock:
                 self.readers.extend(buffers[:2])
             self.local.buffers = buffers
@@ -170,10 +220,17 @@ class _Workers:
     def _span(self, base: TensorInfo, other: TensorInfo, start: int, stop: int) -> Sums:
         base_reader, other_reader, scratch = self._buffers()
         total = Sums()
+        kernel, kinds = self.kernel, self.kinds
         for begin in range(start, stop, CHUNK_ELEMENTS):
             count = min(CHUNK_ELEMENTS, stop - begin)
-            total.add(chunk_sums(base_reader.read_float64(base, begin, count),
-                                 other_reader.read_float64(other, begin, count), scratch))
+            if kernel is None:
+                total.add(_numpy_sums(base_reader.read_float64(base, begin, count),
+                                      other_reader.read_float64(other, begin, count), scratch))
+                continue
+            # The kernel widens what it is given itself: no float64 copy of the chunk.
+            base_chunk, base_kind = base_reader.read_native(base, begin, count, kinds)
+            other_chunk, other_kind = other_reader.read_native(other, begin, count, kinds)
+            total.add(Sums(count, *kernel.sums(base_chunk, kinds[base_kind], other_chunk, kinds[other_kind], count)))
         return total
 
     def tensor_sums(self, base: TensorInfo, other: TensorInfo) -> Sums:
@@ -323,7 +380,9 @@ def compare_adapter(base: Checkpoint, adapter_dir: Path, source: str, top: int =
     adapter does not touch are unchanged and counted in `unchanged`."""
     adapter_dir = Path(adapter_dir)
     modules, scale = _adapter_modules(adapter_dir)
-    scratch = np.empty(CHUNK_ELEMENTS)
+    import numpy as np
+
+    scratch, kernel = np.empty(CHUNK_ELEMENTS), _load_kernel()
     reader_a, reader_b, reader_w = ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS), ChunkReader(CHUNK_ELEMENTS)
     tensors, only_in_other, layer_sums, module_sums, total = [], [], {}, {}, Sums()
     try:
@@ -344,7 +403,7 @@ def compare_adapter(base: Checkpoint, adapter_dir: Path, source: str, top: int =
                 count = min(step, rows - first)
                 block = reader_w.read_float64(weight, first * cols, count * cols)
                 moved = block + (lora_b[first:first + count] @ lora_a).ravel()
-                sums.add(chunk_sums(block, moved, scratch))
+                sums.add(chunk_sums(block, moved, scratch, kernel))
             layer, kind = layer_of(name), module_of(name)
             tensors.append({"name": name, "shape": list(weight.shape), "numel": weight.numel,
                             "dtype_base": weight.dtype, "dtype_other": "lora", "layer": layer, "module": kind,

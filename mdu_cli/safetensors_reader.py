@@ -15,17 +15,20 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Optional
-
-import numpy as np
+from typing import TYPE_CHECKING, Optional
 
 from mdu_cli.errors import MduError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # safetensors dtype name -> bytes per element
 DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
           "F8_E4M3": 1, "F8_E5M2": 1}
-NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-                "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+# numpy is imported only when something is widened in Python: `mdu diff` with
+# the native kernel never needs it, and its import is a tenth of a run.
+NUMPY_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -192,9 +195,9 @@ class ChunkReader:
     thread) and widens them to float64."""
 
     def __init__(self, max_elements: int):
+        self.max_elements = max_elements
         self.raw = bytearray(max_elements * 8)
-        self.wide = np.empty(max_elements, dtype=np.float64)
-        self.scratch = np.empty(max_elements, dtype=np.uint32)
+        self.wide = self.scratch = None  # float64 and uint32 buffers, made on first use
         self.handles: dict[Path, int] = {}
 
     def _read_bytes(self, info: TensorInfo, start: int, count: int) -> memoryview:
@@ -206,10 +209,23 @@ class ChunkReader:
             raise _corrupt(info.file, f"tensor {info.name} is cut short")
         return view
 
+    def read_native(self, info: TensorInfo, start: int, count: int, kinds: dict[str, int]) -> tuple[object, str]:
+        """Elements [start, start + count) as stored, when their dtype is one of
+        `kinds` (the native kernel's), else widened to float64; returns the
+        buffer and its dtype name."""
+        if info.dtype in kinds:
+            return self._read_bytes(info, start, count), info.dtype
+        return self.read_float64(info, start, count), "F64"
+
     def read_float64(self, info: TensorInfo, start: int, count: int) -> np.ndarray:
         """Elements [start, start + count) of the flattened tensor as float64, in
         this reader's buffer (valid until its next read)."""
+        import numpy as np
+
         raw = self._read_bytes(info, start, count)
+        if self.wide is None:
+            self.wide = np.empty(self.max_elements, dtype=np.float64)
+            self.scratch = np.empty(self.max_elements, dtype=np.uint32)
         out = self.wide[:count]
         if info.dtype == "BF16":
             # bf16 is the top half of an fp32: widen the bits, then the value.

@@ -79,12 +79,20 @@ def _reference(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
+@pytest.fixture(params=["native", "numpy"])
+def engine(request, monkeypatch):
+    """Runs a test on both inner loops: the C kernel and the numpy fallback."""
+    monkeypatch.setenv("MDU_DIFF_ENGINE", request.param)
+    assert delta_report.engine() == request.param
+    return request.param
+
+
 def _assert_stats(entry, ref):
     for key, value in ref.items():
         assert entry[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-def test_known_deltas_against_float64_reference(tmp_path):
+def test_known_deltas_against_float64_reference(tmp_path, engine):
     base = _tensors()
     other = _perturbed(base)
     report = compare(open_checkpoint(str(_save(tmp_path / "a", base))),
@@ -104,7 +112,7 @@ def test_known_deltas_against_float64_reference(tmp_path):
     assert report["schema_version"] == 1
 
 
-def test_differently_sharded_pair_and_bf16_against_fp32(tmp_path):
+def test_differently_sharded_pair_and_bf16_against_fp32(tmp_path, engine):
     base = _tensors()
     other = {n: t.to(torch.bfloat16) for n, t in _perturbed(base).items()}
     report = compare(open_checkpoint(str(_save(tmp_path / "a", base, shards=1))),
@@ -116,7 +124,7 @@ def test_differently_sharded_pair_and_bf16_against_fp32(tmp_path):
         _assert_stats(entry, ref)
 
 
-def test_identical_checkpoints_give_zeros(tmp_path):
+def test_identical_checkpoints_give_zeros(tmp_path, engine):
     base = _tensors()
     a, b = _save(tmp_path / "a", base), _save(tmp_path / "b", base, shards=2)
     report = compare(open_checkpoint(str(a)), open_checkpoint(str(b)), show_progress=False)
@@ -283,7 +291,7 @@ def test_unlearn_report_agrees_with_diff(llada_dir, forget_file, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.int32, torch.float64, torch.bfloat16])
-def test_every_storage_dtype_is_widened_exactly(tmp_path, dtype):
+def test_every_storage_dtype_is_widened_exactly(tmp_path, engine, dtype):
     base = {"w": (torch.randn(300, 7, generator=GEN) * 4).to(dtype)}
     other = {"w": (base["w"].to(torch.float64) + (torch.arange(2100).view(300, 7) % 3 == 0)).to(dtype)}
     report = compare(open_checkpoint(str(_save(tmp_path / "a", base))),
