@@ -65,6 +65,8 @@ class MduGroup(click.Group):
                 raise
             raise Failure(err.problems, 1) from None
         except Interrupted as err:
+            if os.environ.get("RANK", "0") != "0":
+                sys.exit(130)  # in a multi-process run the main process says it once
             raise Failure([str(err)], 130) from None
         except ConfigError as err:
             if debug:

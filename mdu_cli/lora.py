@@ -54,5 +54,19 @@ class AdapterOffAnchor(torch.nn.Module):
         object.__setattr__(self, "peft_model", peft_model)  # not a submodule: no parameters of its own
 
     def forward(self, **inputs):
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            return self.peft_model(**inputs)
+        # peft's disable_adapter() also switches the adapter's requires_grad off
+        # and on again; under FSDP2 that flip, after wrapping, leaves the
+        # gathered adapter weights without gradients. The layers' own switch
+        # is what their forward reads, so only it is flipped here.
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [layer._disable_adapters for layer in layers]
+        try:
+            for layer in layers:
+                layer._disable_adapters = True
+            with torch.no_grad():
+                return self.peft_model(**inputs)
+        finally:
+            for layer, value in zip(layers, saved):
+                layer._disable_adapters = value

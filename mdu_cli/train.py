@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +83,48 @@ def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
             pending += torch.randperm(n, generator=generator).tolist()
         yield pending[:size]
         pending = pending[size:]
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, or the launcher
+    passing Ctrl-C on to its workers) ask the loop to stop after the step in
+    progress, save its state and exit; a second Ctrl-C stops at once. A flag
+    rather than an exception: the step completes, so the saved state is
+    exactly that of a step boundary, and in a multi-process run every rank
+    agrees on the same boundary before the collective save."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool):
+        self.signal: Optional[int] = None
+        self.announce = announce
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.announce:
+            # os.write: the logging machinery is not safe inside a signal handler.
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping after the current step to save the state "
+                        "(press Ctrl-C again to stop at once, without saving)\n".encode())
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any rank was asked to stop (collective when there are several)."""
+        if accelerator.num_processes == 1:
+            return self.signal is not None
+        flag = torch.tensor(float(self.signal is not None), device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def _check_finite(value: float, what: str, step: int) -> None:
@@ -181,7 +226,9 @@ def train(
     bar = tqdm(total=len(plan), initial=done, desc="mdu unlearn", unit="step", disable=not show_progress,
                dynamic_ncols=True)
     start = time.perf_counter()
+    stop = StopRequest(announce=accelerator.is_main_process)
     try:
+        stop.__enter__()
         for step, micro_batches in enumerate(plan, start=1):
             if step <= done:
                 continue
@@ -270,13 +317,15 @@ def train(
             random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
             if cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
                 save(step)
-    except KeyboardInterrupt:
-        if not state_dir or processes > 1:
-            raise  # the other ranks may not have stopped at the same point
-        save(done)
-        raise Interrupted(f"interrupted after step {done} of {len(plan)}; the state is saved in {state_dir}. "
-                          "Run the same command with --resume to continue") from None
+            # After the last step the run goes on to write its output instead.
+            if step < len(plan) and stop.agreed(accelerator):
+                if not state_dir:
+                    raise Interrupted(f"stopped after step {done} of {len(plan)}; nothing was saved")
+                save(done)
+                raise Interrupted(f"stopped after step {done} of {len(plan)}; the state is saved in {state_dir}. "
+                                  "Run the same command with --resume to continue")
     finally:
+        stop.__exit__()
         bar.close()
         if log_file:
             log_file.close()

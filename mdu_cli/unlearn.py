@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -64,10 +65,6 @@ class UnlearnResult:
         }
 
 
-def fsdp_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-
-
 def is_main_process_env() -> bool:
     """Rank 0 by the launcher's environment (before accelerate is set up)."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
@@ -107,6 +104,50 @@ def frozen_copy(model):
     """The anchor theta_0: a frozen copy of the starting weights."""
     anchor = copy.deepcopy(model)
     anchor.requires_grad_(False)
+    return anchor.eval()
+
+
+def broadcast_from_main(module, accelerator) -> None:
+    """Make every rank's weights rank 0's. DDP does this for the trainable
+    model when it wraps it, but the frozen anchor is copied before that, and a
+    rank's own load may differ from rank 0's: under accelerate's FSDP settings
+    transformers reads real weights on rank 0 only, and weights missing from
+    the checkpoint are initialised at random on each rank."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            dist.broadcast(tensor, src=0)
+
+
+def check_resumable(cfg: UnlearnConfig, sharded: bool) -> None:
+    """The saved state holds whole tensors written by the main process; under
+    FSDP each rank holds shards of the weights and of the optimizer, which that
+    state cannot capture yet."""
+    if sharded and (cfg.save_every or cfg.resume):
+        raise ConfigError("--save-every and --resume are not supported under FSDP yet (the state would hold one "
+                          "rank's shards); run under DDP to save and resume (--lora makes it fit where full MDU does not)")
+
+
+def sharded_anchor(source, trust: bool, weight_dtype, accelerator):
+    """The anchor under FSDP: the starting weights loaded again and sharded like
+    the trainable model. A copy of the model would not do: with accelerate's
+    RAM-efficient loading only rank 0 holds real weights until FSDP wraps the
+    model and broadcasts them, so a copy taken before that is garbage on the
+    other ranks, and one taken after is a shard without FSDP's gathers. Wrapping
+    this second load broadcasts rank 0's weights in the same way."""
+    anchor = load_model(source, trust, weight_dtype)
+    anchor.requires_grad_(False)
+    if accelerator.is_fsdp2:
+        # accelerate's prepare() insists on an optimizer for FSDP2; the frozen
+        # anchor has none, so its model half is called directly.
+        from accelerate.utils import fsdp2_prepare_model
+
+        anchor = fsdp2_prepare_model(accelerator, anchor)
+    else:
+        anchor = accelerator.prepare_model(anchor)
     return anchor.eval()
 
 
@@ -171,23 +212,25 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     if accelerator.num_processes > 1 and not is_main:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     needs_anchor = make_method(cfg).needs_anchor
-    if fsdp_requested() and needs_anchor and not cfg.lora:
-        # With FSDP, transformers loads real weights on rank 0 only and FSDP
-        # broadcasts them when it wraps the model; a frozen copy taken before
-        # that holds garbage on the other ranks, and one taken after is a shard.
-        raise ConfigError("full-model MDU/NPO under FSDP is not supported yet (the frozen anchor would need its "
-                          "own sharding); use DDP, or --lora, whose anchor is the model itself")
+    sharded = accelerator.distributed_type.name == "FSDP"
+    check_resumable(cfg, sharded)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    # Move before copying, so the anchor is made on the device and the host
-    # never holds two copies of an 8B model.
-    model = load_model(source, trust, weight_dtype).to(accelerator.device)
+    model = load_model(source, trust, weight_dtype)
+    if not sharded:
+        # Move before copying, so the anchor is made on the device and the host
+        # never holds two copies of an 8B model. Under FSDP the wrap places
+        # each rank's shard; moving the whole model first would defeat it.
+        model = model.to(accelerator.device)
+        broadcast_from_main(model, accelerator)
     torch.manual_seed(cfg.seed)  # the adapter's random initialisation is part of the run
     if cfg.lora:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         anchor = AdapterOffAnchor(model) if needs_anchor else None
+    elif needs_anchor:
+        anchor = sharded_anchor(source, trust, weight_dtype, accelerator) if sharded else frozen_copy(model)
     else:
-        anchor = frozen_copy(model) if needs_anchor else None
+        anchor = None
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
@@ -203,19 +246,27 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
             accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
             show_progress=show_progress and is_main,
-            state_dir=state_dir, state_key=state_key,
+            state_dir=None if sharded else state_dir, state_key=state_key,
             resume_from=resume_from,
         )
         accelerator.wait_for_everyone()
         # Under FSDP each rank holds a shard: gathering the full weights takes
         # every rank, so it happens before the non-main ranks leave.
-        full_state = accelerator.get_state_dict(model) if accelerator.distributed_type.name == "FSDP" else None
+        full_state = accelerator.get_state_dict(model) if sharded else None
         if not is_main:
             return UnlearnResult(out_dir=out, record=None)
         if not keep_model:
             del anchor  # before writing: the writer may need the memory
             anchor = None
         model = accelerator.unwrap_model(model)
+        if sharded and cfg.lora:
+            # peft merges and saves tensor by tensor, which sharded weights
+            # cannot do on one rank: rebuild the adapted model unsharded on the
+            # host from the gathered weights.
+            model = apply_lora(load_model(source, trust, weight_dtype), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                               cfg.lora_targets)
+            model.load_state_dict(full_state)
+            full_state = None
         model.eval()
         if cfg.save_adapter:
             write_adapter(model, source, staging)

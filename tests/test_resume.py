@@ -132,3 +132,50 @@ def test_lora_sigkill_then_resume(llada_dir, forget_file, retain_file, tmp_path)
     assert result.exit_code == 0, result.stderr
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_saves_state_like_ctrl_c(llada_dir, forget_file, retain_file, tmp_path, reference):
+    """A scheduler's preemption (SIGTERM) stops at a step boundary and saves."""
+    out = tmp_path / "preempted"
+    process = _start(_args(llada_dir, forget_file, retain_file, out))
+
+    def training_started():
+        logs = list(tmp_path.glob(".preempted.partial-*/train_log.jsonl"))
+        return bool(logs) and len(logs[0].read_text().splitlines()) >= 2
+
+    _wait_for(training_started, process, "two steps")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "SIGTERM: stopping after the current step" in stderr, stderr
+    assert _state_step(tmp_path / "preempted.mdu-state") >= 2
+    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--resume"))
+    assert result.exit_code == 0, result.stderr
+    _assert_same_run(out, reference)
+
+
+def test_stop_request_flags_the_first_signal_and_aborts_on_a_second_ctrl_c():
+    from mdu_cli.train import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest(announce=False) as stop:
+        assert stop.signal is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs at the next bytecode boundary
+        assert stop.signal == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
+
+
+def test_fsdp_runs_refuse_save_every_and_resume():
+    from mdu_cli.config import build_config
+    from mdu_cli.errors import ConfigError
+    from mdu_cli.unlearn import check_resumable
+
+    plain = build_config({}, dict(model="m", forget="f"))
+    check_resumable(plain, sharded=True)
+    check_resumable(build_config({}, dict(model="m", forget="f", save_every=5)), sharded=False)
+    for options in (dict(save_every=5), dict(resume=True)):
+        with pytest.raises(ConfigError, match="not supported under FSDP"):
+            check_resumable(build_config({}, dict(model="m", forget="f", **options)), sharded=True)
