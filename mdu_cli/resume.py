@@ -49,6 +49,9 @@ class TrainingState:
     scheduler: dict
     generators: dict[str, list[torch.Tensor]]  # one state per process
     torch_rng: list[torch.Tensor]
+    # FSDP saves the optimizer keyed by parameter name (torch's full state
+    # dict), DDP and single runs keyed by position: the two do not mix.
+    sharded: bool = False
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -62,7 +65,7 @@ def save_state(directory: Path, state: TrainingState, key: str) -> None:
     try:
         save_file(state.trainable, tmp / "trainable.safetensors")
         torch.save({"optimizer": state.optimizer, "scheduler": state.scheduler, "generators": state.generators,
-                    "torch_rng": state.torch_rng}, tmp / "training.pt")
+                    "torch_rng": state.torch_rng, "sharded": state.sharded}, tmp / "training.pt")
         (tmp / "progress.json").write_text(json.dumps({"step": state.step, "fingerprint": key,
                                                        "history": state.history}) + "\n")
         publish(tmp, directory)
@@ -81,4 +84,5 @@ def load_state(directory: Path, key: str) -> Optional[TrainingState]:
     blob = torch.load(directory / "training.pt", weights_only=True)
     return TrainingState(step=progress["step"], history=progress["history"],
                          trainable=load_file(directory / "trainable.safetensors"), optimizer=blob["optimizer"],
-                         scheduler=blob["scheduler"], generators=blob["generators"], torch_rng=blob["torch_rng"])
+                         scheduler=blob["scheduler"], generators=blob["generators"], torch_rng=blob["torch_rng"],
+                         sharded=bool(blob.get("sharded", False)))

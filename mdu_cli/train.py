@@ -176,14 +176,21 @@ def train(
     )
     result = TrainResult(steps=len(plan))
     done = 0
+    # Under FSDP each rank holds shards of the weights and of the optimizer:
+    # the saved state goes through torch's full state dicts instead.
+    sharded = accelerator.distributed_type.name == "FSDP"
     if resume_from is not None:
+        if resume_from.sharded != sharded:
+            raise MduError("the saved state comes from a run " + ("under" if resume_from.sharded else "without")
+                           + " FSDP; resume it with the same kind of launch")
         # Everything that decides the next step: weights, optimizer, schedule,
         # the noise generator and the retain stream (replayed: it is indices only).
-        trainable = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in resume_from.trainable.items():
-                trainable[name].copy_(tensor)
-        optimizer.load_state_dict(resume_from.optimizer)
+        if not sharded:
+            trainable = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in resume_from.trainable.items():
+                    trainable[name].copy_(tensor)
+            optimizer.load_state_dict(resume_from.optimizer)
         scheduler.load_state_dict(resume_from.scheduler)
         if len(resume_from.generators["noise"]) != processes:
             raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
@@ -198,6 +205,14 @@ def train(
     # The scheduler stays outside prepare(): accelerate would step it once per
     # process, while the plan already counts global steps.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None and sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+
+        # Every rank read the whole state; each keeps its own shards of it.
+        set_model_state_dict(model, resume_from.trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(model, optimizer, resume_from.optimizer,
+                                 options=StateDictOptions(full_state_dict=True))
     model.train()
     if anchor is not None:
         anchor.eval()
@@ -212,12 +227,26 @@ def train(
         states = [random_states]
         if processes > 1:
             states = gather_object([random_states])
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+            # Collective: the shards are gathered to the main process (on the host).
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            names = {name for name, p in model.named_parameters() if p.requires_grad}
+            full = get_model_state_dict(model, options=options)
+            trainable = {name: t.contiguous() for name, t in full.items() if name in names}
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+            del full
         if state_dir is None or not accelerator.is_main_process:
             return
+        if not sharded:
+            trainable = trainable_state(accelerator.unwrap_model(model))
+            optimizer_state = optimizer.state_dict()
         save_state(state_dir, TrainingState(
-            step=step, history=result.history, trainable=trainable_state(accelerator.unwrap_model(model)),
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            generators={"noise": [s["noise"] for s in states]}, torch_rng=[s["torch"] for s in states],
+            step=step, history=result.history, trainable=trainable, optimizer=optimizer_state,
+            scheduler=scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
+            torch_rng=[s["torch"] for s in states], sharded=sharded,
         ), state_key)
 
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None

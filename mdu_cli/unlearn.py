@@ -30,7 +30,7 @@ from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
-from mdu_cli.errors import ConfigError, MduError
+from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
@@ -122,15 +122,6 @@ def broadcast_from_main(module, accelerator) -> None:
             dist.broadcast(tensor, src=0)
 
 
-def check_resumable(cfg: UnlearnConfig, sharded: bool) -> None:
-    """The saved state holds whole tensors written by the main process; under
-    FSDP each rank holds shards of the weights and of the optimizer, which that
-    state cannot capture yet."""
-    if sharded and (cfg.save_every or cfg.resume):
-        raise ConfigError("--save-every and --resume are not supported under FSDP yet (the state would hold one "
-                          "rank's shards); run under DDP to save and resume (--lora makes it fit where full MDU does not)")
-
-
 def sharded_anchor(source, trust: bool, weight_dtype, accelerator):
     """The anchor under FSDP: the starting weights loaded again and sharded like
     the trainable model. A copy of the model would not do: with accelerate's
@@ -213,7 +204,6 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     needs_anchor = make_method(cfg).needs_anchor
     sharded = accelerator.distributed_type.name == "FSDP"
-    check_resumable(cfg, sharded)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = load_model(source, trust, weight_dtype)
@@ -246,7 +236,7 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
             accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
             show_progress=show_progress and is_main,
-            state_dir=None if sharded else state_dir, state_key=state_key,
+            state_dir=state_dir, state_key=state_key,
             resume_from=resume_from,
         )
         accelerator.wait_for_everyone()

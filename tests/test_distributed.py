@@ -1,15 +1,17 @@
-"""Several processes through accelerate (DDP, gloo on the CPU): shared forget
-order split across ranks, per-rank retain draws, one writer."""
+"""Several processes through accelerate on the CPU (gloo): DDP, and FSDP2
+through tests/fsdp_launch.py. Shared forget order split across ranks, per-rank
+retain draws, one writer, the anchor on every rank, interrupt and resume."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from mdu_cli.config import build_config
 from mdu_cli.train import plan_steps
-
-import torch
 
 
 def test_plan_gives_every_rank_the_same_number_of_micro_batches():
@@ -97,14 +99,30 @@ def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(llada_d
     assert not state.exists()
 
 
+def _ctrl_c_after(process, out, steps: int) -> str:
+    """Once the run writing `out` has logged `steps` steps, do what a terminal's
+    Ctrl-C does (SIGINT to the launcher's process group), and return its stderr."""
+    import glob
+    import signal
+    import time
+
+    deadline = time.monotonic() + 120
+    while True:
+        logs = glob.glob(str(out.parent / f".{out.name}.partial-*" / "train_log.jsonl"))
+        if logs and len(open(logs[0]).read().splitlines()) >= steps:
+            break
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "training did not start in time"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    return process.communicate(timeout=120)[1]
+
+
 def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights(llada_dir, forget_file,
                                                                                  retain_file, tmp_path):
     """Ctrl-C reaches the launcher, which passes SIGINT on to each worker (they
     run in sessions of their own): every rank finishes its step, they agree on
     it, save collectively and exit."""
-    import glob
-    import signal
-    import time
 
     from safetensors.torch import load_file
 
@@ -113,16 +131,7 @@ def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights
 
     out, state = tmp_path / "stopped", tmp_path / "stopped.mdu-state"
     process = _launch(llada_dir, forget_file, retain_file, out, background=True)
-    deadline = time.monotonic() + 120
-    while True:
-        logs = glob.glob(str(tmp_path / ".stopped.partial-*" / "train_log.jsonl"))
-        if logs and len(open(logs[0]).read().splitlines()) >= 2:
-            break
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "training did not start in time"
-        time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    _, stderr = process.communicate(timeout=120)
+    stderr = _ctrl_c_after(process, tmp_path / "stopped", steps=2)
     assert stderr.count("the state is saved in") == 1, stderr[-3000:]
     assert not out.exists()
     saved = json.loads((state / "progress.json").read_text())["step"]
@@ -202,3 +211,36 @@ def test_fsdp2_sharded_anchor_is_the_base_on_every_rank(llada_dir, tmp_path):
     assert [(rank, only) for rank, only, _ in found] == [("0", "False"), ("1", "True")], proc.stdout
     # Float noise only (the reference ran on other threads); garbage weights are off by orders of magnitude.
     assert all(float(diff) < 1e-5 for _, _, diff in found), proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fsdp2_ctrl_c_then_resume_gives_the_uninterrupted_weights(llada_dir, forget_file, retain_file, tmp_path, mode):
+    """Under FSDP2 the state is saved from torch's full state dicts (gathered
+    shards of the weights and optimizer) and re-sharded on resume."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    command = _launch_line(*FSDP2) + [
+        str(Path(__file__).with_name("fsdp_launch.py")), "unlearn", "--model", str(llada_dir), "--forget",
+        str(forget_file), "--retain", str(retain_file), "--max-steps", "30", "--batch-size", "1", "--lr", "1e-3",
+        "--device", "cpu", "--save-every", "3"] + (["--lora", "--lora-r", "4"] if mode == "lora" else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], capture_output=True, text=True,
+                              timeout=300, env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "stopped"
+    process = subprocess.Popen(command + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    stderr = _ctrl_c_after(process, out, steps=4)
+    assert "the state is saved in" in stderr, stderr[-3000:]
+    state = tmp_path / "stopped.mdu-state"
+    assert 4 <= json.loads((state / "progress.json").read_text())["step"] < 30
+
+    resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
+    assert not state.exists()

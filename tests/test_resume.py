@@ -166,16 +166,3 @@ def test_stop_request_flags_the_first_signal_and_aborts_on_a_second_ctrl_c():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
-
-
-def test_fsdp_runs_refuse_save_every_and_resume():
-    from mdu_cli.config import build_config
-    from mdu_cli.errors import ConfigError
-    from mdu_cli.unlearn import check_resumable
-
-    plain = build_config({}, dict(model="m", forget="f"))
-    check_resumable(plain, sharded=True)
-    check_resumable(build_config({}, dict(model="m", forget="f", save_every=5)), sharded=False)
-    for options in (dict(save_every=5), dict(resume=True)):
-        with pytest.raises(ConfigError, match="not supported under FSDP"):
-            check_resumable(build_config({}, dict(model="m", forget="f", **options)), sharded=True)
