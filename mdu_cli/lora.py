@@ -61,6 +61,11 @@ class AdapterOffAnchor(torch.nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        if not all(hasattr(layer, "_disable_adapters") for layer in layers):  # a private switch: check it is there
+            import peft
+
+            raise MduError(f"peft {peft.__version__}: its LoRA layers lack the _disable_adapters switch that the "
+                           "adapter-off anchor uses; install peft 0.13 to 0.21")
         saved = [layer._disable_adapters for layer in layers]
         try:
             for layer in layers:
