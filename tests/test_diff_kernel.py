@@ -14,7 +14,11 @@ from mdu_cli.errors import MduError
 # The extension builds wherever the README's install runs (gcc and the Python
 # headers); a missing build is a failure here, not a skip, because `mdu diff`
 # would silently run several times slower.
-from mdu_cli import _diffkernel as kernel  # noqa: E402
+try:
+    from mdu_cli import _diffkernel as kernel
+except ImportError:
+    pytest.fail("mdu_cli._diffkernel is not built: reinstall (pip install -e .) where gcc or clang and the Python "
+                "headers are present", pytrace=False)
 
 KIND = {torch.float64: kernel.F64, torch.float32: kernel.F32, torch.bfloat16: kernel.BF16,
         torch.float16: kernel.F16}
