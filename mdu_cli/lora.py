@@ -52,26 +52,28 @@ class AdapterOffAnchor(torch.nn.Module):
     def __init__(self, peft_model):
         super().__init__()
         object.__setattr__(self, "peft_model", peft_model)  # not a submodule: no parameters of its own
-
-    def forward(self, **inputs):
         # peft's disable_adapter() also switches the adapter's requires_grad off
         # and on again; under FSDP2 that flip, after wrapping, leaves the
         # gathered adapter weights without gradients. The layers' own switch
-        # is what their forward reads, so only it is flipped here.
+        # is what their forward reads, so only it is flipped. FSDP wraps these
+        # same module objects in place, so the list stays valid.
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         if not all(hasattr(layer, "_disable_adapters") for layer in layers):  # a private switch: check it is there
             import peft
 
             raise MduError(f"peft {peft.__version__}: its LoRA layers lack the _disable_adapters switch that the "
                            "adapter-off anchor uses; install peft 0.13 to 0.21")
-        saved = [layer._disable_adapters for layer in layers]
+        object.__setattr__(self, "layers", layers)
+
+    def forward(self, **inputs):
+        saved = [layer._disable_adapters for layer in self.layers]
         try:
-            for layer in layers:
+            for layer in self.layers:
                 layer._disable_adapters = True
             with torch.no_grad():
                 return self.peft_model(**inputs)
         finally:
-            for layer, value in zip(layers, saved):
+            for layer, value in zip(self.layers, saved):
                 layer._disable_adapters = value

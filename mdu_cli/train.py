@@ -231,13 +231,11 @@ def train(
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
 
-            # Collective: the shards are gathered to the main process (on the host).
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            names = {name for name, p in model.named_parameters() if p.requires_grad}
-            full = get_model_state_dict(model, options=options)
-            trainable = {name: t.contiguous() for name, t in full.items() if name in names}
+            # Collective: the shards are gathered to the main process (on the
+            # host); frozen weights are left out, so a LoRA state stays small.
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            trainable = {name: t.contiguous() for name, t in get_model_state_dict(model, options=options).items()}
             optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-            del full
         if state_dir is None or not accelerator.is_main_process:
             return
         if not sharded:

@@ -1,17 +1,14 @@
 """Run by tests/test_distributed.py under `accelerate launch --use_fsdp` with two
 CPU processes: the FSDP2-sharded anchor holds the base weights on every rank,
-although only rank 0 read them.
-
-accelerate turns FSDP on for accelerators only, so this forces its FSDP2 state
-on the CPU after the Accelerator is made; the sharding itself is torch's
-fully_shard over gloo, as on GPUs over NCCL.
+although only rank 0 read them. FSDP2 is forced on the CPU as in
+tests/fsdp_launch.py, once the plain loads are done.
 """
 
 import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from fsdp_launch import force_fsdp2  # beside this script, which is on sys.path
 
 from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.unlearn import sharded_anchor
@@ -24,9 +21,7 @@ plain = load_model(source, True, torch.float32)
 rank0_only = accelerator.process_index != 0 and not all(
     torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
                                       load_model(source, True, torch.float32).state_dict().values()))
-accelerator.state.distributed_type = DistributedType.FSDP
-accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
-                                                              auto_wrap_policy="NO_WRAP")
+force_fsdp2()
 assert accelerator.is_fsdp2
 anchor = sharded_anchor(source, True, torch.float32, accelerator)
 assert not any(p.requires_grad for p in anchor.parameters())

@@ -2,9 +2,10 @@
 `accelerate launch --use_fsdp --fsdp_version 2 ... tests/fsdp_launch.py unlearn ...`.
 
 accelerate turns FSDP on for accelerators only and falls back to DDP on the
-CPU, so this pins its state to FSDP2 before the command starts. Everything
-after that is the real path: accelerate's FSDP2 preparation, torch's
-fully_shard over gloo (NCCL on GPUs), the full-state gather before writing.
+CPU, so `force_fsdp2()` pins its state to FSDP2 before the command starts.
+Everything after that is the real path: accelerate's FSDP2 preparation,
+torch's fully_shard over gloo (NCCL on GPUs), the full-state gather before
+writing.
 """
 
 import sys
@@ -12,11 +13,17 @@ import sys
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True, auto_wrap_policy="NO_WRAP")
-# Properties on the class win over the shared state accelerate re-derives.
-AcceleratorState.distributed_type = property(lambda self: DistributedType.FSDP, lambda self, value: None)
-AcceleratorState.fsdp_plugin = property(lambda self: plugin, lambda self, value: None)
 
-from mdu_cli.cli import cli  # noqa: E402
+def force_fsdp2() -> None:
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            auto_wrap_policy="NO_WRAP")
+    # Properties on the class win over the shared state accelerate re-derives.
+    AcceleratorState.distributed_type = property(lambda self: DistributedType.FSDP, lambda self, value: None)
+    AcceleratorState.fsdp_plugin = property(lambda self: plugin, lambda self, value: None)
 
-cli.main(args=sys.argv[1:], prog_name="mdu")
+
+if __name__ == "__main__":
+    force_fsdp2()
+    from mdu_cli.cli import cli
+
+    cli.main(args=sys.argv[1:], prog_name="mdu")

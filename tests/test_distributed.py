@@ -14,6 +14,22 @@ from mdu_cli.config import build_config
 from mdu_cli.train import plan_steps
 
 
+def _launch_line(*accelerate_args):
+    """`accelerate launch` of two processes, on a port of their own: a fixed
+    default port can still be held by an earlier launch or another run."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
+FSDP2 = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP")
+
+
 def test_plan_gives_every_rank_the_same_number_of_micro_batches():
     cfg = build_config({}, dict(model="m", forget="f", epochs=2, batch_size=2, grad_accum=2))
     plan = plan_steps(11, cfg, torch.Generator().manual_seed(0), processes=2)
@@ -30,11 +46,10 @@ def test_plan_gives_every_rank_the_same_number_of_micro_batches():
 
 def test_two_processes_with_accelerate_launch(llada_dir, forget_file, retain_file, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
-               "--retain", str(retain_file), "--out", str(out), "--max-steps", "4", "--batch-size", "1",
-               "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu", "--json"]
+    command = _launch_line("--multi_gpu") + [
+        "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",
+        str(retain_file), "--out", str(out), "--max-steps", "4", "--batch-size", "1", "--grad-accum", "1", "--lr",
+        "1e-3", "--device", "cpu", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,11 +68,10 @@ def test_two_processes_with_accelerate_launch(llada_dir, forget_file, retain_fil
 
 
 def _launch(llada_dir, forget_file, retain_file, out, *extra, background=False):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
-               "--retain", str(retain_file), "--out", str(out), "--max-steps", "30", "--batch-size", "1",
-               "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu", *extra]
+    command = _launch_line("--multi_gpu") + [
+        "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",
+        str(retain_file), "--out", str(out), "--max-steps", "30", "--batch-size", "1", "--grad-accum", "1", "--lr",
+        "1e-3", "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if background:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
@@ -143,14 +157,6 @@ def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights
     assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
     assert [entry["step"] for entry in log] == list(range(1, 31))
-
-
-def _launch_line(*accelerate_args):
-    return [sys.executable, "-m", "accelerate.commands.launch", *accelerate_args, "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-
-
-FSDP2 = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP")
 
 
 def test_fsdp_runs_match_ddp_runs(llada_dir, forget_file, retain_file, tmp_path):

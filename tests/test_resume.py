@@ -82,15 +82,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(llada_dir, forget_f
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".killed")], "no partial output left"
 
 
+def _logged_steps(out) -> int:
+    """Steps in the log of the run that is writing `out` (in its hidden staging sibling)."""
+    logs = list(out.parent.glob(f".{out.name}.partial-*/train_log.jsonl"))
+    return len(logs[0].read_text().splitlines()) if logs else 0
+
+
 def test_ctrl_c_saves_state_and_says_how_to_resume(llada_dir, forget_file, retain_file, tmp_path, reference):
     out = tmp_path / "stopped"
     process = _start(_args(llada_dir, forget_file, retain_file, out))
 
-    def training_started():
-        logs = list(tmp_path.glob(".stopped.partial-*/train_log.jsonl"))
-        return bool(logs) and len(logs[0].read_text().splitlines()) >= 2
-
-    _wait_for(training_started, process, "two steps")
+    _wait_for(lambda: _logged_steps(out) >= 2, process, "two steps")
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
@@ -139,11 +141,7 @@ def test_sigterm_saves_state_like_ctrl_c(llada_dir, forget_file, retain_file, tm
     out = tmp_path / "preempted"
     process = _start(_args(llada_dir, forget_file, retain_file, out))
 
-    def training_started():
-        logs = list(tmp_path.glob(".preempted.partial-*/train_log.jsonl"))
-        return bool(logs) and len(logs[0].read_text().splitlines()) >= 2
-
-    _wait_for(training_started, process, "two steps")
+    _wait_for(lambda: _logged_steps(out) >= 2, process, "two steps")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "SIGTERM: stopping after the current step" in stderr, stderr
