@@ -302,4 +302,10 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        # Close the process group before this rank leaves: the other ranks
+        # return while the main process is still writing, and an interpreter
+        # that exits with gloo's threads alive can abort ("terminate called
+        # without an active exception", 1 launch in 25 here).
+        accelerator.end_training()
     return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None, anchor=anchor)
