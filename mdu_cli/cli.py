@@ -13,7 +13,7 @@ import sys
 import click
 
 from mdu_cli import __version__
-from mdu_cli.errors import ConfigError, DataError, Interrupted, MduError
+from mdu_cli.errors import ConfigError, DataError, Interrupted, MduError, printable
 
 DEBUG_VARIABLE = "MDU_DEBUG"
 
@@ -27,8 +27,10 @@ class Failure(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
+        # Each problem on exactly one line: messages can quote file names and
+        # library errors, which may hold newlines or terminal escapes.
         for line in self.lines:
-            click.echo(f"Error: {line}", err=True)
+            click.echo(f"Error: {printable(line)}", err=True)
 
 
 # name -> (module, attribute). Commands are imported when run or listed, so

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +25,9 @@ KL_DIRECTIONS = ("forward", "reverse", "js")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("mdu", "ga", "npo")
+_SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,9 @@ class UnlearnConfig:
     # Resumable state beside the output every N optimizer steps; --resume continues it.
     save_every: Optional[int] = None
     resume: bool = False
+    # The YAML file the options came from (set by the command, never by the
+    # file): an input that --overwrite must not delete.
+    config_file: Optional[str] = None
 
     def resolved(self) -> "UnlearnConfig":
         """Fill the values that depend on others, then validate."""
@@ -127,46 +135,168 @@ class UnlearnConfig:
             raise bad("lora_dropout", f"must be in [0, 1) (got {self.lora_dropout!r})")
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
+        self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
         if self.alpha > 0 and not self.retain:
             raise bad("alpha", f"is {self.alpha} but no --retain file is given; add --retain FILE or drop --alpha")
+
+    @property
+    def shard_size_bytes(self) -> int:
+        """--max-shard-size in bytes: "5GB", "500MB", "2GiB", "1.5GB" or a plain
+        number of bytes. Parsed here, and handed to the writer as a number, so
+        a bad value fails before training rather than at the save."""
+        match = _SIZE.fullmatch(str(self.max_shard_size).strip())
+        size = int(float(match["number"]) * _SIZE_UNITS[match["unit"].upper()]) if match else 0
+        if size <= 0:
+            raise ConfigError(f"--max-shard-size must be a size such as 5GB, 500MB or 2GiB (got {self.max_shard_size!r})")
+        return size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def option_names() -> list[str]:
-    return [f.name for f in fields(UnlearnConfig)]
+    return [f.name for f in fields(UnlearnConfig) if f.name not in NOT_FROM_FILE]
+
+
+# Fields a YAML file may not set: where the file itself is.
+NOT_FROM_FILE = ("config_file",)
+# A config file needs no aliases at all; a few are allowed, many are an attack
+# (a "billion laughs" file expands aliases of aliases exponentially).
+MAX_ALIASES = 32
+
+
+def _kind(name: str) -> type:
+    """The scalar type a field holds: bool, int, float or str."""
+    hint = typing.get_type_hints(UnlearnConfig)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(UnlearnConfig)[name])
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, counting aliases as it composes the document."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"{self.name}:{mark.line + 1}: more than {MAX_ALIASES} YAML aliases; "
+                                  "write the options out plainly")
+        return super().compose_node(parent, index)
+
+
+def _typed_value(loader: yaml.SafeLoader, path: Path, line: int, key: str, name: str, node) -> Any:
+    """The value of one option, of the field's type, or a ConfigError naming
+    the file, the line and what to write instead. Only scalars are read: a
+    list or a mapping is refused without being built (or expanded)."""
+    kind, flag = _kind(name), f"{key!s}"
+    where = f"{path}:{line}: {flag}"
+    if not isinstance(node, yaml.ScalarNode):
+        shape = "list" if isinstance(node, yaml.SequenceNode) else "mapping"
+        raise ConfigError(f"{where} must be a single {_KIND_WORDS[kind]}, got a {shape}")
+    value = loader.construct_object(node)
+    plain = node.style is None
+    if value is None:
+        if _optional(name):
+            return None
+        raise ConfigError(f"{where} must be a {_KIND_WORDS[kind]}, got nothing (null)")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        got = f"the string {node.value!r}" if isinstance(value, str) else f"{node.value}"
+        raise ConfigError(f"{where} must be true or false (a YAML boolean, unquoted), got {got}")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be a whole number, got {_describe(value, node)}")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads an unquoted 1e-5 (no dot) as text; it is what people write.
+        if isinstance(value, str) and plain:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {_describe(value, node)}")
+    # Text: an unquoted scalar that YAML took for a number (a revision such as
+    # 0123, a shard size such as 1000000) keeps the characters as written.
+    if isinstance(value, bool):
+        raise ConfigError(f"{where} must be text, got the boolean {node.value}; quote it if you meant the text")
+    return value if isinstance(value, str) else node.value
+
+
+_KIND_WORDS = {bool: "boolean", int: "whole number", float: "number", str: "text value"}
+
+
+def _describe(value, node) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {node.value}"
+    if isinstance(value, str):
+        return f"the text {node.value[:40]!r}"
+    return f"{node.value[:40]}"
+
+
+def _options(loader: _BoundedLoader, path: Path) -> dict[str, Any]:
+    document = loader.get_single_node()
+    if document is None:
+        return {}
+    if not isinstance(document, yaml.MappingNode):
+        raise ConfigError(f"{path}: expected a mapping of option: value, one per line")
+    known = set(option_names())
+    options: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    for key_node, value_node in document.value:
+        line = key_node.start_mark.line + 1
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+            raise ConfigError(f"{path}:{line}: an option name must be plain text")
+        key = key_node.value
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{path}:{line}: unknown option {key!r}; the options are those of `mdu unlearn --help`")
+        if name in seen:
+            raise ConfigError(f"{path}:{line}: {key} is set twice (also on line {seen[name]}); keep one")
+        seen[name] = line
+        options[name] = _typed_value(loader, path, line, key, name, value_node)
+    return options
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Options from a YAML file, keys spelled as flags (`max-steps`) or as
-    fields (`max_steps`). Unknown keys are errors: a typo must not silently
-    fall back to a default."""
+    fields (`max_steps`). Unknown and repeated keys are errors, and so is a
+    value of the wrong type (`overwrite: "false"` is text, not false): a typo
+    must not silently fall back to a default, or turn into its opposite."""
     path = Path(path)
     try:
+        if path.is_dir():
+            raise ConfigError(f"--config {path}: is a directory; give a YAML file")
+        if path.exists() and not path.is_file():  # a FIFO or a device would block or never end
+            raise ConfigError(f"--config {path}: not a regular file; give a YAML file")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"--config {path}: cannot read ({err})") from None
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text; save it as UTF-8") from None
+    loader = _BoundedLoader(text)
+    loader.name = str(path)
     try:
-        document = yaml.safe_load(text)
+        options = _options(loader, path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
-    if document is None:
-        return {}
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path}: expected a mapping of option: value, got {type(document).__name__}")
-
-    known = set(option_names())
-    options = {}
-    for key, value in document.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ConfigError(f"{path}: unknown option {key!r}; the options are those of `mdu unlearn --help`")
-        options[name] = value
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file; write one option per line") from None
+    finally:
+        loader.dispose()
     # Data and model paths in the file are relative to the file, which is what a
     # user who keeps run.yaml beside the data expects.
     for name in ("forget", "retain", "chat_template", "out"):

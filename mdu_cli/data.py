@@ -67,6 +67,17 @@ def _check_text(value, field: str) -> str | None:
         return f'field "{field}" must be a string, got {type(value).__name__}'
     if not value.strip():
         return f'field "{field}" is empty'
+    return _surrogate_problem(value, field)
+
+
+def _surrogate_problem(value: str, field: str) -> str | None:
+    """JSON's \\uXXXX escapes can spell half of a surrogate pair, which is no
+    character at all: no tokenizer or file can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (f'field "{field}" holds an unpaired surrogate (\\u{ord(value[err.start]):04x}), which is not text; '
+                "fix the \\u escape")
     return None
 
 
@@ -129,6 +140,10 @@ def _perturbed_answers(obj) -> tuple[tuple[str, ...], str | None]:
     answers = [value] if isinstance(value, str) else value
     if not isinstance(answers, list) or not all(isinstance(a, str) and a.strip() for a in answers):
         return (), 'field "perturbed_answer" must be a non-empty string or a list of them'
+    for answer in answers:
+        problem = _surrogate_problem(answer, "perturbed_answer")
+        if problem:
+            return (), problem
     return tuple(answers), None
 
 
@@ -154,7 +169,10 @@ def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return items
-        obj, end = decoder.raw_decode(text, pos)
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except RecursionError:  # the whole array parsed once, so only depth can fail here
+            raise DataError([f"{path}:{_line_of(text, pos)}: nested too deeply; a record is a flat object"]) from None
         items.append((_line_of(text, pos), obj))
         pos = end
 
@@ -166,7 +184,7 @@ def _parse(path: Path, text: str) -> list[tuple[int, object | Exception]]:
         raise DataError([f"{path}:1: the file is empty; add at least one record"])
     try:
         document = json.loads(stripped)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         document = None
         whole_parses = False
     else:
@@ -195,7 +213,7 @@ def _parse(path: Path, text: str) -> list[tuple[int, object | Exception]]:
             continue
         try:
             parsed.append((number, json.loads(line)))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             parsed.append((number, err))
     return parsed
 
@@ -211,6 +229,8 @@ def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
         raise MduError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise MduError(f"{path}: is a directory; give a .jsonl or .json file")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise MduError(f"{path}: not a regular file; give a .jsonl or .json file")
     try:
         raw = path.read_bytes()
     except OSError as err:
@@ -220,6 +240,9 @@ def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
     records: list[Record] = []
     problems: list[str] = []
     for line, value in _parse(path, text):
+        if isinstance(value, RecursionError):
+            problems.append(f"{path}:{line}: nested too deeply; a record is a flat object")
+            continue
         if isinstance(value, Exception):
             problems.append(f"{path}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax")
             continue

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Optional
 from tqdm import tqdm
 
 from mdu_cli.errors import MduError
-from mdu_cli.safetensors_reader import Checkpoint, ChunkReader, TensorInfo, read_header
+from mdu_cli.safetensors_reader import (UNSUPPORTED_DTYPES, Checkpoint, ChunkReader, TensorInfo, read_header,
+                                        unsupported_dtype)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -299,6 +300,10 @@ def compare(base: Checkpoint, other: Checkpoint, top: int = 20, show_progress: b
         else:
             only_in_other.append(_info_entry(info))
 
+    for _, base_info, other_info, _ in pairs:  # refuse before the first read, not halfway
+        for info in (base_info, other_info):
+            if info.dtype in UNSUPPORTED_DTYPES:
+                raise unsupported_dtype(info)
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     pool = _Workers(workers)
     tensors, layer_sums, module_sums, total = [], {}, {}, Sums()
@@ -434,6 +439,25 @@ def compare_adapter(base: Checkpoint, adapter_dir: Path, source: str, top: int =
         "tied": [],
         "unchanged": len([n for n in base.tensors if n not in adapted]),
     }
+
+
+def check_report_outputs(base: str, other: str, outputs: dict[str, Optional[Path]]) -> None:
+    """Before reading anything: no report file may be a file the diff reads
+    (compared as resolved paths, so links and ../ do not slip by), two
+    reports may not share a file, and each must be writable."""
+    from mdu_cli.output_location import check_report_file
+    from mdu_cli.safetensors_reader import local_files
+
+    read = local_files(base) + local_files(other)
+    seen: dict[Path, str] = {}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        check_report_file(Path(path), option, read)
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise MduError(f"{option} and {seen[resolved]} name the same file {path}; give each its own")
+        seen[resolved] = option
 
 
 def diff(base: str, other: str, revision_base: Optional[str] = None, revision_other: Optional[str] = None,

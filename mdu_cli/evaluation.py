@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdu_cli.data import Dataset, Record, load_dataset
-from mdu_cli.inference import LoadedModel, load_for_inference
+from mdu_cli.inference import LoadedModel, prepare_inference
+from mdu_cli.output_location import check_report_file
 from mdu_cli.sampling import generate
 from mdu_cli.families import model_logits
 
@@ -104,12 +105,28 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
     return previous[-1] / len(ref)
 
 
+def check_lengths(loaded: LoadedModel, records: list[Record], generation: dict) -> None:
+    """Every scored sequence (prompt + answer, prompt + each perturbed answer)
+    and every generation (prompt + max_new_tokens) within the model's positions."""
+    if loaded.positions is None:
+        return
+    new_tokens = generation.get("max_new_tokens", 0)
+    for record in records:
+        prompt = len(loaded.prompt_ids(record.prompt_messages, where=record.source))
+        for answer in (record.response, *record.perturbed):
+            answer_tokens = len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            loaded.check_length(prompt + answer_tokens, record.source, "the prompt with its answer")
+        if new_tokens:
+            loaded.check_length(prompt + new_tokens, record.source,
+                                f"the prompt with --max-new-tokens {new_tokens}")
+
+
 def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, seed: int, generation: dict,
                    batch_size: int = 32, desc: str = "eval", show_progress: bool = True) -> dict:
     generator = torch.Generator().manual_seed(seed)
     probabilities, rouges, ratios = [], [], []
     for record in tqdm(records, desc=desc, unit="record", disable=not show_progress, dynamic_ncols=True):
-        prompt_ids = loaded.prompt_ids(record.prompt_messages)
+        prompt_ids = loaded.prompt_ids(record.prompt_messages, where=record.source)
         gold = answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size)
         probabilities.append(math.exp(-gold))
         if record.perturbed:
@@ -141,11 +158,25 @@ def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Option
     generation = generation if generation is not None else {"max_new_tokens": 128, "steps": 128, "block_length": 32}
     splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
 
+    model_dir = Path(model)
+    target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file() else None
+    if target is not None:
+        check_report_file(target, "eval.json", [data.path for data in datasets.values()])
+
+    # Every model's config, tokenizer and lengths are checked before any weights load.
+    prepared = {name: prepare_inference(name, trust_remote_code=trust_remote_code, device=device)
+                for name in ([model, base] if base else [model])}
+    for loaded in prepared.values():
+        check_lengths(loaded, [r for records in splits.values() for r in records], generation)
+
     def evaluate(name: str) -> dict:
-        loaded = load_for_inference(name, trust_remote_code=trust_remote_code, device=device)
-        return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
-                                      desc=f"eval {split}", show_progress=show_progress)
-                for split, records in splits.items()}
+        loaded = prepared[name].load_weights()
+        try:
+            return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
+                                          desc=f"eval {split}", show_progress=show_progress)
+                    for split, records in splits.items()}
+        finally:
+            loaded.model = None  # one model in memory at a time
 
     report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
               "data": {split: data.summary() for split, data in datasets.items()}, "splits": evaluate(model)}
@@ -157,11 +188,10 @@ def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Option
                     for metric, value in metrics.items() if metric != "records"}
             for split, metrics in report["splits"].items()
         }
-    model_dir = Path(model)
-    if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file():
+    if target is not None:
         from mdu_cli.report_format import write_text_atomic
 
-        write_text_atomic(model_dir / EVAL_FILE, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(target, json.dumps(report, indent=2) + "\n")
     return report
 
 

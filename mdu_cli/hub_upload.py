@@ -1,10 +1,15 @@
 """Publishing an unlearned checkpoint to the Hugging Face Hub: the model and its
 paperwork, never the data.
 
-What goes up is decided by an allow-list (`plan_upload`), shown in full by
-`--dry-run`, and enforced by passing exactly the planned files to one
-`upload_folder` call. Every Hub failure becomes one line saying what to do;
-the token is never printed, logged or written.
+What goes up is decided by an allow-list of names (`plan_upload`), shown in
+full by `--dry-run`, and sent as an explicit list of commit operations, one
+per planned file: no name is ever handed to the Hub client as a pattern. The
+same commit deletes every file of the kinds mdu manages (weights, index,
+adapter, config, code, tokenizer, mdu's reports) that the revision holds and
+this output does not, so the revision ends up holding exactly this model.
+Everything is checked locally before the first network call; every Hub
+failure becomes one line saying what to do; the token is never printed,
+logged or written; the local directory is never modified.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from mdu_cli.checkpoint import TOKENIZER_FILES
-from mdu_cli.errors import MduError
+from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
-from mdu_cli.report_format import write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
 
 # The model and its paperwork. Anything else in the directory stays behind.
@@ -27,21 +33,33 @@ ALLOWED = (
     "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
     CARD_NAME, "mdu_run.json", "delta_report.json", "delta_report.md", "eval.json",
 )
+# Of a revision's files, those that describe a model (weights of any format,
+# indexes, configs, code, tokenizer, mdu's reports): when this output lacks
+# one, the revision's copy belongs to another model and is deleted.
+MANAGED_ON_HUB = (*ALLOWED, "*.bin", "*.pt", "*.pth", "*.ckpt", "*.index.json", "*.gguf")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow", ".txt", ".xlsx", ".pkl", ".pickle",
                  ".pt", ".bin", ".npy", ".npz", ".gz", ".zip", ".tar")
+# Names uploaded as they are: letters, digits and . _ - only. Anything else
+# (glob characters, spaces, control characters) stays behind.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TRUTHY = ("1", "true", "yes", "on")
 log = logging.getLogger("mdu")
 
 
 @dataclass
 class UploadPlan:
-    upload: list[dict] = field(default_factory=list)   # {"path", "size"}
+    upload: list[dict] = field(default_factory=list)   # {"path", "size"[, "link_to"]}
     skip: list[dict] = field(default_factory=list)     # {"path", "size", "reason"}
+    delete: list[str] = field(default_factory=list)    # revision files removed in the same commit (known at push)
     card: str = "keep"                                 # "write" or "keep"
-    card_text: Optional[str] = None                    # the card to write, when card == "write"
+    card_text: Optional[str] = None                    # the card to upload, when card == "write"
 
     def as_dict(self) -> dict:
-        return {"upload": self.upload, "skip": self.skip}
+        return {"upload": self.upload, "skip": self.skip, "delete": self.delete}
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _skip_reason(relative: str) -> Optional[str]:
@@ -53,7 +71,9 @@ def _skip_reason(relative: str) -> Optional[str]:
     name = parts[0]
     if name == "train_log.jsonl":
         return "training log: stays local"
-    if any(fnmatch.fnmatch(name, pattern) for pattern in ALLOWED):
+    if _matches(name, ALLOWED):
+        if not PLAIN_NAME.fullmatch(name):
+            return "unusual characters in the name: only letters, digits and . _ - are uploaded"
         return None
     if name.lower().endswith(DATA_SUFFIXES):
         return "may hold data or pickles: never uploaded"
@@ -70,13 +90,19 @@ def check_output_dir(directory: Path) -> dict:
 
     if not directory.is_dir():
         raise MduError(f"{directory}: no such directory")
+    # Links first: a dangling config.json should be named as what it is, not
+    # reported as a missing file.
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink() and _skip_reason(entry.name) is None:
+            _readable_file(entry, entry.name)
     try:
         run = json.loads((directory / "mdu_run.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise incomplete("no mdu_run.json") from None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise incomplete("mdu_run.json is not valid JSON") from None
-    if not isinstance(run, dict) or run.get("tool") != "mdu" or "base_model" not in run:
+    if not isinstance(run, dict) or run.get("tool") != "mdu" or not isinstance(run.get("base_model"), dict) \
+            or not isinstance(run.get("config"), dict):
         raise incomplete("mdu_run.json was not written by mdu unlearn")
     if not (directory / "config.json").is_file() and not (directory / "adapter_config.json").is_file():
         raise incomplete("no config.json (nor adapter_config.json)")
@@ -89,27 +115,104 @@ def check_output_dir(directory: Path) -> dict:
     return run
 
 
+def _walk(directory: Path) -> dict[str, Path]:
+    """Every entry below `directory` (files, links, other non-directories) by
+    its relative posix path; links to directories are listed, not entered."""
+    entries = {}
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        base = Path(root)
+        for name in files + [d for d in dirs if (base / d).is_symlink()]:
+            path = base / name
+            entries[path.relative_to(directory).as_posix()] = path
+    return entries
+
+
+def _readable_file(path: Path, relative: str, directory: Optional[Path] = None) -> tuple[int, Optional[str]]:
+    """(size, link target) of a file to upload, read through a symbolic link
+    that stays inside the directory; a named error for a dangling link, a
+    link leading outside, a non-file, or a file that cannot be read."""
+    directory = directory or path.parent
+    shown = printable(relative)
+    target = None
+    if path.is_symlink():
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise MduError(f"{directory / shown}: a symbolic link to nothing ({printable(os.readlink(path))}); "
+                           "replace it with the file, or remove it") from None
+        root = directory.resolve()
+        if root not in resolved.parents:
+            raise MduError(f"{directory / shown}: a symbolic link that leads outside {directory}; copy the file "
+                           "in instead, so that what is uploaded is what the directory holds")
+        target = str(resolved)
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise MduError(f"{directory / shown}: cannot read ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise MduError(f"{directory / shown}: not a regular file; replace it with the file, or remove it")
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as err:
+        raise MduError(f"{directory / shown}: cannot read ({err.strerror}); check its permissions") from None
+    return info.st_size, target
+
+
 def plan_upload(directory: Path, regenerate_card: bool = False, repo_id: Optional[str] = None) -> UploadPlan:
+    """Which files go up and which stay behind, with the reason; every file to
+    upload is checked readable here, before any network call."""
     directory = Path(directory)
     plan = UploadPlan(card=card_action(directory, regenerate_card))
     if plan.card == "write":
         plan.card_text = render_card(directory, repo_id)
-    card_size = len(plan.card_text.encode("utf-8")) if plan.card_text is not None else None
-    files = sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink())
-    relatives = {p.relative_to(directory).as_posix(): p for p in files}
+    entries = _walk(directory)
     if plan.card == "write":
-        relatives.setdefault(CARD_NAME, directory / CARD_NAME)
-    for relative in sorted(relatives):
-        path = relatives[relative]
-        size = card_size if relative == CARD_NAME and card_size is not None else path.stat().st_size
+        entries.setdefault(CARD_NAME, directory / CARD_NAME)
+    for relative in sorted(entries):
+        path = entries[relative]
         reason = _skip_reason(relative)
-        if reason is None and path.is_symlink():
-            reason = "symbolic link: not followed"
-        if reason:
-            plan.skip.append({"path": relative, "size": size, "reason": reason})
-        else:
-            plan.upload.append({"path": relative, "size": size})
+        if reason is None and relative == CARD_NAME and plan.card == "write":
+            plan.upload.append({"path": relative, "size": len(plan.card_text.encode("utf-8"))})
+            continue
+        if reason is None:
+            size, target = _readable_file(path, relative, directory)
+            entry = {"path": relative, "size": size}
+            if target is not None:
+                entry["link_to"] = target
+            plan.upload.append(entry)
+            continue
+        try:
+            size = path.lstat().st_size
+        except OSError:
+            size = 0
+        plan.skip.append({"path": relative, "size": size, "reason": reason})
+    _check_weights_planned(directory, plan)
     return plan
+
+
+def _check_weights_planned(directory: Path, plan: UploadPlan) -> None:
+    """Every weight file the checkpoint is read from goes up: never a repo
+    without its weights."""
+    uploaded = {entry["path"] for entry in plan.upload}
+    weights = open_directory(directory, str(directory))
+    missing = sorted({info.file.name for info in weights.tensors.values()} - uploaded)
+    if missing:
+        raise MduError(f"{directory}: the weights in {printable(', '.join(missing))} would not be uploaded "
+                       f"({_reason_of(plan, missing[0])}); rename or replace them, then push again")
+
+
+def _reason_of(plan: UploadPlan, path: str) -> str:
+    return next((entry["reason"] for entry in plan.skip if entry["path"] == path), "not planned")
+
+
+def stale_files(remote: list[str], plan: UploadPlan) -> list[str]:
+    """Files of the revision that describe a model and that this upload does
+    not replace: they would mix with the new model (a stale model.safetensors
+    beside a new index is what transformers loads first)."""
+    uploaded = {entry["path"] for entry in plan.upload}
+    return sorted(path for path in remote
+                  if "/" not in path and path not in uploaded and path != CARD_NAME and _matches(path, MANAGED_ON_HUB))
 
 
 def _token(explicit: Optional[str]) -> str:
@@ -121,12 +224,17 @@ def _token(explicit: Optional[str]) -> str:
     return token
 
 
-def _hub_failure(err: Exception, repo_id: str) -> MduError:
+def _hub_failure(err: Exception, repo_id: str, timeout: float) -> MduError:
     """One line per kind of failure, each saying what to do."""
     import requests
     from huggingface_hub.errors import HfHubHTTPError
 
+    from mdu_cli.hub_session import is_timeout
+
     namespace = repo_id.split("/")[0]
+    if is_timeout(err):
+        return MduError(f"the Hub did not answer within {timeout:g} s; check the connection (or raise --timeout) "
+                        "and run the same command again: it resumes")
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status == 401:
@@ -142,7 +250,7 @@ def _hub_failure(err: Exception, repo_id: str) -> MduError:
                             "command again: it resumes")
         return MduError(f"the Hub answered {status} for {repo_id}; run the same command again, or check "
                         "https://status.huggingface.co")
-    if isinstance(err, (requests.ConnectionError, requests.Timeout, OSError)):
+    if isinstance(err, (requests.ConnectionError, OSError)):
         return MduError("could not reach the Hub (network error); check the connection and run the same command "
                         "again: it resumes")
     return MduError(f"upload to {repo_id} failed ({type(err).__name__}); run the same command again")
@@ -160,42 +268,69 @@ class PushResult:
                 **self.plan.as_dict()}
 
 
+def validate_repo_id(repo_id: str) -> Optional[str]:
+    """What is wrong with an OWNER/NAME repo id, or None."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        return "must be OWNER/NAME"
+    try:
+        hub_validate(repo_id)
+    except HFValidationError:
+        return ("must be OWNER/NAME of letters, digits, '-', '_' and '.', at most 96 characters, without '--' "
+                "or '..' and not starting or ending with '-' or '.'")
+    return None
+
+
 def push(directory: Path, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
          create_pr: bool = False, commit_message: Optional[str] = None, token: Optional[str] = None,
-         regenerate_card: bool = False, endpoint: Optional[str] = None) -> PushResult:
-    """Create the repo if needed and upload the planned files in one commit."""
+         regenerate_card: bool = False, endpoint: Optional[str] = None,
+         timeout: Optional[float] = None) -> PushResult:
+    """Create the repo if needed, then one commit: the planned files, and the
+    deletion of the revision's stale model files."""
+    problem = validate_repo_id(repo_id)
+    if problem:
+        raise MduError(f"--repo-id {printable(repo_id)} {problem}")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY:
         raise MduError("HF_HUB_OFFLINE is set, and mdu push needs the network; unset it (or use --dry-run)")
     directory = Path(directory)
     run = check_output_dir(directory)
+    plan = plan_upload(directory, regenerate_card, repo_id)
     token = _token(token)
     if not run["base_model"].get("is_hub"):
         log.info("Notice: the base was a local checkpoint, so the card names no base_model")
-    plan = plan_upload(directory, regenerate_card, repo_id)
-    if plan.card == "write":
-        write_text_atomic(directory / CARD_NAME, plan.card_text)
 
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    from mdu_cli.hub_session import bound_hub_requests
+
+    seconds = bound_hub_requests(timeout)
+    additions = []
+    for entry in plan.upload:
+        # The card is sent from memory: the local directory is an input, never rewritten.
+        content = plan.card_text.encode("utf-8") if entry["path"] == CARD_NAME and plan.card == "write" \
+            else str(directory / entry["path"])
+        additions.append(CommitOperationAdd(path_in_repo=entry["path"], path_or_fileobj=content))
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    message = commit_message or f"Upload {run['base_model']['id']} unlearned with mdu (tau={run['config']['tau']})"
+    message = commit_message or f"Upload {run['base_model'].get('id')} unlearned with mdu " \
+                                f"(tau={run['config'].get('tau')})"
     try:
         repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=directory,
+        plan.delete = stale_files(api.list_repo_files(repo_id, revision=revision), plan)
+        commit = api.create_commit(
             repo_id=repo_id,
+            operations=[*additions, *(CommitOperationDelete(path_in_repo=path) for path in plan.delete)],
+            commit_message=message,
             revision=revision,
             create_pr=create_pr,
-            commit_message=message,
-            allow_patterns=[entry["path"] for entry in plan.upload],
         )
     except MduError:
         raise
     except Exception as err:  # the client raises many types; each becomes one line
         if os.environ.get("MDU_DEBUG"):
             raise
-        raise _hub_failure(err, repo_id) from None
+        raise _hub_failure(err, repo_id, seconds) from None
     return PushResult(repo_url=repo_url, commit_url=getattr(commit, "commit_url", None),
                       pr_url=getattr(commit, "pr_url", None), plan=plan)

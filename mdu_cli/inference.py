@@ -14,18 +14,34 @@ import torch
 from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.loading import (ModelSource, decide_remote_code, fetch_weights, load_model, load_tokenizer,
-                             resolve_device, resolve_source)
+                             max_positions, resolve_device, resolve_source)
 from mdu_cli.tokenization import encode_prompt, end_of_turn_id, pad_token_id
 
 
 @dataclass
 class LoadedModel:
-    model: Any
+    model: Any                # None until load_weights(): every cheap check comes first
     tokenizer: Any
     family: Family
     mask_token_id: int
     source: ModelSource
     device: torch.device
+    trust: bool = False
+    positions: Optional[int] = None   # the longest sequence the model takes, when its config says
+
+    def load_weights(self) -> "LoadedModel":
+        if self.model is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            fetch_weights(self.source)
+            self.model = load_model(self.source, self.trust, dtype).to(self.device).eval()
+        return self
+
+    def check_length(self, tokens: int, where: str, what: str) -> None:
+        """Refuse a sequence the model has no positions for: it would not fail,
+        it would silently compute garbage."""
+        if self.positions is not None and tokens > self.positions:
+            raise MduError(f"{where}: {what} is {tokens} tokens, more than the {self.positions} positions "
+                           f"{self.source.name} takes; shorten it")
 
     @property
     def pad_id(self) -> int:
@@ -35,13 +51,21 @@ class LoadedModel:
         ids = {self.tokenizer.eos_token_id, end_of_turn_id(self.tokenizer)}
         return sorted(i for i in ids if i is not None)
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return encode_prompt(self.tokenizer, messages)
+    def prompt_ids(self, messages: list[dict], where: str = "") -> list[int]:
+        return encode_prompt(self.tokenizer, messages, where=where)
 
 
 def load_for_inference(name: str, revision: Optional[str] = None, family: Optional[str] = None,
                        trust_remote_code: bool = False, device: str = "auto",
                        chat_template: Optional[str] = None) -> LoadedModel:
+    return prepare_inference(name, revision, family, trust_remote_code, device, chat_template).load_weights()
+
+
+def prepare_inference(name: str, revision: Optional[str] = None, family: Optional[str] = None,
+                      trust_remote_code: bool = False, device: str = "auto",
+                      chat_template: Optional[str] = None) -> LoadedModel:
+    """Everything but the weights: config, family, remote-code policy,
+    tokenizer, mask token, device."""
     source = resolve_source(name, revision)
     if family:
         check_not_autoregressive(source.config, source.name)
@@ -54,7 +78,5 @@ def load_for_inference(name: str, revision: Optional[str] = None, family: Option
         raise MduError(f"{name}: the tokenizer has no chat template; pass --chat-template FILE")
     mask_token_id = resolve_mask_token_id(chosen, source.config, tokenizer, source.name)
     device = resolve_device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    fetch_weights(source)
-    model = load_model(source, trust, dtype).to(device).eval()
-    return LoadedModel(model, tokenizer, chosen, mask_token_id, source, torch.device(device))
+    return LoadedModel(None, tokenizer, chosen, mask_token_id, source, torch.device(device), trust,
+                       max_positions(source.config))

@@ -52,8 +52,10 @@ def _read_config(directory: Path, name: str) -> dict:
         raise MduError(f"{name}: no config.json; point --model at a transformers checkpoint directory")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MduError(f"{config_path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    except OSError as err:
+        raise MduError(f"{config_path}: cannot read ({err.strerror}); check the file's permissions") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise MduError(f"{config_path}: not valid JSON; the checkpoint is damaged, save or download it again") from None
     if not isinstance(config, dict):
         raise MduError(f"{config_path}: expected a JSON object; the checkpoint is damaged")
     return config
@@ -67,6 +69,11 @@ def _hub_error(name: str, err: Exception) -> MduError:
         RevisionNotFoundError,
     )
 
+    from mdu_cli.hub_session import hub_timeout, is_timeout
+
+    if is_timeout(err):
+        return MduError(f"{name}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
+                        "MDU_HUB_TIMEOUT to wait longer, and run the same command again")
     if isinstance(err, GatedRepoError):
         return MduError(f"{name}: the repository is gated; accept its terms on the Hub and log in (hf auth login)")
     if isinstance(err, RepositoryNotFoundError):
@@ -78,13 +85,16 @@ def _hub_error(name: str, err: Exception) -> MduError:
             f"{name}: not a local directory and not in the Hugging Face cache while offline; "
             "check the path, or download it with network access first"
         )
-    return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}: {err}); check the network and retry")
+    return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}); check the network and retry")
 
 
 def snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
 
+    from mdu_cli.hub_session import bound_hub_requests
+
+    bound_hub_requests()
     try:
         return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
     except HFValidationError:
@@ -155,20 +165,55 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# Any one of these makes a directory hold a tokenizer that AutoTokenizer can load.
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                     "spiece.model", "sentencepiece.bpe.model")
+
+
+def read_chat_template(chat_template: str) -> str:
+    """The text of a --chat-template file, or an error naming it."""
+    path = Path(chat_template)
+    if not path.is_file():
+        raise MduError(f"--chat-template {path}: no such file" if not path.exists()
+                       else f"--chat-template {path}: not a regular file; give a Jinja template file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise MduError(f"--chat-template {path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise MduError(f"--chat-template {path}: not UTF-8 text; save it as UTF-8") from None
+    if not text.strip():
+        raise MduError(f"--chat-template {path}: the file is empty; write a Jinja chat template")
+    return text
+
+
 def load_tokenizer(source: ModelSource, trust: bool, chat_template: Optional[str]):
     from transformers import AutoTokenizer
 
+    template = read_chat_template(chat_template) if chat_template else None
+    if not any((source.path / name).is_file() for name in TOKENIZER_MARKERS):
+        raise MduError(f"{source.name}: no tokenizer in {source.path} (none of tokenizer.json, tokenizer_config.json, "
+                       "vocab files); copy the base model's tokenizer files into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust)
     except Exception as err:
-        raise MduError(f"{source.name}: cannot load the tokenizer ({type(err).__name__}: {err})") from None
-    if chat_template:
-        path = Path(chat_template)
-        try:
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise MduError(f"{path}: cannot read the chat template ({err.strerror})") from None
+        raise MduError(f"{source.name}: cannot load the tokenizer from {source.path} ({type(err).__name__}); "
+                       "check its tokenizer files, or copy them again from the base model") from None
+    if template is not None:
+        tokenizer.chat_template = template
     return tokenizer
+
+
+# Where configs state how many positions the model takes (LLaDA:
+# max_sequence_length; Dream, ModernBERT, Llama: max_position_embeddings).
+POSITION_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length")
+
+
+def max_positions(config: dict) -> Optional[int]:
+    """The longest sequence the model takes, from its config; None when it does not say."""
+    values = [config.get(key) for key in POSITION_KEYS]
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+    return min(values) if values else None
 
 
 def load_model(source: ModelSource, trust: bool, torch_dtype):

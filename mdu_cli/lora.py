@@ -35,6 +35,22 @@ def target_regex(names: list[str]) -> str:
     return rf".*\.(?:{BLOCK_LISTS})\.\d+\.(?:.*\.)?(?:{alternatives})$"
 
 
+def check_targets(targets: Optional[str], tensor_names) -> None:
+    """Refuse --lora-targets that name no linear layer inside the blocks, from
+    the checkpoint's tensor names alone: before the weights load."""
+    if not targets:
+        return
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    if not names:
+        raise MduError("--lora-targets is empty; name linear layers inside the blocks (e.g. q_proj,v_proj)")
+    in_blocks = re.compile(rf"(?:^|\.)(?:{BLOCK_LISTS})\.\d+\.(?:.*\.)?(?P<leaf>[^.]+)\.weight$")
+    leaves = {match["leaf"] for match in map(in_blocks.search, tensor_names) if match}
+    unknown = [name for name in names if name not in leaves]
+    if unknown:
+        raise MduError(f"--lora-targets {','.join(unknown)}: no such layer inside the blocks of this model; "
+                       f"it has {', '.join(sorted(leaves)[:12])}")
+
+
 def apply_lora(model, r: int, alpha: float, dropout: float, targets: Optional[str] = None):
     from peft import LoraConfig, get_peft_model
 

@@ -51,11 +51,13 @@ def read_license(directory: Path) -> Optional[str]:
 
 def front_matter(run: dict) -> dict:
     base = run["base_model"]
+    adapter = bool(run["config"].get("save_adapter"))
     meta: dict = {}
     if base.get("is_hub"):
         meta["base_model"] = base["id"]
-        meta["base_model_relation"] = "finetune"
-    meta["library_name"] = "transformers"
+        # The Hub's model tree files an adapter under its base as such.
+        meta["base_model_relation"] = "adapter" if adapter else "finetune"
+    meta["library_name"] = "peft" if adapter else "transformers"
     meta["tags"] = ["mdu", "machine-unlearning", "masked-diffusion", run["family"]]
     if base.get("license"):
         meta["license"] = base["license"]

@@ -22,15 +22,15 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdu_cli.checkpoint import publish
+from mdu_cli.output_location import STATE_SUFFIX, publish
 from mdu_cli.errors import MduError
 
 # Options that may differ between the interrupted command and the resuming one.
-NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite")
+NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite", "config_file")
 
 
 def state_dir_for(out: Path) -> Path:
-    return out.parent / f"{out.name}.mdu-state"
+    return out.parent / f"{out.name}{STATE_SUFFIX}"
 
 
 def fingerprint(config: dict, data: dict) -> str:
@@ -77,12 +77,37 @@ def save_state(directory: Path, state: TrainingState, key: str) -> None:
 def load_state(directory: Path, key: str) -> Optional[TrainingState]:
     if not (directory / "progress.json").is_file():
         return None
-    progress = json.loads((directory / "progress.json").read_text())
-    if progress.get("fingerprint") != key:
+
+    def damaged(name: str, what: str) -> MduError:
+        return MduError(f"{directory / name}: the saved state is damaged ({what}); run the command without --resume "
+                        f"and with --overwrite to start over (this deletes {directory})")
+
+    try:
+        progress = json.loads((directory / "progress.json").read_text(encoding="utf-8"))
+        step, fingerprint_, history = progress["step"], progress["fingerprint"], progress["history"]
+        if not isinstance(step, int) or step < 0 or not isinstance(history, list):
+            raise TypeError
+    except OSError as err:
+        raise damaged("progress.json", f"cannot read: {err.strerror}") from None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise damaged("progress.json", "not the JSON mdu writes") from None
+    if fingerprint_ != key:
         raise MduError(f"{directory} was saved by a run with other options or data; re-run that exact command "
                        "with --resume, or delete the state directory to start over")
-    blob = torch.load(directory / "training.pt", weights_only=True)
-    return TrainingState(step=progress["step"], history=progress["history"],
-                         trainable=load_file(directory / "trainable.safetensors"), optimizer=blob["optimizer"],
-                         scheduler=blob["scheduler"], generators=blob["generators"], torch_rng=blob["torch_rng"],
+    try:
+        blob = torch.load(directory / "training.pt", weights_only=True)
+        parts = (blob["optimizer"], blob["scheduler"], blob["generators"], blob["torch_rng"])
+    except FileNotFoundError:
+        raise damaged("training.pt", "missing") from None
+    except Exception as err:  # torch.load raises many types on a cut or altered file
+        raise damaged("training.pt", f"{type(err).__name__}") from None
+    try:
+        trainable = load_file(directory / "trainable.safetensors")
+    except FileNotFoundError:
+        raise damaged("trainable.safetensors", "missing") from None
+    except Exception as err:  # safetensors raises its own error type on a bad header
+        raise damaged("trainable.safetensors", f"{type(err).__name__}") from None
+    optimizer, scheduler, generators, torch_rng = parts
+    return TrainingState(step=step, history=history, trainable=trainable, optimizer=optimizer,
+                         scheduler=scheduler, generators=generators, torch_rng=torch_rng,
                          sharded=bool(blob.get("sharded", False)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,13 +23,22 @@ from mdu_cli.errors import MduError
 if TYPE_CHECKING:
     import numpy as np
 
-# safetensors dtype name -> bytes per element
-DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
+# Every dtype the safetensors format defines -> bits per element. Sub-byte
+# floats (F4, F6_*) are packed, so sizes are counted in bits.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32,
+              "C64": 64, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+# Those a diff cannot widen to one float64 per element, with the reason in words.
+UNSUPPORTED_DTYPES = {"C64": "complex numbers", "F4": "packed 4-bit floats", "F6_E2M3": "packed 6-bit floats",
+                      "F6_E3M2": "packed 6-bit floats"}
 # numpy is imported only when something is widened in Python: `mdu diff` with
 # the native kernel never needs it, and its import is a tenth of a run.
 NUMPY_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
-                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+                "U64": "uint64"}
+# float8 kinds numpy lacks; torch has them (imported only for these).
+TORCH_FLOAT8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz"}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_NAME = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -51,7 +61,8 @@ class TensorInfo:
 
     @property
     def itemsize(self) -> int:
-        return DTYPES[self.dtype]
+        """Bytes per element (byte-sized dtypes only; see UNSUPPORTED_DTYPES)."""
+        return DTYPE_BITS[self.dtype] // 8
 
 
 @dataclass
@@ -74,8 +85,40 @@ def _corrupt(path: Path, problem: str) -> MduError:
                     "download or save it again")
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
+
+
+def _label(name: str, index: int) -> str:
+    """How an error names a tensor: its name when that is a plain one, else its
+    position in the header. A header is bytes of the file, and messages do not
+    echo arbitrary bytes of a file."""
+    return f"tensor {name}" if _PLAIN_NAME.fullmatch(name) else f"header entry {index + 1}"
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey
+    return dict(pairs)
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check a safetensors header: 8-byte little-endian length, JSON."""
+    """Parse and check a safetensors header: 8-byte little-endian length, JSON.
+
+    Checked as the format's reference reader checks it: every entry an object
+    with a known dtype, a shape of whole numbers >= 0 and two whole data
+    offsets whose span is exactly the tensor's size; the spans, in offset
+    order, cover the data without gaps or overlaps up to the end of the file;
+    no name twice.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
@@ -89,30 +132,68 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     except OSError as err:
         raise MduError(f"{path}: cannot read ({err.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey:
+        raise _corrupt(path, "the header names a key twice") from None
+    except RecursionError:
+        raise _corrupt(path, "the header is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _corrupt(path, "the header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "the header is not a JSON object")
+    if not isinstance(header.get("__metadata__", {}), dict):
+        raise _corrupt(path, "__metadata__ is not an object")
 
-    data_start = 8 + header_len
-    tensors = {}
-    for name, entry in header.items():
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    tensors, spans = {}, []
+    for index, (name, entry) in enumerate(header.items()):
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise _corrupt(path, f"tensor {name!r} has a malformed entry") from None
-        if dtype not in DTYPES:
-            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        info = TensorInfo(name, path, dtype, shape, data_start + int(begin))
-        if not 0 <= begin <= end or end - begin != info.numel * info.itemsize:
-            raise _corrupt(path, f"tensor {name!r} has offsets that do not match its shape")
-        if data_start + end > size:
-            raise _corrupt(path, f"tensor {name!r} ends past the end of the file ({data_start + end} > {size} bytes)")
-        tensors[name] = info
+        label = _label(name, index)
+        if not isinstance(entry, dict):
+            raise _corrupt(path, f"{label} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise _corrupt(path, f"{label} has a dtype the safetensors format does not define")
+        if not isinstance(shape, list) or not all(_whole(d) and d >= 0 for d in shape):
+            raise _corrupt(path, f"{label} has a shape that is not a list of whole numbers >= 0")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+            raise _corrupt(path, f"{label} has data_offsets that are not two whole numbers")
+        begin, end = offsets
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        bits = numel * DTYPE_BITS[dtype]
+        if not 0 <= begin <= end or bits % 8 or end - begin != bits // 8:
+            raise _corrupt(path, f"{label} has offsets that do not match its shape")
+        if end > data_size:
+            raise _corrupt(path, f"{label} ends past the end of the file ({data_start + end} > {size} bytes)")
+        tensors[name] = TensorInfo(name, path, dtype, tuple(shape), data_start + begin)
+        spans.append((begin, end, label))
+    position = 0
+    for begin, end, label in sorted(spans):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise _corrupt(path, f"{label} {problem}")
+        position = end
+    if position != data_size:
+        raise _corrupt(path, f"{data_size - position} bytes after the last tensor's data")
     return tensors
+
+
+def is_hub_snapshot(directory: Path) -> bool:
+    """A Hugging Face cache snapshot: its files are links into the repo's blobs/."""
+    return directory.parent.name == "snapshots" and (directory.parent.parent / "blobs").is_dir()
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether `path`, links followed, stays inside `directory` (for a cache
+    snapshot: inside its repo folder, where the blobs are)."""
+    root = directory.resolve()
+    if is_hub_snapshot(directory):
+        root = directory.parent.parent.resolve()
+    target = path.resolve()
+    return target == root or root in target.parents
 
 
 def _checked_shard(directory: Path, index_path: Path, shard) -> Path:
@@ -125,6 +206,9 @@ def _checked_shard(directory: Path, index_path: Path, shard) -> Path:
     path = directory / pure
     if not path.is_file():
         raise MduError(f"{index_path}: shard {shard!r} is missing from {directory}")
+    if not _inside(path, directory):
+        raise MduError(f"{index_path}: shard {shard!r} is a link that leads outside the checkpoint directory; "
+                       "refusing to read it")
     return path
 
 
@@ -145,7 +229,9 @@ def open_directory(directory: Path, source: str) -> Checkpoint:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except OSError as err:
+            raise MduError(f"{index_path}: cannot read ({err.strerror})") from None
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise MduError(f"{index_path}: not a valid index (no weight_map object); save the checkpoint again") from None
         headers = {}
         for name, shard in weight_map.items():
@@ -153,7 +239,8 @@ def open_directory(directory: Path, source: str) -> Checkpoint:
             if path not in headers:
                 headers[path] = read_header(path)
             if name not in headers[path]:
-                raise MduError(f"{index_path}: {name} is mapped to {shard}, which does not hold it; the index is stale")
+                raise MduError(f"{index_path}: {_label(name, 0) if _PLAIN_NAME.fullmatch(name) else 'a tensor'} is "
+                               f"mapped to {shard!r}, which does not hold it; the index is stale")
             tensors[name] = headers[path][name]
     else:
         files = sorted(directory.glob("*.safetensors"))
@@ -162,12 +249,27 @@ def open_directory(directory: Path, source: str) -> Checkpoint:
             hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
             raise MduError(f"{source}: no .safetensors weights{hint}")
         for path in files:
+            if not _inside(path, directory):
+                raise MduError(f"{path}: a link that leads outside the checkpoint directory; refusing to read it "
+                               "(copy the file in instead)")
             for name, info in read_header(path).items():
                 if name in tensors:
                     raise MduError(f"{source}: tensor {name} is stored in both {tensors[name].file.name} and "
                                    f"{path.name}, and there is no index to choose; add {INDEX_NAME}")
                 tensors[name] = info
     return Checkpoint(source, directory, tensors, _read_config(directory))
+
+
+def local_files(spec: str) -> list[Path]:
+    """The files a diff of the local checkpoint `spec` may read (none for a Hub
+    id), found without reading any: so that no report overwrites one."""
+    local = Path(spec).expanduser()
+    if local.is_file():
+        return [local, local.parent / "config.json"]
+    if local.is_dir():
+        names = ("*.safetensors", INDEX_NAME, "config.json", "adapter_config.json")
+        return [p for pattern in names for p in local.glob(pattern)]
+    return []
 
 
 def open_checkpoint(spec: str, revision: Optional[str] = None) -> Checkpoint:
@@ -188,6 +290,12 @@ def open_checkpoint(spec: str, revision: Optional[str] = None) -> Checkpoint:
     checkpoint = open_directory(directory, spec)
     checkpoint.revision = directory.name
     return checkpoint
+
+
+def unsupported_dtype(info: TensorInfo) -> MduError:
+    return MduError(f"{info.file}: {_label(info.name, 0)} is stored as {info.dtype} "
+                    f"({UNSUPPORTED_DTYPES.get(info.dtype, 'an unsupported dtype')}), which mdu diff cannot compare "
+                    "element by element; the safetensors file itself is fine")
 
 
 class ChunkReader:
@@ -235,11 +343,16 @@ class ChunkReader:
             np.copyto(out, bits.view(np.float32))
         elif info.dtype in NUMPY_DTYPES:
             np.copyto(out, np.frombuffer(raw, dtype=NUMPY_DTYPES[info.dtype]))
-        else:  # float8: numpy has no such type, torch does (imported only here: it costs a second)
+        elif info.dtype in TORCH_FLOAT8:  # numpy has no such type, torch does (imported only here: it costs a second)
             import torch
 
-            kind = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[info.dtype]
+            kind = getattr(torch, TORCH_FLOAT8[info.dtype], None)
+            if kind is None:
+                raise MduError(f"{info.file}: {_label(info.name, 0)} is stored as {info.dtype}, which this torch "
+                               f"{torch.__version__} cannot read; upgrade torch to compare it")
             np.copyto(out, torch.frombuffer(raw, dtype=kind).to(torch.float64).numpy())
+        else:
+            raise unsupported_dtype(info)
         return out
 
     def close(self) -> None:

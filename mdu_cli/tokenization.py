@@ -65,11 +65,8 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
     Whatever follows it (a newline, or the assistant header LLaDA's template
     appends) is not part of the answer.
     """
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "hello"}, {"role": "assistant", "content": _SENTINEL}],
-        tokenize=False,
-        add_generation_prompt=False,
-    )
+    rendered = render_chat(tokenizer, [{"role": "user", "content": "hello"},
+                                       {"role": "assistant", "content": _SENTINEL}], add_generation_prompt=False)
     if _SENTINEL not in rendered:
         raise MduError("the chat template does not render the assistant content; pass --chat-template FILE")
     suffix = rendered[rendered.rindex(_SENTINEL) + len(_SENTINEL):]
@@ -79,15 +76,36 @@ def end_of_turn_id(tokenizer) -> Optional[int]:
     return None
 
 
-def encode_prompt(tokenizer, prompt_messages: list[dict]) -> list[int]:
-    text = tokenizer.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: str = "") -> str:
+    """The chat template applied to `messages`, as text. A template that fails
+    (a Jinja syntax error, or one that raises on these roles) is named."""
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+        at = f"{where}: " if where else ""
+        raise MduError(f"{at}the chat template fails ({type(err).__name__}: {err}); fix it, or pass "
+                       "--chat-template FILE with one that renders user and assistant turns") from None
+    if not isinstance(text, str):
+        raise MduError("the chat template does not render text; pass --chat-template FILE")
+    return text
+
+
+def encode_prompt(tokenizer, prompt_messages: list[dict], where: str = "") -> list[int]:
+    text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True, where=where)
     # The template already writes BOS and every special token as text.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_dataset(dataset: Dataset, tokenizer, max_length: int) -> list[Example]:
+def encode_dataset(dataset: Dataset, tokenizer, max_length: int, positions: Optional[int] = None) -> list[Example]:
     """Tokenise every record; a prompt that leaves no room for the response is an
-    error naming its line, a response that does not fit is cut (one warning)."""
+    error naming its line, a response that does not fit is cut (one warning).
+
+    `positions` is the longest sequence the model takes (from its config): a
+    record longer than that, even after the cut to `max_length`, would run
+    the model past its positions, which trains on garbage rather than failing.
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise MduError(
             "the tokenizer has no chat template; pass --chat-template FILE with a Jinja template "
@@ -96,7 +114,7 @@ def encode_dataset(dataset: Dataset, tokenizer, max_length: int) -> list[Example
     eot = end_of_turn_id(tokenizer)
     examples, problems, cut = [], [], 0
     for record in dataset.records:
-        prompt_ids = encode_prompt(tokenizer, record.prompt_messages)
+        prompt_ids = encode_prompt(tokenizer, record.prompt_messages, where=record.source)
         response_ids = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
         if eot is not None:
             response_ids.append(eot)
@@ -113,6 +131,15 @@ def encode_dataset(dataset: Dataset, tokenizer, max_length: int) -> list[Example
             response_ids = response_ids[:room]
         if not response_ids:
             problems.append(f"{record.source}: the response tokenises to nothing; give a non-empty answer")
+            continue
+        if positions is not None and len(prompt_ids) + len(response_ids) > positions:
+            problems.append(
+                f"{record.source}: the record is {len(prompt_ids) + len(response_ids)} tokens, more than the "
+                f"{positions} positions the model takes; lower --max-length to {positions} or shorten the record"
+                if len(prompt_ids) < positions else
+                f"{record.source}: the prompt alone is {len(prompt_ids)} tokens, more than the {positions} "
+                "positions the model takes; shorten the prompt"
+            )
             continue
         examples.append(Example(tuple(prompt_ids), tuple(response_ids), truncated))
     if problems:

@@ -74,6 +74,23 @@ def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
             return steps
 
 
+def lr_schedule(warmup: int, total: int):
+    """The learning-rate factor of optimizer step k (0-based): linear warmup
+    over `warmup` steps, then cosine decay over the rest.
+
+    Unlike the usual schedule, no step gets a factor of 0: the first warmup
+    step runs at 1/(warmup+1), and the last step of the decay stays above 0.
+    A short run (--max-steps 1 with warmup) would otherwise take its only step
+    at learning rate 0 and write an unchanged model.
+    """
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (k - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
 def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
     """Endless micro-batches from successive shuffled passes over n rows."""
     size = min(batch_size, n)
@@ -169,11 +186,8 @@ def train(
 
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
-    from transformers import get_cosine_schedule_with_warmup
-
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * len(plan)), num_training_steps=len(plan)
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(math.ceil(cfg.warmup_ratio * len(plan)), len(plan)))
     result = TrainResult(steps=len(plan))
     done = 0
     # Under FSDP each rank holds shards of the weights and of the optimizer:
@@ -185,18 +199,23 @@ def train(
                            + " FSDP; resume it with the same kind of launch")
         # Everything that decides the next step: weights, optimizer, schedule,
         # the noise generator and the retain stream (replayed: it is indices only).
-        if not sharded:
-            trainable = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, tensor in resume_from.trainable.items():
-                    trainable[name].copy_(tensor)
-            optimizer.load_state_dict(resume_from.optimizer)
-        scheduler.load_state_dict(resume_from.scheduler)
-        if len(resume_from.generators["noise"]) != processes:
-            raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
-                           f"resume with the same number (this run has {processes})")
-        noise_generator.set_state(resume_from.generators["noise"][rank])
-        torch.set_rng_state(resume_from.torch_rng[rank])
+        try:
+            if not sharded:
+                trainable = dict(model.named_parameters())
+                with torch.no_grad():
+                    for name, tensor in resume_from.trainable.items():
+                        trainable[name].copy_(tensor)
+                optimizer.load_state_dict(resume_from.optimizer)
+            scheduler.load_state_dict(resume_from.scheduler)
+            if len(resume_from.generators["noise"]) != processes:
+                raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
+                               f"resume with the same number (this run has {processes})")
+            noise_generator.set_state(resume_from.generators["noise"][rank])
+            torch.set_rng_state(resume_from.torch_rng[rank])
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
+            # Only an altered state gets here: the fingerprint matched the options.
+            raise MduError(f"{state_dir}: the saved state does not fit this model ({type(err).__name__}); run "
+                           "without --resume and with --overwrite to start over") from None
         done = resume_from.step
         result.history = list(resume_from.history)
         if retain_batches is not None:

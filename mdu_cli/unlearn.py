@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from mdu_cli import __version__
-from mdu_cli.checkpoint import check_out_dir, new_staging_dir, publish, write_adapter, write_model
+from mdu_cli.checkpoint import write_adapter, write_model
 from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
@@ -34,9 +34,11 @@ from mdu_cli.errors import MduError
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
-from mdu_cli.lora import AdapterOffAnchor, apply_lora
-from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, resolve_device,
-                             resolve_source)
+from mdu_cli.lora import AdapterOffAnchor, apply_lora, check_targets
+from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
+                             resolve_device, resolve_source)
+from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, new_staging_dir, publish,
+                                     remove_leftovers)
 from mdu_cli.resume import fingerprint, load_state, state_dir_for
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
@@ -62,6 +64,8 @@ class UnlearnResult:
             "wall_time_s": self.record["wall_time_s"],
             "delta_rel_l2": self.record["delta"]["rel_l2"],
             "top_layers": self.record["delta"]["top_layers"],
+            "tensors_changed": self.record["delta"]["tensors_changed"],
+            "tensors_compared": self.record["delta"]["tensors_compared"],
         }
 
 
@@ -157,17 +161,84 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
     return report
 
 
-def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
-    started = time.perf_counter()
+def _inputs(cfg: UnlearnConfig, out: Path) -> list[Path]:
+    """Every path the run reads that the user owns: what no output may replace."""
+    paths = [Path(p) for p in (cfg.forget, cfg.retain, cfg.config_file, cfg.chat_template) if p]
+    model = Path(cfg.model).expanduser()
+    if model.exists():
+        paths.append(model)
+    if cfg.resume:
+        paths.append(state_dir_for(out))
+    return paths
+
+
+_BYTES_PER_DTYPE = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
+
+
+def expected_output_bytes(source, cfg: UnlearnConfig, weight_dtype: torch.dtype) -> int:
+    """About how many bytes the run writes (the weights, and with --save-every
+    the resumable state: weights and two AdamW moments), from the base's files.
+    0 when the size is not known before download (a single-file Hub model)."""
+    files = [p for p in source.path.glob("*.safetensors") if p.is_file()]
+    if files:
+        base = sum(p.stat().st_size for p in files)
+    else:
+        try:
+            index = json.loads((source.path / "model.safetensors.index.json").read_text(encoding="utf-8"))
+            base = int(index["metadata"]["total_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+    stored = _BYTES_PER_DTYPE.get(str(source.config.get("torch_dtype") or source.config.get("dtype")), 0)
+    written = base * weight_dtype.itemsize // stored if stored else base
+    if cfg.lora:
+        # An adapter, or merged weights; the state holds only the adapter.
+        return 0 if cfg.save_adapter else written
+    return written + (3 * written if cfg.save_every else 0)
+
+
+@dataclass
+class PreparedRun:
+    """Everything `mdu unlearn` settles before any weights load: every check
+    that can fail cheaply has passed once this exists."""
+
+    cfg: UnlearnConfig
+    out: Path
+    inputs: list[Path]
+    source: Any
+    family: Any
+    trust: bool
+    tokenizer: Any
+    mask_token_id: int
+    forget_data: Any
+    retain_data: Any
+    forget: list
+    retain: list
+    device: str
+    dtype_name: str
+    weight_dtype: torch.dtype
+    mixed_precision: str
+    state_dir: Path
+    state_key: str
+
+
+def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
+    """The checks, in the order that fails cheapest first: the output location
+    against the inputs, the data files, the checkpoint's small files (family,
+    remote-code policy, tokenizer, mask token), the tokenised lengths against
+    --max-length and the model's positions, the device."""
+    # Absolute from here on: "--out ." must name a directory, not "", for the
+    # siblings (staging, lock, state) that sit beside it.
+    out = Path(os.path.abspath(Path(cfg.out).expanduser() if cfg.out else default_out_dir(cfg)))
+    cfg = dataclasses.replace(cfg, out=str(out))  # record where it went, default or not
+    inputs = _inputs(cfg, out)
+    # Before anything else: no input may be, or lie inside, what the run replaces.
+    local_model = Path(cfg.model).expanduser()
+    check_out_dir(out, cfg.overwrite, base_dir=local_model if local_model.is_dir() else None, protected=inputs)
     forget_data = load_dataset(cfg.forget)
     retain_data = load_dataset(cfg.retain) if cfg.retain else None
-    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
-    cfg = dataclasses.replace(cfg, out=str(out))  # record where it went, default or not
-    data_paths = [forget_data.path] + ([retain_data.path] if retain_data else [])
-    check_out_dir(out, cfg.overwrite, protected=data_paths)
 
     source = resolve_source(cfg.model, cfg.revision)
-    check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
+    check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=inputs)
     if cfg.family:
         check_not_autoregressive(source.config, source.name)
         family = FAMILIES[cfg.family]
@@ -176,29 +247,62 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
     trust = decide_remote_code(source, cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, trust, cfg.chat_template)
     mask_token_id = resolve_mask_token_id(family, source.config, tokenizer, source.name)
-    forget = encode_dataset(forget_data, tokenizer, cfg.max_length)
-    retain = encode_dataset(retain_data, tokenizer, cfg.max_length) if retain_data else []
+    positions = max_positions(source.config)
+    forget = encode_dataset(forget_data, tokenizer, cfg.max_length, positions)
+    retain = encode_dataset(retain_data, tokenizer, cfg.max_length, positions) if retain_data else []
     device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
-
-    state_dir = state_dir_for(out)
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None})
-    resume_from = None
-    if cfg.resume:
-        resume_from = load_state(state_dir, state_key)
-        if resume_from is None:
-            log.info("Notice: no saved state in %s; starting from the beginning", state_dir)
-        if is_main_process_env():
-            for stale in out.parent.glob(f".{out.name}.partial-*"):
-                shutil.rmtree(stale, ignore_errors=True)  # left by the run that was killed
-    elif (state_dir / "progress.json").is_file() and not cfg.overwrite:
-        raise MduError(f"{state_dir} holds the state of an interrupted run; pass --resume to continue it, "
-                       "or --overwrite to start over")
+    return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
+                       forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
+                       state_key)
 
+
+def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
+    started = time.perf_counter()
+    run = prepare_run(cfg)
+    cfg, out, state_dir = run.cfg, run.out, run.state_dir
+    # Only the main process writes: it holds the lock on the output for the
+    # whole run, clears what killed runs left, and checks the room there.
+    is_main_env = is_main_process_env()
+    lock = OutputLock(out).acquire() if is_main_env else None
+    staging = None
+    try:
+        if is_main_env:
+            remove_leftovers(out, protected=run.inputs)
+        resume_from = None
+        if cfg.resume:
+            resume_from = load_state(state_dir, run.state_key)
+            if resume_from is None:
+                log.info("Notice: no saved state in %s; starting from the beginning", state_dir)
+        elif (state_dir / "progress.json").is_file() and not cfg.overwrite:
+            raise MduError(f"{state_dir} holds the state of an interrupted run; pass --resume to continue it, "
+                           "or --overwrite to start over")
+        if is_main_env:
+            staging = new_staging_dir(out)
+            check_free_space(out.parent, expected_output_bytes(run.source, cfg, run.weight_dtype), "the output")
+        return _train_and_write(run, resume_from, staging, started, show_progress, keep_model)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], started: float, show_progress: bool,
+                     keep_model: bool) -> UnlearnResult:
+    """Load the weights, train, and write the output into `staging` (main
+    process), then publish it."""
+    cfg, source, out, family, trust = run.cfg, run.source, run.out, run.family, run.trust
+    forget, retain, weight_dtype, device = run.forget, run.retain, run.weight_dtype, run.device
     fetch_weights(source)
+    if cfg.lora:
+        check_targets(cfg.lora_targets, open_directory(source.path, source.name).tensors)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=run.mixed_precision)
     is_main = accelerator.is_main_process
     if accelerator.num_processes > 1 and not is_main:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
@@ -226,17 +330,15 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         enable_gradient_checkpointing(model)
     log.info(
         "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
-        len(forget), len(retain), source.name, family.name, mask_token_id, device, dtype_name,
+        len(forget), len(retain), source.name, family.name, run.mask_token_id, device, run.dtype_name,
     )
 
-    # Only the main process writes: the output, the log, the saved state.
-    staging = new_staging_dir(out) if is_main else None
     try:
         result: TrainResult = train(
-            model, anchor, forget, retain, cfg, family, mask_token_id, pad_token_id(tokenizer),
+            model, anchor, forget, retain, cfg, family, run.mask_token_id, pad_token_id(run.tokenizer),
             accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
             show_progress=show_progress and is_main,
-            state_dir=state_dir, state_key=state_key,
+            state_dir=run.state_dir, state_key=run.state_key,
             resume_from=resume_from,
         )
         accelerator.wait_for_everyone()
@@ -263,8 +365,14 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         else:
             if cfg.lora:
                 model = model.merge_and_unload()  # full weights, loadable exactly like the base
-            write_model(model, source.path, staging, cfg.max_shard_size, state_dict=full_state)
+            write_model(model, source.path, staging, cfg.shard_size_bytes, state_dict=full_state)
         delta = write_delta_report(source, staging, out, show_progress)
+        changed = sum(1 for tensor in delta["tensors"] if tensor["frac_changed"] > 0)
+        if changed == 0:
+            # An unchanged model written as "unlearned" would be worse than no
+            # output: someone could publish it believing the data forgotten.
+            raise MduError(f"no weight changed in {result.steps} steps (the updates rounded away, or every gradient "
+                           "was zero); nothing was written. Raise --lr or --max-steps, or train in --dtype fp32")
         record = {
             "tool": "mdu",
             "version": __version__,
@@ -274,18 +382,20 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
             "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
                            "license": read_license(source.path)},
             "family": family.name,
-            "mask_token_id": mask_token_id,
-            "data": {"forget": forget_data.summary(), "retain": retain_data.summary() if retain_data else None},
+            "mask_token_id": run.mask_token_id,
+            "data": {"forget": run.forget_data.summary(),
+                     "retain": run.retain_data.summary() if run.retain_data else None},
             "truncated_responses": {"forget": sum(e.truncated for e in forget),
                                     "retain": sum(e.truncated for e in retain)},
             "seed": cfg.seed,
             "device": device,
-            "dtype": dtype_name,
+            "dtype": run.dtype_name,
             "steps": result.steps,
             "wall_time_s": round(time.perf_counter() - started, 3),
             "peak_memory_bytes": _peak_memory_bytes(device),
             "losses": {"forget": result.first_last("forget_loss"), "retain": result.first_last("retain_loss")},
-            "delta": {"rel_l2": delta["total"]["rel_l2"],
+            "delta": {"rel_l2": delta["total"]["rel_l2"], "tensors_changed": changed,
+                      "tensors_compared": len(delta["tensors"]),
                       "top_layers": [{"layer": x["layer"], "rel_l2": x["rel_l2"]} for x in top_layers(delta)]},
             "environment": {
                 "python": platform.python_version(),
@@ -295,13 +405,9 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
         }
         (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         (staging / CARD_NAME).write_text(render_card(staging, title=out.name), encoding="utf-8")
-        check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=data_paths)
+        check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=run.inputs)
         publish(staging, out)
-        shutil.rmtree(state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
+        shutil.rmtree(run.state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
     finally:
         # Close the process group before this rank leaves: the other ranks
         # return while the main process is still writing, and an interpreter

@@ -63,6 +63,8 @@ def fake_hub_model(hf_home: Path, repo_id: str, source: Path, commit: str) -> No
     import shutil
 
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    if (repo / "snapshots" / commit).is_dir():
+        return  # laid out already by another module's fixture
     shutil.copytree(source, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)

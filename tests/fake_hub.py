@@ -1,10 +1,12 @@
 """A stand-in for the Hugging Face Hub's HTTP API on 127.0.0.1, for push tests.
 
 It answers the handful of endpoints that huggingface_hub's `create_repo`,
-`create_branch` and `upload_folder` call, and records every request so that
-tests can check what the real client sent: the headers, the created repo,
-and each committed file's path and bytes. `fail_with` makes repo creation
-answer an error status, to test how failures are reported.
+`create_branch`, `list_repo_files` and `create_commit` call, and records
+every request so that tests can check what the real client sent: the
+headers, the created repo, each committed file's path and bytes, and each
+deletion. It keeps each revision's files, so a second push sees what the
+first left. `fail_with` makes repo creation answer an error status; `silent`
+makes every request wait without an answer (a Hub that never replies).
 """
 
 from __future__ import annotations
@@ -22,15 +24,22 @@ class FakeHub:
         self.commits: list[dict] = []
         self.created: list[dict] = []
         self.fail_with: int | None = None
+        self.silent = threading.Event()
+        self.released = threading.Event()  # set on exit, so silent handlers end
+        self.trees: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> files
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for the loop to notice it.
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                                       daemon=True)
 
     def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
+        self.released.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -47,7 +56,7 @@ class FakeHub:
             def log_message(self, *args):  # keep test output clean
                 pass
 
-            def _reply(self, status: int, payload: dict) -> None:
+            def _reply(self, status: int, payload) -> None:
                 body = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -57,11 +66,34 @@ class FakeHub:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _hold_if_silent(self) -> bool:
+                if hub.silent.is_set():
+                    hub.released.wait(timeout=60)
+                    return True
+                return False
+
+            def do_GET(self):
+                hub.requests.append({"method": "GET", "path": self.path,
+                                     "headers": {k.lower(): v for k, v in self.headers.items()}, "body": b""})
+                if self._hold_if_silent():
+                    return
+                from urllib.parse import unquote
+
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/?]+)", self.path.split("?")[0])
+                if not match:
+                    return self._reply(404, {"error": f"unknown endpoint {self.path}"})
+                repo, revision = match.group(1), unquote(match.group(2))
+                files = hub.trees.get((repo, revision), {".gitattributes": b"*.safetensors filter=lfs\n"})
+                return self._reply(200, [{"type": "file", "path": name, "size": len(data), "oid": "0" * 40}
+                                         for name, data in sorted(files.items())])
+
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
                 hub.requests.append({"method": "POST", "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                      "body": body})
+                if self._hold_if_silent():
+                    return
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":
                     if hub.fail_with:
@@ -82,13 +114,22 @@ class FakeHub:
                         {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
                 if action == "branch":
                     return self._reply(200, {})
+                from urllib.parse import unquote
+
+                revision = unquote(revision)
                 lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
                 files = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
                          for item in lines if item["key"] == "file"}
+                deleted = [item["value"]["path"] for item in lines if item["key"] == "deletedFile"]
                 header = next(item["value"] for item in lines if item["key"] == "header")
                 create_pr = "create_pr=1" in self.path
                 hub.commits.append({"repo": repo, "revision": revision, "header": header, "files": files,
-                                    "create_pr": create_pr})
+                                    "deleted": deleted, "create_pr": create_pr})
+                if not create_pr:
+                    tree = hub.trees.setdefault((repo, revision), {".gitattributes": b"*.safetensors filter=lfs\n"})
+                    for name in deleted:
+                        tree.pop(name, None)
+                    tree.update(files)
                 return self._reply(200, {
                     "commitUrl": f"{hub.endpoint}/{repo}/commit/{'c' * 40}", "commitOid": "c" * 40,
                     "pullRequestUrl": f"{hub.endpoint}/{repo}/discussions/1" if create_pr else None,

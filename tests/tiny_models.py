@@ -139,6 +139,7 @@ def build_dream(directory: Path, *, seed: int = 0) -> Path:
         "vocab_size": len(tokenizer),
         "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128,
         "mask_token_id": tokenizer.convert_tokens_to_ids("<|mask|>"),
+        "max_position_embeddings": 512,
         "tie_word_embeddings": False,
         "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,

@@ -83,13 +83,16 @@ def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, bl
     """Print the model's completion of PROMPT (low-confidence remasking)."""
     import torch
 
-    from mdu_cli.inference import load_for_inference
+    from mdu_cli.inference import prepare_inference
     from mdu_cli.sampling import generate
 
     if max_new_tokens < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-new-tokens")
-    loaded = load_for_inference(model, trust_remote_code=trust_remote_code, device=device)
-    prompt_ids = loaded.prompt_ids([{"role": "user", "content": prompt}])
+    loaded = prepare_inference(model, trust_remote_code=trust_remote_code, device=device)
+    prompt_ids = loaded.prompt_ids([{"role": "user", "content": prompt}], where="--prompt")
+    loaded.check_length(len(prompt_ids) + max_new_tokens, "--prompt", f"the prompt with --max-new-tokens "
+                        f"{max_new_tokens}")
+    loaded.load_weights()
     [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
                          max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                          temperature=temperature, pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(),

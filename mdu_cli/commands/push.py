@@ -18,15 +18,10 @@ Examples:
 \b
   # Propose it as a pull request to an organisation's repo
   mdu push ./out --repo-id my-org/llada-forgot-x --create-pr --commit-message "Forget set v2"
+\b
+  # A slow link: wait up to five minutes for each Hub answer
+  mdu push ./out --repo-id me/llada-forgot-x --timeout 300
 """
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 @click.command(epilog=EXAMPLES)
@@ -39,8 +34,10 @@ def _size(n: int) -> str:
 @click.option("--token", help="Hub token; default: HF_TOKEN or the `hf auth login` cache. Never printed.")
 @click.option("--regenerate-card", is_flag=True, help="Replace a README.md you wrote with the generated card.")
 @click.option("--dry-run", is_flag=True, help="Print the upload plan and touch no network.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the Hub to connect or answer each request.  [default: MDU_HUB_TIMEOUT or 60]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as one JSON document.")
-def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card, dry_run,
+def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card, dry_run, timeout,
          as_json) -> None:
     """Upload an `mdu unlearn` output DIRECTORY to the Hugging Face Hub.
 
@@ -48,13 +45,19 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
     generation config, tokenizer files, remote-code .py files, the model card
     (README.md, regenerated from mdu_run.json, the delta report and eval.json),
     mdu_run.json and the delta report. Data files, logs and hidden files stay
-    behind. Re-running the same command resumes an interrupted upload.
+    behind. The same commit deletes the revision's model files (weights, index,
+    adapter, config, code, tokenizer, reports) that this output does not have,
+    so the revision holds exactly this model. Nothing in DIRECTORY is changed.
+    Re-running the same command resumes an interrupted upload.
     """
-    from mdu_cli.hub_upload import check_output_dir, plan_upload
+    from mdu_cli.errors import printable
+    from mdu_cli.hub_upload import check_output_dir, plan_upload, validate_repo_id
     from mdu_cli.hub_upload import push as run_push
+    from mdu_cli.output_location import human_size
 
-    if "/" not in repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise click.BadParameter("must be OWNER/NAME", param_hint="--repo-id")
+    problem = validate_repo_id(repo_id)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--repo-id")
     if dry_run:
         check_output_dir(directory)
         plan = plan_upload(directory, regenerate_card, repo_id)
@@ -64,17 +67,24 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
         click.echo(f"Would upload to {repo_id}" + (" (private)" if private else "") + ":")
         for entry in plan.upload:
             note = "  (card, regenerated)" if entry["path"] == "README.md" and plan.card == "write" else ""
-            click.echo(f"  {_size(entry['size']):>9}  {entry['path']}{note}")
+            if "link_to" in entry:
+                note = f"  (read through the link to {printable(entry['link_to'])})"
+            click.echo(f"  {human_size(entry['size']):>9}  {printable(entry['path'])}{note}")
         click.echo("Left behind:" if plan.skip else "Left behind: nothing")
         for entry in plan.skip:
-            click.echo(f"  {_size(entry['size']):>9}  {entry['path']}  ({entry['reason']})")
+            click.echo(f"  {human_size(entry['size']):>9}  {printable(entry['path'])}  ({entry['reason']})")
+        click.echo("Deleted from the revision in the same commit: its weight, index, adapter, config, code, "
+                   "tokenizer and report files that are not uploaded here (listed when pushing)")
         return
 
     result = run_push(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
-                      commit_message=commit_message, token=token, regenerate_card=regenerate_card)
+                      commit_message=commit_message, token=token, regenerate_card=regenerate_card, timeout=timeout)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
     click.echo(f"Uploaded {len(result.plan.upload)} files to {result.repo_url}")
+    if result.plan.delete:
+        click.echo(f"Deleted {len(result.plan.delete)} stale files: "
+                   + ", ".join(printable(path) for path in result.plan.delete))
     if result.pr_url:
         click.echo(f"Pull request: {result.pr_url}")

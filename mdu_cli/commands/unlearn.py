@@ -95,6 +95,8 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
         name: value for name, value in flags.items()
         if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
+    if config_file:
+        typed["config_file"] = str(config_file)
     cfg = build_config(file_options, typed)
 
     from mdu_cli.unlearn import run_unlearn
@@ -111,7 +113,8 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
                f"(forget loss {forget['first']:.4f} -> {forget['last']:.4f}"
                + (f", retain loss {summary['retain_loss']['first']:.4f} -> {summary['retain_loss']['last']:.4f}"
                   if summary["retain_loss"]["first"] is not None else "")
-               + f", {summary['wall_time_s']:.1f}s)")
+               + f", {summary['wall_time_s']:.1f}s; {summary['tensors_changed']} of {summary['tensors_compared']} "
+               "tensors changed)")
     if summary["top_layers"]:
         click.echo("Layers that moved most (relative L2): " + ", ".join(
             f"{entry['layer']} ({entry['rel_l2']:.2e})" for entry in summary["top_layers"]))

@@ -1,0 +1,503 @@
+"""Files and flags a careless or malicious user could hand `mdu`.
+
+One test per class of failure. Each asserts the exit code, that the error is
+one `Error:` line (no traceback, never "unexpected"), and that every input
+is byte-identical afterwards. Where a check must come before the expensive
+work, loading the weights is made to fail loudly: a test that reaches it
+sees "weights loaded" instead of the expected message.
+"""
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from conftest import FORGET_RECORDS, fake_hub_model, write_jsonl
+from mdu_cli.cli import cli
+from mdu_cli.output_location import OutputLock
+from test_push import SECRET, hub, unlearned  # noqa: F401  (fixtures)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def snapshot(*paths) -> dict:
+    """Every file under `paths` (links recorded as links), with its bytes."""
+    files = {}
+    for path in map(Path, paths):
+        entries = [path] if not path.is_dir() or path.is_symlink() else sorted(path.rglob("*"))
+        for entry in entries:
+            if entry.is_symlink():
+                files[str(entry)] = ("link", os.readlink(entry))
+            elif entry.is_file():
+                files[str(entry)] = entry.read_bytes()
+    return files
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error")]
+    assert errors, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not any(line.startswith("Error: unexpected") for line in lines), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture
+def no_weight_loads(monkeypatch):
+    """Loading weights fails loudly: the checks under test must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr("mdu_cli.unlearn.load_model", refuse)
+    monkeypatch.setattr("mdu_cli.inference.load_model", refuse)
+
+
+@pytest.fixture
+def base_copy(llada_dir, tmp_path):
+    copy = tmp_path / "base"
+    shutil.copytree(llada_dir, copy)
+    return copy
+
+
+# ---- push -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def push_dir(unlearned, tmp_path):  # noqa: F811
+    directory = tmp_path / "out"
+    shutil.copytree(unlearned, directory)
+    return directory
+
+
+def test_push_uploads_exactly_its_plan_never_names_as_patterns(hub, push_dir):  # noqa: F811
+    (push_dir / "*.py").write_text("print('glob')\n")
+    (push_dir / ".hidden").mkdir()
+    (push_dir / ".hidden" / "creds.py").write_text(f"TOKEN = '{SECRET}'\n")
+    (push_dir / "sub").mkdir()
+    (push_dir / "sub" / "x.py").write_text("secret = 1\n")
+    (push_dir / "[a-z]*.json").write_text("{}")
+    before = snapshot(push_dir)
+    plan = json.loads(run("push", push_dir, "--repo-id", "me/x", "--dry-run", "--json").stdout)
+    result = run("push", push_dir, "--repo-id", "me/x")
+    assert result.exit_code == 0, result.stderr
+    committed = hub.committed_files()
+    assert set(committed) == {entry["path"] for entry in plan["upload"]}
+    assert not any("creds" in p or p.startswith("sub/") or "*" in p or "[" in p for p in committed)
+    assert SECRET.encode() not in b"".join(committed.values())
+    assert snapshot(push_dir) == before  # the card went up from memory; the directory is untouched
+
+
+def test_push_leaves_the_revision_holding_exactly_this_model(hub, push_dir, tmp_path):  # noqa: F811
+    before = snapshot(push_dir)
+    assert run("push", push_dir, "--repo-id", "me/x").exit_code == 0
+    # The same model re-saved in shards: the single-file weights on the Hub are now stale.
+    sharded = tmp_path / "sharded"
+    shutil.copytree(push_dir, sharded)
+    from safetensors.torch import load_file
+
+    tensors = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), start=1):
+        file = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, sharded / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    hub.trees[("me/x", "main")]["adapter_config.json"] = b"{}"  # left by an even older push
+    hub.trees[("me/x", "main")]["notes.md"] = b"the user's own file"
+    result = run("push", sharded, "--repo-id", "me/x", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["delete"]) == ["adapter_config.json", "model.safetensors"]
+    assert hub.commits[-1]["deleted"] == ["adapter_config.json", "model.safetensors"]
+    tree = set(hub.trees[("me/x", "main")])
+    assert "model.safetensors" not in tree and "model.safetensors.index.json" in tree
+    assert {"notes.md", ".gitattributes"} <= tree  # files mdu does not manage stay
+    assert snapshot(push_dir) == before
+
+
+@pytest.mark.parametrize("case", ["dangling", "outside", "fifo"])
+def test_push_links_and_odd_files_are_named_before_any_network_call(hub, push_dir, tmp_path, case):  # noqa: F811
+    if case == "dangling":
+        (push_dir / "config.json").unlink()
+        (push_dir / "config.json").symlink_to(tmp_path / "nowhere.json")
+        expected = "a symbolic link to nothing"
+    elif case == "outside":
+        secret = tmp_path / "secret.safetensors"
+        shutil.move(push_dir / "model.safetensors", secret)
+        (push_dir / "model.safetensors").symlink_to(secret)
+        expected = "leads outside"
+    else:
+        (push_dir / "tokenizer.json").unlink()
+        os.mkfifo(push_dir / "tokenizer.json")
+        expected = "not a regular file"
+    before = snapshot(push_dir, tmp_path / "secret.safetensors")
+    result = run("push", push_dir, "--repo-id", "me/x")
+    assert_one_line_error(result, 1, expected)
+    assert hub.requests == [] and hub.commits == []
+    assert snapshot(push_dir, tmp_path / "secret.safetensors") == before
+
+
+def test_push_reads_through_a_link_inside_the_directory(hub, push_dir):  # noqa: F811
+    (push_dir / "store").mkdir()
+    shutil.move(push_dir / "model.safetensors", push_dir / "store" / "weights.bin")
+    (push_dir / "model.safetensors").symlink_to(Path("store") / "weights.bin")
+    result = run("push", push_dir, "--repo-id", "me/x")
+    assert result.exit_code == 0, result.stderr
+    assert hub.committed_files()["model.safetensors"] == (push_dir / "store" / "weights.bin").read_bytes()
+    assert "store/weights.bin" not in hub.committed_files()
+
+
+def test_push_to_a_silent_hub_ends_in_a_named_timeout(hub, push_dir):  # noqa: F811
+    hub.silent.set()
+    before = snapshot(push_dir)
+    result = run("push", push_dir, "--repo-id", "me/x", "--timeout", "0.5")
+    assert_one_line_error(result, 1, "did not answer within 0.5 s")
+    assert snapshot(push_dir) == before
+
+
+def test_push_repo_id_is_checked_first_and_listings_escape_control_characters(hub, push_dir):  # noqa: F811
+    result = run("push", push_dir / "missing", "--repo-id", "me/bad name")
+    assert result.exit_code == 2 and "--repo-id" in result.stderr and hub.requests == []
+    (push_dir / "evil\x1b[2J\nname.csv").write_text("x")
+    listing = run("push", push_dir, "--repo-id", "me/x", "--dry-run")
+    assert listing.exit_code == 0, listing.stderr
+    assert "\x1b" not in listing.stdout and "evil\\x1b[2J\\nname.csv" in listing.stdout
+
+
+def test_adapter_card_describes_an_adapter(hf_home, llada_dir, forget_file, tmp_path, request):
+    fake_hub_model(hf_home, "GSAI-ML/adapter-base", llada_dir, "a" * 40)
+    out = tmp_path / "adapter"
+    result = run("unlearn", "--model", "GSAI-ML/adapter-base", "--forget", forget_file, "--out", out,
+                 "--max-steps", 1, "--lora", "--lora-r", 2, "--save-adapter")
+    assert result.exit_code == 0, result.stderr
+    hub = request.getfixturevalue("hub")  # online only for the push: unlearn must not need the network  # noqa: F811
+    assert run("push", out, "--repo-id", "me/adapter").exit_code == 0
+    card = hub.committed_files()["README.md"].decode()
+    import yaml
+
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "peft" and meta["base_model_relation"] == "adapter"
+    assert meta["base_model"] == "GSAI-ML/adapter-base"
+
+
+# ---- diff -------------------------------------------------------------------------------------------------------
+
+def _checkpoint(directory: Path, tensors=None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors or {"w": torch.ones(4, 4), "b": torch.zeros(4)}, directory / "model.safetensors")
+    return directory
+
+
+@pytest.mark.parametrize("option, target", [("--json", "other/model.safetensors"), ("--md", "base/model.safetensors"),
+                                            ("--plot", "link.png"), ("--json", "base/../other/model.safetensors")])
+def test_diff_never_writes_over_a_file_it_reads(tmp_path, option, target):
+    base, other = _checkpoint(tmp_path / "base"), _checkpoint(tmp_path / "other")
+    (tmp_path / "link.png").symlink_to(other / "model.safetensors")
+    before = snapshot(base, other)
+    result = run("diff", base, other, option, tmp_path / target)
+    assert_one_line_error(result, 1, "which this command reads")
+    assert snapshot(base, other) == before
+
+
+def _raw_safetensors(path: Path, header: str, data: bytes = b"") -> Path:
+    raw = header.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def test_diff_reads_every_integer_dtype_and_names_unsupported_ones(tmp_path):
+    for name, kind in (("u32", torch.uint32), ("u16", torch.uint16), ("u64", torch.uint64)):
+        tensor = torch.arange(6).to(kind)
+        a, b = tmp_path / f"{name}-a.safetensors", tmp_path / f"{name}-b.safetensors"
+        save_file({"t": tensor}, a)
+        save_file({"t": (torch.arange(6) + 1).to(kind)}, b)
+        result = run("diff", a, b, "--json", tmp_path / f"{name}.json", "-q")
+        assert result.exit_code == 0, result.stderr
+        entry = json.loads((tmp_path / f"{name}.json").read_text())["tensors"][0]
+        assert entry["max_abs"] == 1.0 and entry["frac_changed"] == 1.0
+    packed = _raw_safetensors(tmp_path / "f4.safetensors", json.dumps({"t": {"dtype": "F4", "shape": [4],
+                                                                              "data_offsets": [0, 2]}}), b"\x12\x34")
+    result = run("diff", packed, packed)
+    assert_one_line_error(result, 1, "F4 (packed 4-bit floats)", "cannot compare", "the safetensors file itself is fine")
+    assert "corrupt" not in result.stderr
+
+
+MALFORMED = {
+    "string offsets": {"t": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}},
+    "negative shape": {"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+    "fractional shape": {"t": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}},
+    "boolean shape": {"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}},
+    "overlap": {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}},
+    "gap": {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}},
+    "entry not an object": {"t": [1, 2, 3]},
+    "unknown dtype": {"t": {"dtype": "SECRETDTYPE", "shape": [1], "data_offsets": [0, 4]}},
+}
+
+
+@pytest.mark.parametrize("case", [*MALFORMED, "duplicate names", "deep nesting", "odd name"])
+def test_diff_names_malformed_headers_without_echoing_the_file(tmp_path, case):
+    if case == "duplicate names":
+        header = ('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                  '"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}')
+    elif case == "deep nesting":
+        header = '{"t": ' + "[" * 100000 + "]" * 100000 + "}"
+    elif case == "odd name":
+        header = json.dumps({"SECRET\x1b]evil": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}})
+    else:
+        header = json.dumps(MALFORMED[case])
+    path = _raw_safetensors(tmp_path / "bad.safetensors", header, b"\x00" * 8)
+    good = tmp_path / "good.safetensors"
+    save_file({"t": torch.zeros(1)}, good)
+    before = snapshot(path, good)
+    result = run("diff", good, path)
+    assert_one_line_error(result, 1, "not a valid safetensors file")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "SECRET" not in result.stderr and "\x1b" not in result.stderr
+    assert snapshot(path, good) == before
+
+
+def test_diff_refuses_a_shard_linked_from_outside_the_checkpoint(tmp_path):
+    base = _checkpoint(tmp_path / "base")
+    elsewhere = _checkpoint(tmp_path / "elsewhere")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").symlink_to(elsewhere / "model.safetensors")
+    result = run("diff", base, other)
+    assert_one_line_error(result, 1, "leads outside the checkpoint directory")
+    (other / "model.safetensors").unlink()
+    (other / "model-00001-of-00001.safetensors").symlink_to(elsewhere / "model.safetensors")
+    (other / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"w": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"}}))
+    result = run("diff", base, other)
+    assert_one_line_error(result, 1, "leads outside the checkpoint directory")
+
+
+# ---- unlearn, eval, generate, config ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("victim", ["config", "chat_template", "forget", "base", "state"])
+def test_overwrite_never_deletes_an_input(victim, llada_dir, tmp_path, no_weight_loads):
+    work = tmp_path / "work"
+    work.mkdir()
+    forget = write_jsonl(work / "forget.jsonl", FORGET_RECORDS)
+    shutil.copy(llada_dir / "chat_template.jinja", work / "template.jinja")
+    model = llada_dir
+    if victim == "base":
+        model = work / "model"
+        shutil.copytree(llada_dir, model)
+    args = ["--forget", forget, "--chat-template", work / "template.jinja"]
+    if victim == "state":
+        state = tmp_path / "run.mdu-state"
+        state.mkdir()
+        (state / "progress.json").write_text("{}")
+        # --out names the saved state of another run: replacing it would delete what --resume reads
+        args += ["--out", state, "--overwrite"]
+    else:
+        args += ["--overwrite"]
+    config = work / "run.yaml"
+    config.write_text(f"model: {model}\nout: .\n" if victim != "state" else f"model: {model}\n")
+    before = snapshot(work, tmp_path / "run.mdu-state")
+    result = run("unlearn", "--config", config, *args)
+    assert_one_line_error(result, 1, "choose another")
+    assert snapshot(work, tmp_path / "run.mdu-state") == before
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("overwrite: \"false\"\n", "run.yaml:3: overwrite must be true or false"),
+    ("tau: [1, 2]\n", "run.yaml:3: tau must be a single number, got a list"),
+    ("family: {a: b}\n", "run.yaml:3: family must be a single text value, got a mapping"),
+    ("forget: g.jsonl\n", "run.yaml:3: forget is set twice (also on line 2)"),
+    ("max-steps: 2.5\n", "run.yaml:3: max-steps must be a whole number"),
+    ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+     "e: [*d, *d, *d, *d, *d, *d, *d, *d, *d]\n", "YAML aliases"),
+])
+def test_config_files_are_typed_with_file_and_line(text, fragment, llada_dir, forget_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {llada_dir}\nforget: {forget_file}\n{text}")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier output")
+    before = snapshot(config, forget_file, out)
+    result = run("unlearn", "--config", config, "--out", out)
+    assert_one_line_error(result, 2, fragment)
+    assert snapshot(config, forget_file, out) == before
+
+
+def test_billion_laughs_fails_fast_in_a_fresh_process(tmp_path):
+    # Bounded by the alias count, not by time: a file that expanded would hang this subprocess.
+    config = tmp_path / "run.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    config.write_text("\n".join(lines + ["model: *a9", ""]))
+    done = subprocess.run([sys.executable, "-m", "mdu_cli", "unlearn", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "YAML aliases" in done.stderr
+
+
+@pytest.mark.parametrize("case", ["shard size", "out under a file", "no space", "record too long"])
+def test_options_location_and_lengths_are_checked_before_the_weights_load(case, llada_dir, forget_file, tmp_path,
+                                                                          monkeypatch, no_weight_loads):
+    args = ["--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "out"]
+    code, fragment = 1, None
+    if case == "shard size":
+        args += ["--max-shard-size", "banana"]
+        code, fragment = 2, "--max-shard-size must be a size"
+    elif case == "out under a file":
+        (tmp_path / "blocker").write_text("a file where a directory would have to be")
+        args[-1] = tmp_path / "blocker" / "out"
+        fragment = "choose a writable --out"
+    elif case == "no space":
+        import shutil as real_shutil
+
+        usage = real_shutil.disk_usage(tmp_path)
+        monkeypatch.setattr("mdu_cli.output_location.shutil.disk_usage",
+                            lambda path: usage._replace(free=1000))
+        fragment = "free, but the output needs about"
+    else:
+        base = tmp_path / "short-base"
+        shutil.copytree(llada_dir, base)
+        config = json.loads((base / "config.json").read_text())
+        config["max_sequence_length"] = 24
+        (base / "config.json").write_text(json.dumps(config))
+        args[1] = base
+        fragment = f"{forget_file}:1: the record is"
+    before = snapshot(forget_file, llada_dir)
+    result = run("unlearn", *args)
+    assert_one_line_error(result, code, fragment)
+    assert snapshot(forget_file, llada_dir) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "nothing half-written"
+
+
+def test_generation_past_the_positions_is_named(llada_dir, tmp_path, no_weight_loads):
+    before = snapshot(llada_dir)
+    result = run("generate", llada_dir, "--prompt", "who wrote the book ?", "--max-new-tokens", 100000)
+    assert_one_line_error(result, 1, "--prompt: the prompt with --max-new-tokens 100000 is", "positions")
+    forget = write_jsonl(tmp_path / "f.jsonl", FORGET_RECORDS)
+    result = run("eval", llada_dir, "--forget", forget, "--max-new-tokens", 100000)
+    assert_one_line_error(result, 1, f"{forget}:1: the prompt with --max-new-tokens 100000")
+    assert snapshot(llada_dir) == before
+
+
+def test_eval_never_writes_eval_json_over_its_data(unlearned, tmp_path, no_weight_loads):  # noqa: F811
+    model = tmp_path / "model"
+    shutil.copytree(unlearned, model)
+    write_jsonl(model / "eval.json", FORGET_RECORDS)
+    before = snapshot(model)
+    result = run("eval", model, "--forget", model / "eval.json")
+    assert_one_line_error(result, 1, "which this command reads")
+    assert snapshot(model) == before
+
+
+def test_leftovers_of_killed_runs_are_removed_and_a_second_run_is_locked_out(llada_dir, forget_file, tmp_path):
+    out = tmp_path / "out"
+    for name in (".out.partial-dead0001", ".out.old-dead0002", ".out.mdu-state.tmp-dead0003"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    keep = tmp_path / ".out.old-keepme"  # a leftover name, but the user's own data file
+    write_jsonl(keep, FORGET_RECORDS)
+    before = snapshot(forget_file, keep)
+    with OutputLock(out):
+        result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 1)
+        assert_one_line_error(result, 1, "another mdu run is writing", "wait for it to finish")
+        assert (tmp_path / ".out.partial-dead0001").exists(), "nothing is touched while another run holds the lock"
+    result = run("unlearn", "--model", llada_dir, "--forget", keep, "--out", out, "--max-steps", 1)
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.old-keepme"]
+    assert (out / "model.safetensors").is_file()
+    assert snapshot(forget_file, keep) == before
+
+
+def test_a_single_step_with_warmup_moves_the_weights_and_says_how_many(llada_dir, forget_file, tmp_path):
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "o", "--max-steps", 1,
+                 "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert 0 < summary["tensors_changed"] <= summary["tensors_compared"]
+    log = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").open()]
+    assert log[0]["lr"] > 0
+
+
+def test_a_run_that_moves_no_weight_is_an_error_with_no_output(llada_dir, forget_file, tmp_path, monkeypatch):
+    # Every update rounds away: the optimizer steps, but no weight changes.
+    monkeypatch.setattr("torch.optim.AdamW.step", lambda self, closure=None: None)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "o", "--max-steps", 2)
+    assert_one_line_error(result, 1, "no weight changed in 2 steps", "nothing was written")
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
+
+
+def test_missing_tokenizer_is_named(base_copy, forget_file, no_weight_loads):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (base_copy / name).unlink(missing_ok=True)
+    before = snapshot(base_copy, forget_file)
+    result = run("unlearn", "--model", base_copy, "--forget", forget_file, "--out", base_copy.parent / "o")
+    assert_one_line_error(result, 1, f"no tokenizer in {base_copy}", "copy the base model's tokenizer files")
+    assert snapshot(base_copy, forget_file) == before
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: (s / "progress.json").write_text("{not json"), "progress.json: the saved state is damaged"),
+    (lambda s: (s / "training.pt").write_bytes(b"garbage"), "training.pt: the saved state is damaged"),
+    (lambda s: (s / "trainable.safetensors").write_bytes(b"\x00" * 3), "trainable.safetensors: the saved state"),
+])
+def test_corrupt_resume_state_is_named(damage, fragment, llada_dir, forget_file, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    args = ["unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 4,
+            "--save-every", 1]
+    # Stop after the first saved state, as a kill would.
+    from mdu_cli import resume
+
+    real_save = resume.save_state
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mdu_cli.train.save_state", save_then_die)
+    run(*args)
+    monkeypatch.undo()
+    state = tmp_path / "o.mdu-state"
+    assert (state / "progress.json").is_file()
+    damage(state)
+    before = snapshot(state, forget_file)
+    result = run(*args, "--resume")
+    assert_one_line_error(result, 1, fragment, "start over")
+    assert snapshot(state, forget_file) == before
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('{"question": "q", "answer": ' + "[" * 50000 + "]" * 50000 + "}\n", ":1: nested too deeply"),
+    ('{"question": "who \\ud800", "answer": "a"}\n', ':1: field "question" holds an unpaired surrogate'),
+    ('{"question": "q", "answer": "a", "perturbed_answer": ["  "]}\n', ':1: field "perturbed_answer" must be'),
+])
+def test_records_that_used_to_end_in_unexpected(content, fragment, llada_dir, tmp_path, no_weight_loads):
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(content)
+    before = snapshot(forget)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget, "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, f"{forget}{fragment}")
+    assert snapshot(forget) == before
+
+
+def test_broken_chat_template_is_named(llada_dir, forget_file, tmp_path, no_weight_loads):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }")
+    before = snapshot(template, forget_file)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--chat-template", template,
+                 "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, "the chat template fails")
+    assert snapshot(template, forget_file) == before
