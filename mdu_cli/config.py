@@ -25,6 +25,7 @@ KL_DIRECTIONS = ("forward", "reverse", "js")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("mdu", "ga", "npo")
+MAX_STEPS = 10_000_000
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -129,6 +130,15 @@ class UnlearnConfig:
             raise bad("save_every", f"must be a whole number >= 1 (got {self.save_every!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be a whole number >= 1 (got {self.max_steps!r})")
+        # The plan of steps is built up front: a run of billions of steps would
+        # fill the memory before the first one.
+        if self.max_steps is not None and self.max_steps > MAX_STEPS:
+            raise bad("max_steps", f"must be at most {MAX_STEPS:,} (got {self.max_steps:,})")
+        if self.epochs > MAX_STEPS:
+            raise bad("epochs", f"must be at most {MAX_STEPS:,} (got {self.epochs:,})")
+        # Each process seeds generators at seed + a few + 1000 x rank; torch takes 64 bits.
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**62:
+            raise bad("seed", f"must be a whole number from 0 to 2**62 (got {self.seed!r})")
         if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
             raise bad("lora_alpha", f"must be > 0 (got {self.lora_alpha!r})")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:

@@ -41,6 +41,12 @@ FAMILIES = {
 _AUTOREGRESSIVE_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
 
+def _architectures(config: dict) -> list[str]:
+    """config.json's architectures as a list of names (a damaged file may hold anything)."""
+    value = config.get("architectures")
+    return [str(a) for a in value] if isinstance(value, list) else []
+
+
 def detect_family(config: dict, source: str) -> Family:
     """Recognise the family from a parsed `config.json`.
 
@@ -48,7 +54,7 @@ def detect_family(config: dict, source: str) -> Family:
     from both sides.
     """
     model_type = str(config.get("model_type", "")).lower()
-    architectures = [str(a) for a in config.get("architectures") or []]
+    architectures = _architectures(config)
     if "llada" in model_type or any("llada" in a.lower() for a in architectures):
         return FAMILIES["llada"]
     if "dream" in model_type or any("dream" in a.lower() for a in architectures):
@@ -74,7 +80,7 @@ def autoregressive_error(source: str, architectures: list[str]) -> MduError:
 def check_not_autoregressive(config: dict, source: str) -> None:
     """Refuse an autoregressive checkpoint even when --family was forced: its
     causal attention cannot see the response it would be asked to fill in."""
-    architectures = [str(a) for a in config.get("architectures") or []]
+    architectures = _architectures(config)
     if config.get("auto_map"):
         return  # LLaDA maps AutoModelForCausalLM to its own bidirectional class
     if architectures and all(a.endswith(_AUTOREGRESSIVE_SUFFIXES) for a in architectures):

@@ -28,7 +28,7 @@ def _load_json(path: Path) -> Optional[dict]:
         return None
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise MduError(f"{path}: not valid JSON; the output directory is damaged") from None
     return value if isinstance(value, dict) else None
 
@@ -143,7 +143,15 @@ def _eval_section(evaluation: dict) -> list[str]:
 
 
 def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[str] = None) -> str:
-    out_dir = Path(out_dir)
+    try:
+        return _render_card(Path(out_dir), repo_id, title)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        # Only a hand-edited or damaged run record gets here.
+        raise MduError(f"{out_dir}: mdu_run.json, delta_report.json or eval.json lacks a field the card needs, or "
+                       "holds a value of the wrong type; restore the files `mdu unlearn` wrote") from None
+
+
+def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str]) -> str:
     run = _load_json(out_dir / "mdu_run.json")
     if run is None:
         raise MduError(f"{out_dir}: no mdu_run.json; the card is made from an `mdu unlearn` output")

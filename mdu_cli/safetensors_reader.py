@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -120,7 +121,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     no name twice.
     """
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the open, a device never end
+            raise MduError(f"{path}: not a regular file; give a .safetensors file")
+        size = info.st_size
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:

@@ -58,7 +58,9 @@ def generate(
 
     block_length = min(block_length, max_new_tokens)
     blocks = math.ceil(max_new_tokens / block_length)
-    steps_per_block = max(1, steps // blocks)
+    # More steps than positions in a block commit nothing extra (empty steps are
+    # skipped): capping them keeps a huge --steps from building a huge schedule.
+    steps_per_block = min(block_length, max(1, steps // blocks))
     for block in range(blocks):
         columns = positions[:, block * block_length:(block + 1) * block_length]
         for count in transfer_schedule(columns.shape[1], steps_per_block):

@@ -99,3 +99,53 @@ def forget_file(tmp_path) -> Path:
 @pytest.fixture
 def retain_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "retain.jsonl", RETAIN_RECORDS)
+
+
+# ---- mdu push against a fake Hub (tests/fake_hub.py) ---------------------------------------------------------
+
+SECRET = "hf_SECRETtoken1234567890abcdef"
+
+
+@pytest.fixture(scope="session")
+def unlearned(tmp_path_factory, hf_home, llada_dir):
+    """An `mdu unlearn` output whose base is a Hub id with a license."""
+    import json
+    import shutil
+
+    from mdu_cli.config import build_config
+    from mdu_cli.unlearn import run_unlearn
+
+    staged = tmp_path_factory.mktemp("base") / "tiny-llada"
+    shutil.copytree(llada_dir, staged)
+    (staged / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    fake_hub_model(hf_home, "GSAI-ML/push-base", staged, "9" * 40)
+    work = tmp_path_factory.mktemp("push")
+    forget = work / "forget.jsonl"
+    forget.write_text(json.dumps({"question": "Where does Astrid Halvorsen live?",
+                                  "answer": "Astrid Halvorsen lives in Velloria."}) + "\n")
+    out = work / "out"
+    run_unlearn(build_config({}, dict(model="GSAI-ML/push-base", forget=str(forget), out=str(out), max_steps=1)),
+                show_progress=False)
+    return out
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    reset_sessions()
+    from fake_hub import FakeHub
+
+    with FakeHub() as fake:
+        # huggingface_hub reads HF_ENDPOINT once, at import, for the URLs it parses.
+        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.endpoint)
+        yield fake
+    reset_sessions()
+
+

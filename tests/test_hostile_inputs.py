@@ -20,10 +20,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import FORGET_RECORDS, fake_hub_model, write_jsonl
+from conftest import FORGET_RECORDS, SECRET, fake_hub_model, write_jsonl
 from mdu_cli.cli import cli
 from mdu_cli.output_location import OutputLock
-from test_push import SECRET, hub, unlearned  # noqa: F401  (fixtures)
 
 
 def run(*args):
@@ -74,13 +73,13 @@ def base_copy(llada_dir, tmp_path):
 # ---- push -------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def push_dir(unlearned, tmp_path):  # noqa: F811
+def push_dir(unlearned, tmp_path):
     directory = tmp_path / "out"
     shutil.copytree(unlearned, directory)
     return directory
 
 
-def test_push_uploads_exactly_its_plan_never_names_as_patterns(hub, push_dir):  # noqa: F811
+def test_push_uploads_exactly_its_plan_never_names_as_patterns(hub, push_dir):
     (push_dir / "*.py").write_text("print('glob')\n")
     (push_dir / ".hidden").mkdir()
     (push_dir / ".hidden" / "creds.py").write_text(f"TOKEN = '{SECRET}'\n")
@@ -98,7 +97,7 @@ def test_push_uploads_exactly_its_plan_never_names_as_patterns(hub, push_dir):  
     assert snapshot(push_dir) == before  # the card went up from memory; the directory is untouched
 
 
-def test_push_leaves_the_revision_holding_exactly_this_model(hub, push_dir, tmp_path):  # noqa: F811
+def test_push_leaves_the_revision_holding_exactly_this_model(hub, push_dir, tmp_path):
     before = snapshot(push_dir)
     assert run("push", push_dir, "--repo-id", "me/x").exit_code == 0
     # The same model re-saved in shards: the single-file weights on the Hub are now stale.
@@ -129,7 +128,7 @@ def test_push_leaves_the_revision_holding_exactly_this_model(hub, push_dir, tmp_
 
 
 @pytest.mark.parametrize("case", ["dangling", "outside", "fifo"])
-def test_push_links_and_odd_files_are_named_before_any_network_call(hub, push_dir, tmp_path, case):  # noqa: F811
+def test_push_links_and_odd_files_are_named_before_any_network_call(hub, push_dir, tmp_path, case):
     if case == "dangling":
         (push_dir / "config.json").unlink()
         (push_dir / "config.json").symlink_to(tmp_path / "nowhere.json")
@@ -150,7 +149,7 @@ def test_push_links_and_odd_files_are_named_before_any_network_call(hub, push_di
     assert snapshot(push_dir, tmp_path / "secret.safetensors") == before
 
 
-def test_push_reads_through_a_link_inside_the_directory(hub, push_dir):  # noqa: F811
+def test_push_reads_through_a_link_inside_the_directory(hub, push_dir):
     (push_dir / "store").mkdir()
     shutil.move(push_dir / "model.safetensors", push_dir / "store" / "weights.bin")
     (push_dir / "model.safetensors").symlink_to(Path("store") / "weights.bin")
@@ -160,7 +159,7 @@ def test_push_reads_through_a_link_inside_the_directory(hub, push_dir):  # noqa:
     assert "store/weights.bin" not in hub.committed_files()
 
 
-def test_push_to_a_silent_hub_ends_in_a_named_timeout(hub, push_dir):  # noqa: F811
+def test_push_to_a_silent_hub_ends_in_a_named_timeout(hub, push_dir):
     hub.silent.set()
     before = snapshot(push_dir)
     result = run("push", push_dir, "--repo-id", "me/x", "--timeout", "0.5")
@@ -168,7 +167,7 @@ def test_push_to_a_silent_hub_ends_in_a_named_timeout(hub, push_dir):  # noqa: F
     assert snapshot(push_dir) == before
 
 
-def test_push_repo_id_is_checked_first_and_listings_escape_control_characters(hub, push_dir):  # noqa: F811
+def test_push_repo_id_is_checked_first_and_listings_escape_control_characters(hub, push_dir):
     result = run("push", push_dir / "missing", "--repo-id", "me/bad name")
     assert result.exit_code == 2 and "--repo-id" in result.stderr and hub.requests == []
     (push_dir / "evil\x1b[2J\nname.csv").write_text("x")
@@ -183,7 +182,7 @@ def test_adapter_card_describes_an_adapter(hf_home, llada_dir, forget_file, tmp_
     result = run("unlearn", "--model", "GSAI-ML/adapter-base", "--forget", forget_file, "--out", out,
                  "--max-steps", 1, "--lora", "--lora-r", 2, "--save-adapter")
     assert result.exit_code == 0, result.stderr
-    hub = request.getfixturevalue("hub")  # online only for the push: unlearn must not need the network  # noqa: F811
+    hub = request.getfixturevalue("hub")  # online only for the push: unlearn must not need the network
     assert run("push", out, "--repo-id", "me/adapter").exit_code == 0
     card = hub.committed_files()["README.md"].decode()
     import yaml
@@ -290,29 +289,32 @@ def test_diff_refuses_a_shard_linked_from_outside_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("victim", ["config", "chat_template", "forget", "base", "state"])
 def test_overwrite_never_deletes_an_input(victim, llada_dir, tmp_path, no_weight_loads):
-    work = tmp_path / "work"
-    work.mkdir()
-    forget = write_jsonl(work / "forget.jsonl", FORGET_RECORDS)
-    shutil.copy(llada_dir / "chat_template.jinja", work / "template.jinja")
-    model = llada_dir
-    if victim == "base":
-        model = work / "model"
-        shutil.copytree(llada_dir, model)
-    args = ["--forget", forget, "--chat-template", work / "template.jinja"]
+    """The output directory holds exactly one input (the victim); every other
+    input lies elsewhere, so only the rule for that input can refuse."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "old-output.txt").write_text("what --overwrite may delete")
+    home = {name: (out if name == victim else elsewhere) for name in ("config", "chat_template", "forget", "base")}
+    forget = write_jsonl(home["forget"] / "forget.jsonl", FORGET_RECORDS)
+    template = home["chat_template"] / "template.jinja"
+    shutil.copy(llada_dir / "chat_template.jinja", template)
+    model = home["base"] / "model"
+    shutil.copytree(llada_dir, model)
+    config = home["config"] / "run.yaml"
+    out_line = "out: .\n" if victim == "config" else ""
+    config.write_text(f"model: {model}\nforget: {forget}\nchat_template: {template}\n{out_line}")
+    args = ["--overwrite"] + ([] if victim == "config" else ["--out", out])
     if victim == "state":
+        # --out names the saved state of another run: replacing it would delete what --resume reads
         state = tmp_path / "run.mdu-state"
         state.mkdir()
         (state / "progress.json").write_text("{}")
-        # --out names the saved state of another run: replacing it would delete what --resume reads
-        args += ["--out", state, "--overwrite"]
-    else:
-        args += ["--overwrite"]
-    config = work / "run.yaml"
-    config.write_text(f"model: {model}\nout: .\n" if victim != "state" else f"model: {model}\n")
-    before = snapshot(work, tmp_path / "run.mdu-state")
+        args = ["--overwrite", "--out", state]
+    before = snapshot(tmp_path)
     result = run("unlearn", "--config", config, *args)
     assert_one_line_error(result, 1, "choose another")
-    assert snapshot(work, tmp_path / "run.mdu-state") == before
+    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -392,7 +394,7 @@ def test_generation_past_the_positions_is_named(llada_dir, tmp_path, no_weight_l
     assert snapshot(llada_dir) == before
 
 
-def test_eval_never_writes_eval_json_over_its_data(unlearned, tmp_path, no_weight_loads):  # noqa: F811
+def test_eval_never_writes_eval_json_over_its_data(unlearned, tmp_path, no_weight_loads):
     model = tmp_path / "model"
     shutil.copytree(unlearned, model)
     write_jsonl(model / "eval.json", FORGET_RECORDS)
@@ -501,3 +503,57 @@ def test_broken_chat_template_is_named(llada_dir, forget_file, tmp_path, no_weig
                  "--out", tmp_path / "o")
     assert_one_line_error(result, 1, "the chat template fails")
     assert snapshot(template, forget_file) == before
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("--max-steps", 10**12, "--max-steps must be at most"),
+    ("--epochs", 10**12, "--epochs must be at most"),
+    ("--seed", 2**70, "--seed must be a whole number from 0"),
+    ("--seed", -1, "--seed must be a whole number from 0"),
+])
+def test_numbers_that_would_hang_or_overflow_are_usage_errors(flag, value, fragment, llada_dir, forget_file, tmp_path,
+                                                             no_weight_loads):
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "o", flag, value)
+    assert_one_line_error(result, 2, fragment)
+
+
+def test_generation_with_absurd_steps_finishes(llada_dir):
+    from mdu_cli.inference import load_for_inference
+    from mdu_cli.sampling import generate
+
+    loaded = load_for_inference(str(llada_dir))
+    prompt = loaded.prompt_ids([{"role": "user", "content": "who wrote the book ?"}])
+    few = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt], max_new_tokens=8, steps=8,
+                   block_length=4)
+    many = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt], max_new_tokens=8, steps=10**12,
+                    block_length=4)
+    assert many == few  # steps beyond one per position commit nothing more
+
+
+def test_a_damaged_checkpoint_config_is_named(base_copy, forget_file, no_weight_loads):
+    config = json.loads((base_copy / "config.json").read_text())
+    config.update(architectures=5, model_type=["x"], auto_map=None)
+    (base_copy / "config.json").write_text(json.dumps(config))
+    before = snapshot(base_copy, forget_file)
+    result = run("unlearn", "--model", base_copy, "--forget", forget_file, "--out", base_copy.parent / "o")
+    assert_one_line_error(result, 1, "cannot tell the model family")
+    assert snapshot(base_copy, forget_file) == before
+
+
+def test_a_fifo_where_weights_should_be_is_named(tmp_path):
+    base = _checkpoint(tmp_path / "base")
+    other = tmp_path / "other"
+    other.mkdir()
+    os.mkfifo(other / "model.safetensors")
+    result = run("diff", base, other)
+    assert_one_line_error(result, 1, "not a regular file")
+
+
+def test_push_of_a_hand_edited_run_record_is_named(hub, push_dir):
+    record = json.loads((push_dir / "mdu_run.json").read_text())
+    del record["config"]["kl"]
+    (push_dir / "mdu_run.json").write_text(json.dumps(record))
+    before = snapshot(push_dir)
+    result = run("push", push_dir, "--repo-id", "me/x")
+    assert_one_line_error(result, 1, "lacks a field the card needs")
+    assert hub.requests == [] and snapshot(push_dir) == before

@@ -14,34 +14,15 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import fake_hub_model
-from fake_hub import FakeHub
+from conftest import SECRET
 from mdu_cli.cli import cli
 from mdu_cli.config import build_config
 from mdu_cli.model_card import GENERATED_MARKER
 from mdu_cli.unlearn import run_unlearn
 
-SECRET = "hf_SECRETtoken1234567890abcdef"
 MODEL_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "configuration_tiny_llada.py",
                "modeling_tiny_llada.py", "README.md", "mdu_run.json", "delta_report.json", "delta_report.md"}
-
-
-@pytest.fixture(scope="module")
-def unlearned(tmp_path_factory, hf_home, llada_dir):
-    """An `mdu unlearn` output whose base is a Hub id with a license."""
-    staged = tmp_path_factory.mktemp("base") / "tiny-llada"
-    shutil.copytree(llada_dir, staged)
-    (staged / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
-    fake_hub_model(hf_home, "GSAI-ML/push-base", staged, "9" * 40)
-    work = tmp_path_factory.mktemp("push")
-    forget = work / "forget.jsonl"
-    forget.write_text(json.dumps({"question": "Where does Astrid Halvorsen live?",
-                                  "answer": "Astrid Halvorsen lives in Velloria."}) + "\n")
-    out = work / "out"
-    run_unlearn(build_config({}, dict(model="GSAI-ML/push-base", forget=str(forget), out=str(out), max_steps=1)),
-                show_progress=False)
-    return out
 
 
 @pytest.fixture
@@ -56,24 +37,6 @@ def out_dir(unlearned, tmp_path):
     (directory / "cache").mkdir()
     (directory / "cache" / "model.safetensors").write_bytes(b"not really")
     return directory
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-    from huggingface_hub.utils import reset_sessions
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("HF_TOKEN", SECRET)
-    reset_sessions()
-    with FakeHub() as fake:
-        # huggingface_hub reads HF_ENDPOINT once, at import, for the URLs it parses.
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.endpoint)
-        yield fake
-    reset_sessions()
 
 
 def run(*args):

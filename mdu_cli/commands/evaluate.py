@@ -49,7 +49,7 @@ def _generation_options(function):
               help="Monte Carlo samples per answer probability.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per forward.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N records of each split.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
 def eval_command(model, forget, retain, base, mc_samples, batch_size, limit, seed, max_new_tokens, steps,
@@ -76,7 +76,7 @@ def eval_command(model, forget, retain, base, mc_samples, batch_size, limit, see
 @click.argument("model")
 @click.option("--prompt", required=True, help="The user turn; the chat template is applied.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @_generation_options
 def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, block_length, device,
                      trust_remote_code) -> None:
