@@ -157,7 +157,9 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     mask_id = model.config.mask_token_id if family == "dream" else tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
     result = train_module.train(model, anchor, forget, retain, cfg, fam, mask_id, tokenizer.pad_token_id, accelerator)
     return dict(model=model, start=start, forget=forget, recorded=recorded, grads=captured, history=result.history,
-                mask_id=mask_id, shifted=fam.shifted_logits, cart=fam.retain_weighting == "cart")
+                # Decided by the family's name here, not read from the package's
+                # Family: a Dream retain term trained with 1/t must fail.
+                mask_id=mask_id, shifted=family == "dream", cart=family == "dream")
 
 
 def _reference(run, method, alpha=ALPHA, warmup_factor=0.5):
@@ -268,3 +270,25 @@ def test_what_each_forward_sees(method, family_dirs, tmp_path, monkeypatch):
         prompt = retain_batch.prompt_mask[row]
         assert torch.equal(retained[1][row][prompt], clean[prompt]), "the retain pass sees its prompt unmasked"
         assert not bool((retained[1][row][prompt] == run["mask_id"]).any())
+
+
+def test_learning_rate_schedule_of_a_logged_run(llada_dir, forget_file, tmp_path):
+    """Linear warmup over ceil(ratio x steps) steps from 1/(w+1) of --lr, then
+    cosine decay that never reaches 0, read back from train_log.jsonl."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    out, steps, ratio = tmp_path / "o", 10, 0.3
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",
+                                      str(out), "--max-steps", str(steps), "--warmup-ratio", str(ratio), "--lr", "0.01",
+                                      "--batch-size", "1", "--grad-accum", "1"])
+    assert result.exit_code == 0, result.stderr
+    logged = [json.loads(line)["lr"] for line in (out / "train_log.jsonl").open()]
+    warmup = 3  # ceil(0.3 x 10)
+    expected = [0.01 * (k + 1) / (warmup + 1) if k < warmup else
+                0.01 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))) for k in range(steps)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+    assert min(logged) > 0
