@@ -182,17 +182,22 @@ def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Option
               "data": {split: data.summary() for split, data in datasets.items()}, "splits": evaluate(model)}
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
-        report["change"] = {
-            split: {metric: (value / report["base"]["splits"][split][metric] - 1
-                             if report["base"]["splits"][split].get(metric) else None)
-                    for metric, value in metrics.items() if metric != "records"}
-            for split, metrics in report["splits"].items()
-        }
+        report["change"] = relative_change(report["splits"], report["base"]["splits"])
     if target is not None:
         from mdu_cli.report_format import write_text_atomic
 
         write_text_atomic(target, json.dumps(report, indent=2) + "\n")
     return report
+
+
+def relative_change(model_splits: dict, base_splits: dict) -> dict:
+    """Per split and metric, model / base - 1 (negative: the model scores
+    lower than its base); None where the base value is 0 or missing."""
+    return {
+        split: {metric: (value / base_splits[split][metric] - 1 if base_splits[split].get(metric) else None)
+                for metric, value in metrics.items() if metric != "records"}
+        for split, metrics in model_splits.items()
+    }
 
 
 def format_eval(report: dict) -> str:
