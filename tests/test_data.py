@@ -124,3 +124,31 @@ def test_perturbed_answers_are_kept_and_checked(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset(_write(tmp_path, json.dumps(bad) + "\n", "bad.jsonl"))
     assert err.value.problems[0].endswith(':1: field "perturbed_answer" must be a non-empty string or a list of them')
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    records = [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf" + json.dumps(records, indent=1).encode())
+    for path in (jsonl, array):
+        data = load_dataset(path)
+        assert [r.messages[0]["content"] for r in data.records] == ["q1", "q2"]
+        assert data.records[0].source == f"{path}:1" or path == array
+    bad = tmp_path / "bom-bad.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + b'{"question": "q"}\n')
+    with pytest.raises(DataError) as err:
+        load_dataset(bad)
+    assert err.value.problems == [f'{bad}:1: missing field "answer"']
+
+
+def test_reported_problems_are_capped_with_a_count_of_the_rest(tmp_path):
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join('{"question": "q"}\n' for _ in range(60)) + '{"question": "q", "answer": "a"}\n')
+    with pytest.raises(DataError) as err:
+        load_dataset(path)
+    problems = err.value.problems
+    assert len(problems) == 51
+    assert problems[:50] == [f'{path}:{n}: missing field "answer"' for n in range(1, 51)]
+    assert problems[50] == f"{path}: ... and 10 more bad records"

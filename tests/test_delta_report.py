@@ -299,3 +299,34 @@ def test_every_storage_dtype_is_widened_exactly(tmp_path, engine, dtype):
     a = load_file(tmp_path / "a" / "model.safetensors")["w"].to(torch.float64).numpy()
     b = load_file(tmp_path / "b" / "model.safetensors")["w"].to(torch.float64).numpy()
     _assert_stats(report["tensors"][0], _reference(a, b))
+
+
+def test_module_kind_aggregates_against_float64_reference(tmp_path, engine):
+    """Each module kind's statistics over the concatenation of its tensors (the
+    model card prints these), and every layer's likewise."""
+    base = _tensors()
+    other = _perturbed(base)
+    report = compare(open_checkpoint(str(_save(tmp_path / "a", base))),
+                     open_checkpoint(str(_save(tmp_path / "b", other))), show_progress=False)
+    kinds = {"model.embed_tokens.weight": "embedding", "model.layers.0.self_attn.q_proj.weight": "attention_q",
+             "model.layers.0.self_attn.q_proj.bias": "attention_q", "model.layers.0.mlp.down_proj.weight": "mlp",
+             "model.layers.1.self_attn.o_proj.weight": "attention_out", "model.layers.1.mlp.up_proj.weight": "mlp",
+             "model.norm.weight": "norm", "lm_head.weight": "head"}
+    modules = {entry["module"]: entry for entry in report["modules"]}
+    assert set(modules) == set(kinds.values())
+    for kind in set(kinds.values()):
+        names = [n for n, k in kinds.items() if k == kind]
+        want = _reference(np.concatenate([base[n].numpy().ravel() for n in names]),
+                          np.concatenate([other[n].numpy().ravel() for n in names]))
+        _assert_stats(modules[kind], want)
+        assert modules[kind]["numel"] == sum(base[n].numel() for n in names)
+    for layer in (0, 1):
+        names = [n for n in base if f".layers.{layer}." in n]
+        [entry] = [x for x in report["layers"] if x["layer"] == layer]
+        _assert_stats(entry, _reference(np.concatenate([base[n].numpy().ravel() for n in names]),
+                                        np.concatenate([other[n].numpy().ravel() for n in names])))
+    from mdu_cli.model_card import _delta_section
+
+    card = "\n".join(_delta_section(report))
+    for kind, entry in modules.items():
+        assert f"| {kind} | {entry['rel_l2']:.3e} |" in card

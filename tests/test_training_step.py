@@ -19,7 +19,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
 from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
