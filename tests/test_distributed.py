@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
 from mdu_cli.config import build_config
 from mdu_cli.train import plan_steps
 
@@ -28,6 +31,49 @@ def _launch_line(*accelerate_args):
 
 
 FSDP2 = ("--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "NO_WRAP")
+FSDP2_PROGRAM = [str(Path(__file__).with_name("fsdp_launch.py"))]
+# Every two-process run in this module trains with these options, so that the
+# uninterrupted runs below serve as the reference of every test: each launch
+# costs about 12 s of two cores, most of it importing torch three times.
+TRAINING = ["--max-steps", "30", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu"]
+LORA = ["--lora", "--lora-r", "4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _unlearn_args(data: Path, out: Path, *extra) -> list[str]:
+    return ["unlearn", "--model", str(data / "model"), "--forget", str(data / "forget.jsonl"), "--retain",
+            str(data / "retain.jsonl"), "--out", str(out), *TRAINING, *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, llada_dir) -> Path:
+    directory = tmp_path_factory.mktemp("distributed-data")
+    (directory / "model").symlink_to(llada_dir)
+    write_jsonl(directory / "forget.jsonl", FORGET_RECORDS)
+    write_jsonl(directory / "retain.jsonl", RETAIN_RECORDS)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> dict:
+    """The uninterrupted two-process runs every test compares against, each
+    launched once: DDP, accelerate's FSDP settings on the CPU (which run DDP),
+    FSDP2, and LoRA under DDP and FSDP2. name -> (output dir, completed process)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    runs = {
+        "ddp": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], ["--json"]),
+        "fsdp-settings": (_launch_line(*FSDP2), ["-m", "mdu_cli"], []),
+        "fsdp2": (_launch_line(*FSDP2), FSDP2_PROGRAM, []),
+        "ddp-lora": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], LORA),
+        "fsdp2-lora": (_launch_line(*FSDP2), FSDP2_PROGRAM, LORA),
+    }
+    done = {}
+    for name, (launch, program, extra) in runs.items():
+        proc = subprocess.run(launch + program + _unlearn_args(data, root / name, *extra), capture_output=True,
+                              text=True, timeout=300, env=ENV)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        done[name] = (root / name, proc)
+    return done
 
 
 def test_plan_gives_every_rank_the_same_number_of_micro_batches():
@@ -44,60 +90,49 @@ def test_plan_gives_every_rank_the_same_number_of_micro_batches():
     assert odd[1][1] == odd[0][0], "padding repeats the epoch's first micro-batch"
 
 
-def test_two_processes_with_accelerate_launch(llada_dir, forget_file, retain_file, tmp_path):
-    out = tmp_path / "ddp"
-    command = _launch_line("--multi_gpu") + [
-        "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",
-        str(retain_file), "--out", str(out), "--max-steps", "4", "--batch-size", "1", "--grad-accum", "1", "--lr",
-        "1e-3", "--device", "cpu", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_two_processes_with_accelerate_launch(uninterrupted):
+    out, proc = uninterrupted["ddp"]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # only the main process prints
-    assert summary["steps"] == 4 and summary["out_dir"] == str(out)
+    assert summary["steps"] == 30 and summary["out_dir"] == str(out)
     assert proc.stderr.count("Unlearning 4 records") == 1, "one copy of every notice"
 
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
-    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in log] == list(range(1, 31))
     assert all(entry["forget_rows"] == 2 for entry in log), "one micro-batch on each of two ranks"
     assert all(len(entry["retain_rows"]) == 2 for entry in log)
     assert any(entry["retain_rows"][0] != entry["retain_rows"][1] for entry in log), "ranks draw their own retain rows"
     record = json.loads((out / "mdu_run.json").read_text())
-    assert record["steps"] == 4
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "no second writer, no leftovers"
+    assert record["steps"] == 30
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == [], "no second writer, no leftovers"
 
 
-def _launch(llada_dir, forget_file, retain_file, out, *extra, background=False):
-    command = _launch_line("--multi_gpu") + [
-        "-m", "mdu_cli", "unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",
-        str(retain_file), "--out", str(out), "--max-steps", "30", "--batch-size", "1", "--grad-accum", "1", "--lr",
-        "1e-3", "--device", "cpu", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _same_weights(a: Path, b: Path) -> bool:
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _launch(data, out, *extra, background=False, fsdp2=False):
+    command = (_launch_line(*FSDP2) + FSDP2_PROGRAM if fsdp2 else _launch_line("--multi_gpu") + ["-m", "mdu_cli"]) \
+        + _unlearn_args(data, out, *extra)
     if background:
-        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
                                 start_new_session=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(llada_dir, forget_file, retain_file,
-                                                                         tmp_path):
+def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(data, uninterrupted, tmp_path):
     import signal
     import time
 
-    from safetensors.torch import load_file
-
-    straight = _launch(llada_dir, forget_file, retain_file, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    import psutil
 
     out, state = tmp_path / "killed", tmp_path / "killed.mdu-state"
-    process = _launch(llada_dir, forget_file, retain_file, out, "--save-every", "3", background=True)
+    process = _launch(data, out, "--save-every", "3", background=True)
     deadline = time.monotonic() + 120
     while not (state / "progress.json").is_file():
         assert process.poll() is None, process.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no state saved in time"
         time.sleep(0.01)
-    import psutil
-
     # The launcher and both ranks (torchrun may start the ranks in their own sessions).
     for proc in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
         proc.send_signal(signal.SIGKILL)
@@ -106,10 +141,9 @@ def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(llada_d
     saved = json.loads((state / "progress.json").read_text())["step"]
     assert 3 <= saved < 30
 
-    resumed = _launch(llada_dir, forget_file, retain_file, out, "--save-every", "3", "--resume")
+    resumed = _launch(data, out, "--save-every", "3", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
+    assert _same_weights(uninterrupted["ddp"][0], out), "bitwise the uninterrupted weights"
     assert not state.exists()
 
 
@@ -132,61 +166,32 @@ def _ctrl_c_after(process, out, steps: int) -> str:
     return process.communicate(timeout=120)[1]
 
 
-def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights(llada_dir, forget_file,
-                                                                                 retain_file, tmp_path):
+def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights(data, uninterrupted, tmp_path):
     """Ctrl-C reaches the launcher, which passes SIGINT on to each worker (they
     run in sessions of their own): every rank finishes its step, they agree on
     it, save collectively and exit."""
-
-    from safetensors.torch import load_file
-
-    straight = _launch(llada_dir, forget_file, retain_file, tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
     out, state = tmp_path / "stopped", tmp_path / "stopped.mdu-state"
-    process = _launch(llada_dir, forget_file, retain_file, out, background=True)
-    stderr = _ctrl_c_after(process, tmp_path / "stopped", steps=2)
+    process = _launch(data, out, background=True)
+    stderr = _ctrl_c_after(process, out, steps=2)
     assert stderr.count("the state is saved in") == 1, stderr[-3000:]
     assert not out.exists()
     saved = json.loads((state / "progress.json").read_text())["step"]
     assert 2 <= saved < 30
 
-    resumed = _launch(llada_dir, forget_file, retain_file, out, "--resume")
+    resumed = _launch(data, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
+    assert _same_weights(uninterrupted["ddp"][0], out), "bitwise the uninterrupted weights"
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
     assert [entry["step"] for entry in log] == list(range(1, 31))
 
 
-def test_fsdp_runs_match_ddp_runs(llada_dir, forget_file, retain_file, tmp_path):
+def test_fsdp_runs_match_ddp_runs(uninterrupted, llada_dir):
     """Full MDU and LoRA MDU under FSDP2 (sharded anchor; adapter-off anchor)
     against the same runs under DDP. Also accelerate's FSDP settings on the
     CPU, where it runs DDP but transformers still reads real weights on rank 0
     only: the anchor is broadcast from rank 0, so that run equals plain DDP bit
     for bit (without the broadcast: 4e-3 apart)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    args = ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain", str(retain_file),
-            "--max-steps", "4", "--batch-size", "1", "--lr", "1e-3", "--device", "cpu"]
-    lora = ["--lora", "--lora-r", "4"]
-    fsdp2 = [str(Path(__file__).with_name("fsdp_launch.py"))]
-    runs = {
-        "ddp": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], []),
-        "fsdp-settings": (_launch_line(*FSDP2), ["-m", "mdu_cli"], []),
-        "fsdp2": (_launch_line(*FSDP2), fsdp2, []),
-        "ddp-lora": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], lora),
-        "fsdp2-lora": (_launch_line(*FSDP2), fsdp2, lora),
-    }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    weights = {}
-    for name, (launch, program, extra) in runs.items():
-        proc = subprocess.run(launch + program + args + extra + ["--out", str(tmp_path / name)], capture_output=True,
-                              text=True, timeout=300, env=env)
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
-        weights[name] = load_file(tmp_path / name / "model.safetensors")
+    weights = {name: load_file(out / "model.safetensors") for name, (out, _) in uninterrupted.items()}
     base = load_file(llada_dir / "model.safetensors")
 
     def gap(a, b):
@@ -200,8 +205,6 @@ def test_fsdp_runs_match_ddp_runs(llada_dir, forget_file, retain_file, tmp_path)
 
 
 def test_fsdp2_sharded_anchor_is_the_base_on_every_rank(llada_dir, tmp_path):
-    from pathlib import Path
-
     from mdu_cli.loading import load_model, resolve_source
 
     model = load_model(resolve_source(str(llada_dir)), True, torch.float32).eval()
@@ -220,33 +223,19 @@ def test_fsdp2_sharded_anchor_is_the_base_on_every_rank(llada_dir, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
-def test_fsdp2_ctrl_c_then_resume_gives_the_uninterrupted_weights(llada_dir, forget_file, retain_file, tmp_path, mode):
+def test_fsdp2_ctrl_c_then_resume_gives_the_uninterrupted_weights(data, uninterrupted, tmp_path, mode):
     """Under FSDP2 the state is saved from torch's full state dicts (gathered
     shards of the weights and optimizer) and re-sharded on resume."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    command = _launch_line(*FSDP2) + [
-        str(Path(__file__).with_name("fsdp_launch.py")), "unlearn", "--model", str(llada_dir), "--forget",
-        str(forget_file), "--retain", str(retain_file), "--max-steps", "30", "--batch-size", "1", "--lr", "1e-3",
-        "--device", "cpu", "--save-every", "3"] + (["--lora", "--lora-r", "4"] if mode == "lora" else [])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run(command + ["--out", str(tmp_path / "straight")], capture_output=True, text=True,
-                              timeout=300, env=env)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
+    extra = ["--save-every", "3"] + (LORA if mode == "lora" else [])
     out = tmp_path / "stopped"
-    process = subprocess.Popen(command + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, env=env, start_new_session=True)
+    process = _launch(data, out, *extra, background=True, fsdp2=True)
     stderr = _ctrl_c_after(process, out, steps=4)
     assert "the state is saved in" in stderr, stderr[-3000:]
     state = tmp_path / "stopped.mdu-state"
     assert 4 <= json.loads((state / "progress.json").read_text())["step"] < 30
 
-    resumed = subprocess.run(command + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=300,
-                             env=env)
+    resumed = _launch(data, out, *extra, "--resume", fsdp2=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a), "bitwise the uninterrupted weights"
+    reference = uninterrupted["fsdp2-lora" if mode == "lora" else "fsdp2"][0]
+    assert _same_weights(reference, out), "bitwise the uninterrupted weights"
     assert not state.exists()
