@@ -1,5 +1,7 @@
 """`mdu` under FSDP2 on the CPU, for tests/test_distributed.py: run with
-`accelerate launch --use_fsdp --fsdp_version 2 ... tests/fsdp_launch.py unlearn ...`.
+`accelerate launch --use_fsdp --fsdp_version 2 ... tests/fsdp_launch.py unlearn ...`
+(`tests/fsdp_launch.py --check-anchor MODEL WANT.pt unlearn ...` runs the
+anchor check of tests/fsdp_anchor_check.py first, in the same processes).
 
 accelerate turns FSDP on for accelerators only and falls back to DDP on the
 CPU, so `force_fsdp2()` pins its state to FSDP2 before the command starts.
@@ -23,7 +25,14 @@ def force_fsdp2() -> None:
 
 
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    if args[:1] == ["--check-anchor"]:
+        # tests/fsdp_anchor_check.py first, in the same two processes: one launch fewer.
+        from fsdp_anchor_check import check_anchor
+
+        check_anchor(args[1], args[2], force_fsdp2)
+        args = args[3:]
     force_fsdp2()
     from mdu_cli.cli import cli
 
-    cli.main(args=sys.argv[1:], prog_name="mdu")
+    cli.main(args=args, prog_name="mdu")

@@ -55,15 +55,22 @@ def data(tmp_path_factory, llada_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(data, tmp_path_factory) -> dict:
+def uninterrupted(data, tmp_path_factory, llada_dir) -> dict:
     """The uninterrupted two-process runs every test compares against, each
     launched once: DDP, accelerate's FSDP settings on the CPU (which run DDP),
-    FSDP2, and LoRA under DDP and FSDP2. name -> (output dir, completed process)."""
+    FSDP2 (preceded, in the same processes, by the sharded-anchor check), and
+    LoRA under DDP and FSDP2. name -> (output dir, completed process)."""
+    from mdu_cli.loading import load_model, resolve_source
+
     root = tmp_path_factory.mktemp("uninterrupted")
+    model = load_model(resolve_source(str(llada_dir)), True, torch.float32).eval()
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.tensor([[1, 7, 8, 9, 10, 11, 12, 5, 5, 5]])).logits, root / "want.pt")
+    check_anchor = [FSDP2_PROGRAM[0], "--check-anchor", str(llada_dir), str(root / "want.pt")]
     runs = {
         "ddp": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], ["--json"]),
         "fsdp-settings": (_launch_line(*FSDP2), ["-m", "mdu_cli"], []),
-        "fsdp2": (_launch_line(*FSDP2), FSDP2_PROGRAM, []),
+        "fsdp2": (_launch_line(*FSDP2), check_anchor, []),
         "ddp-lora": (_launch_line("--multi_gpu"), ["-m", "mdu_cli"], LORA),
         "fsdp2-lora": (_launch_line(*FSDP2), FSDP2_PROGRAM, LORA),
     }
@@ -120,33 +127,6 @@ def _launch(data, out, *extra, background=False, fsdp2=False):
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
 
 
-def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(data, uninterrupted, tmp_path):
-    import signal
-    import time
-
-    import psutil
-
-    out, state = tmp_path / "killed", tmp_path / "killed.mdu-state"
-    process = _launch(data, out, "--save-every", "3", background=True)
-    deadline = time.monotonic() + 120
-    while not (state / "progress.json").is_file():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no state saved in time"
-        time.sleep(0.01)
-    # The launcher and both ranks (torchrun may start the ranks in their own sessions).
-    for proc in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
-        proc.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not out.exists()
-    saved = json.loads((state / "progress.json").read_text())["step"]
-    assert 3 <= saved < 30
-
-    resumed = _launch(data, out, "--save-every", "3", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _same_weights(uninterrupted["ddp"][0], out), "bitwise the uninterrupted weights"
-    assert not state.exists()
-
-
 def _ctrl_c_after(process, out, steps: int) -> str:
     """Once the run writing `out` has logged `steps` steps, do what a terminal's
     Ctrl-C does (SIGINT to the launcher's process group), and return its stderr."""
@@ -166,23 +146,64 @@ def _ctrl_c_after(process, out, steps: int) -> str:
     return process.communicate(timeout=120)[1]
 
 
-def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights(data, uninterrupted, tmp_path):
+@pytest.fixture(scope="module")
+def interrupted_twice(data, tmp_path_factory) -> dict:
+    """One DDP run stopped twice, then finished: Ctrl-C after two steps (the
+    ranks save together), resumed with --save-every 3 and killed with SIGKILL
+    once it has saved a later state, resumed again to the end. Three launches
+    for what two tests check."""
+    import signal
+    import time
+
+    import psutil
+
+    root = tmp_path_factory.mktemp("interrupted")
+    out, state = root / "out", root / "out.mdu-state"
+    seen: dict = {}
+    process = _launch(data, out, background=True)
+    seen["ctrl_c_stderr"] = _ctrl_c_after(process, out, steps=2)
+    seen["out_after_ctrl_c"] = out.exists()
+    seen["ctrl_c_step"] = json.loads((state / "progress.json").read_text())["step"]
+
+    process = _launch(data, out, "--save-every", "3", "--resume", background=True)
+    deadline = time.monotonic() + 120
+    while json.loads((state / "progress.json").read_text())["step"] == seen["ctrl_c_step"]:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "no later state saved in time"
+        time.sleep(0.01)
+    # The launcher and both ranks (torchrun may start the ranks in their own sessions).
+    for proc in psutil.Process(process.pid).children(recursive=True) + [psutil.Process(process.pid)]:
+        proc.send_signal(signal.SIGKILL)
+    process.wait()
+    seen["out_after_kill"] = out.exists()
+    seen["kill_step"] = json.loads((state / "progress.json").read_text())["step"]
+
+    seen["final"] = _launch(data, out, "--save-every", "3", "--resume")
+    seen["out"], seen["state"] = out, state
+    return seen
+
+
+def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights(interrupted_twice, uninterrupted):
     """Ctrl-C reaches the launcher, which passes SIGINT on to each worker (they
     run in sessions of their own): every rank finishes its step, they agree on
     it, save collectively and exit."""
-    out, state = tmp_path / "stopped", tmp_path / "stopped.mdu-state"
-    process = _launch(data, out, background=True)
-    stderr = _ctrl_c_after(process, out, steps=2)
-    assert stderr.count("the state is saved in") == 1, stderr[-3000:]
-    assert not out.exists()
-    saved = json.loads((state / "progress.json").read_text())["step"]
-    assert 2 <= saved < 30
-
-    resumed = _launch(data, out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _same_weights(uninterrupted["ddp"][0], out), "bitwise the uninterrupted weights"
-    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    run = interrupted_twice
+    assert run["ctrl_c_stderr"].count("the state is saved in") == 1, run["ctrl_c_stderr"][-3000:]
+    assert not run["out_after_ctrl_c"]
+    assert 2 <= run["ctrl_c_step"] < 30
+    assert run["final"].returncode == 0, run["final"].stderr[-3000:]
+    assert _same_weights(uninterrupted["ddp"][0], run["out"]), "bitwise the uninterrupted weights"
+    log = [json.loads(line) for line in (run["out"] / "train_log.jsonl").open()]
     assert [entry["step"] for entry in log] == list(range(1, 31))
+
+
+def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(interrupted_twice, uninterrupted):
+    run = interrupted_twice
+    assert not run["out_after_kill"], "no output from a killed run"
+    assert run["ctrl_c_step"] < run["kill_step"] < 30 and run["kill_step"] % 3 == 0
+    assert run["final"].returncode == 0, run["final"].stderr[-3000:]
+    assert _same_weights(uninterrupted["ddp"][0], run["out"]), "bitwise the uninterrupted weights"
+    assert not run["state"].exists()
 
 
 def test_fsdp_runs_match_ddp_runs(uninterrupted, llada_dir):
@@ -204,22 +225,15 @@ def test_fsdp_runs_match_ddp_runs(uninterrupted, llada_dir):
     assert moved > 1e-3, "the runs moved the weights"
 
 
-def test_fsdp2_sharded_anchor_is_the_base_on_every_rank(llada_dir, tmp_path):
-    from mdu_cli.loading import load_model, resolve_source
-
-    model = load_model(resolve_source(str(llada_dir)), True, torch.float32).eval()
-    with torch.no_grad():
-        torch.save(model(input_ids=torch.tensor([[1, 7, 8, 9, 10, 11, 12, 5, 5, 5]])).logits, tmp_path / "want.pt")
-    script = Path(__file__).with_name("fsdp_anchor_check.py")
-    proc = subprocess.run(_launch_line(*FSDP2) + [str(script), str(llada_dir), str(tmp_path / "want.pt")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_fsdp2_sharded_anchor_is_the_base_on_every_rank(uninterrupted):
+    """Checked by tests/fsdp_anchor_check.py in the processes of the FSDP2 run."""
     import re
 
-    found = sorted(re.findall(r"rank (\d): rank0_only=(\w+) max_diff=([0-9.e+-]+?)(?=rank|\s|$)", proc.stdout))
-    assert [(rank, only) for rank, only, _ in found] == [("0", "False"), ("1", "True")], proc.stdout
+    stdout = uninterrupted["fsdp2"][1].stdout
+    found = sorted(re.findall(r"rank (\d): rank0_only=(\w+) max_diff=([0-9.e+-]+?)(?=rank|\s|$)", stdout))
+    assert [(rank, only) for rank, only, _ in found] == [("0", "False"), ("1", "True")], stdout
     # Float noise only (the reference ran on other threads); garbage weights are off by orders of magnitude.
-    assert all(float(diff) < 1e-5 for _, _, diff in found), proc.stdout
+    assert all(float(diff) < 1e-5 for _, _, diff in found), stdout
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

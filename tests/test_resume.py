@@ -46,10 +46,16 @@ def _state_step(state):
         return 0
 
 
-@pytest.fixture
-def reference(llada_dir, forget_file, retain_file, tmp_path):
-    out = tmp_path / "uninterrupted"
-    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out))
+@pytest.fixture(scope="module")
+def reference(llada_dir, tmp_path_factory):
+    """The uninterrupted run every resumed one must equal; once per module (the
+    data are the same records as the forget_file and retain_file fixtures)."""
+    from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    forget, retain = write_jsonl(root / "f.jsonl", FORGET_RECORDS), write_jsonl(root / "r.jsonl", RETAIN_RECORDS)
+    out = root / "uninterrupted"
+    result = CliRunner().invoke(cli, _args(llada_dir, forget, retain, out))
     assert result.exit_code == 0, result.stderr
     return load_file(out / "model.safetensors"), [json.loads(x) for x in (out / "train_log.jsonl").open()]
 
@@ -108,12 +114,18 @@ def test_ctrl_c_saves_state_and_says_how_to_resume(llada_dir, forget_file, retai
     _assert_same_run(out, reference)
 
 
-def test_resume_refuses_a_state_of_other_options(llada_dir, forget_file, retain_file, tmp_path):
+def test_resume_refuses_a_state_of_other_options(llada_dir, forget_file, retain_file, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    process = _start(_args(llada_dir, forget_file, retain_file, out, "--save-every", "2"))
-    _wait_for(lambda: _state_step(tmp_path / "o.mdu-state") >= 2, process, "a saved state")
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    from mdu_cli import resume, train
+
+    def save_then_die(*args, **kwargs):  # a kill right after the first save, without a second process
+        resume.save_state(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "save_state", save_then_die)
+        CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--save-every", "2"))
+    assert _state_step(tmp_path / "o.mdu-state") == 2
     result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--resume", "--tau", "2"))
     assert result.exit_code == 1 and "saved by a run with other options or data" in result.stderr
 
