@@ -35,7 +35,8 @@ FSDP2_PROGRAM = [str(Path(__file__).with_name("fsdp_launch.py"))]
 # Every two-process run in this module trains with these options, so that the
 # uninterrupted runs below serve as the reference of every test: each launch
 # costs about 12 s of two cores, most of it importing torch three times.
-TRAINING = ["--max-steps", "30", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu"]
+STEPS = 16  # room to stop a run after its fourth step; every step costs every launch
+TRAINING = ["--max-steps", str(STEPS), "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu"]
 LORA = ["--lora", "--lora-r", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -100,16 +101,16 @@ def test_plan_gives_every_rank_the_same_number_of_micro_batches():
 def test_two_processes_with_accelerate_launch(uninterrupted):
     out, proc = uninterrupted["ddp"]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])  # only the main process prints
-    assert summary["steps"] == 30 and summary["out_dir"] == str(out)
+    assert summary["steps"] == STEPS and summary["out_dir"] == str(out)
     assert proc.stderr.count("Unlearning 4 records") == 1, "one copy of every notice"
 
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
-    assert [entry["step"] for entry in log] == list(range(1, 31))
+    assert [entry["step"] for entry in log] == list(range(1, STEPS + 1))
     assert all(entry["forget_rows"] == 2 for entry in log), "one micro-batch on each of two ranks"
     assert all(len(entry["retain_rows"]) == 2 for entry in log)
     assert any(entry["retain_rows"][0] != entry["retain_rows"][1] for entry in log), "ranks draw their own retain rows"
     record = json.loads((out / "mdu_run.json").read_text())
-    assert record["steps"] == 30
+    assert record["steps"] == STEPS
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == [], "no second writer, no leftovers"
 
 
@@ -190,17 +191,17 @@ def test_two_process_ctrl_c_saves_state_and_resumes_to_the_uninterrupted_weights
     run = interrupted_twice
     assert run["ctrl_c_stderr"].count("the state is saved in") == 1, run["ctrl_c_stderr"][-3000:]
     assert not run["out_after_ctrl_c"]
-    assert 2 <= run["ctrl_c_step"] < 30
+    assert 2 <= run["ctrl_c_step"] < STEPS
     assert run["final"].returncode == 0, run["final"].stderr[-3000:]
     assert _same_weights(uninterrupted["ddp"][0], run["out"]), "bitwise the uninterrupted weights"
     log = [json.loads(line) for line in (run["out"] / "train_log.jsonl").open()]
-    assert [entry["step"] for entry in log] == list(range(1, 31))
+    assert [entry["step"] for entry in log] == list(range(1, STEPS + 1))
 
 
 def test_two_process_run_killed_and_resumed_matches_an_uninterrupted_one(interrupted_twice, uninterrupted):
     run = interrupted_twice
     assert not run["out_after_kill"], "no output from a killed run"
-    assert run["ctrl_c_step"] < run["kill_step"] < 30 and run["kill_step"] % 3 == 0
+    assert run["ctrl_c_step"] < run["kill_step"] < STEPS and run["kill_step"] % 3 == 0
     assert run["final"].returncode == 0, run["final"].stderr[-3000:]
     assert _same_weights(uninterrupted["ddp"][0], run["out"]), "bitwise the uninterrupted weights"
     assert not run["state"].exists()
@@ -246,7 +247,7 @@ def test_fsdp2_ctrl_c_then_resume_gives_the_uninterrupted_weights(data, uninterr
     stderr = _ctrl_c_after(process, out, steps=4)
     assert "the state is saved in" in stderr, stderr[-3000:]
     state = tmp_path / "stopped.mdu-state"
-    assert 4 <= json.loads((state / "progress.json").read_text())["step"] < 30
+    assert 4 <= json.loads((state / "progress.json").read_text())["step"] < STEPS
 
     resumed = _launch(data, out, *extra, "--resume", fsdp2=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
