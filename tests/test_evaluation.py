@@ -169,3 +169,27 @@ def test_eval_command_with_base_and_truth_ratio(llada_dir, tmp_path):
     assert report["base"]["splits"]["forget"] == forget  # same model, same seed
     assert report["change"]["forget"]["probability"] == 0
     assert not (llada_dir / "eval.json").exists()  # only mdu outputs get an eval.json
+
+
+def test_commit_order_uses_the_probability_of_the_prediction_itself():
+    """Position 2 has the higher top logit (2.0) among four close rivals (1.9),
+    position 3 a lower but clear winner (1.5). Under the model's softmax
+    position 3 is the more confident and is committed first; a confidence read
+    from the raw logits would commit position 2 first."""
+    vocab, mask = 16, 0
+    table = torch.zeros(6, vocab)
+    table[2, 10] = 2.0
+    table[2, 11:15] = 1.9
+    table[3, 12] = 1.5
+    probs = torch.softmax(torch.cat([table[2:4, 1:]], dim=0), dim=-1).max(-1).values
+    assert probs[1] > probs[0], "the premise: position 3 is the more confident"
+    calls = []
+
+    class Recorder(TableModel):
+        def forward(self, input_ids, attention_mask=None):
+            calls.append(input_ids[0, 2:4].tolist())
+            return super().forward(input_ids, attention_mask)
+
+    out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2, block_length=2)
+    assert calls[1] == [0, 12], "the clear winner first"
+    assert out == [[10, 12]]
