@@ -26,6 +26,7 @@ from typing import Optional
 from mdu_cli.checkpoint import TOKENIZER_FILES
 from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
+from mdu_cli.output_location import is_within
 from mdu_cli.safetensors_reader import open_directory
 
 # The model and its paperwork. Anything else in the directory stays behind.
@@ -140,8 +141,7 @@ def _readable_file(path: Path, relative: str, directory: Optional[Path] = None) 
         except (OSError, RuntimeError):
             raise MduError(f"{directory / shown}: a symbolic link to nothing ({printable(os.readlink(path))}); "
                            "replace it with the file, or remove it") from None
-        root = directory.resolve()
-        if root not in resolved.parents:
+        if not is_within(resolved, directory) or resolved == directory.resolve():
             raise MduError(f"{directory / shown}: a symbolic link that leads outside {directory}; copy the file "
                            "in instead, so that what is uploaded is what the directory holds")
         target = str(resolved)

@@ -193,11 +193,9 @@ def is_hub_snapshot(directory: Path) -> bool:
 def _inside(path: Path, directory: Path) -> bool:
     """Whether `path`, links followed, stays inside `directory` (for a cache
     snapshot: inside its repo folder, where the blobs are)."""
-    root = directory.resolve()
-    if is_hub_snapshot(directory):
-        root = directory.parent.parent.resolve()
-    target = path.resolve()
-    return target == root or root in target.parents
+    from mdu_cli.output_location import is_within
+
+    return is_within(path, directory.parent.parent if is_hub_snapshot(directory) else directory)
 
 
 def _checked_shard(directory: Path, index_path: Path, shard) -> Path:
