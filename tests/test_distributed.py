@@ -35,7 +35,7 @@ FSDP2_PROGRAM = [str(Path(__file__).with_name("fsdp_launch.py"))]
 # Every two-process run in this module trains with these options, so that the
 # uninterrupted runs below serve as the reference of every test: each launch
 # costs about 12 s of two cores, most of it importing torch three times.
-STEPS = 16  # room to stop a run after its fourth step; every step costs every launch
+STEPS = 12  # room to stop a run after its fourth step; every step costs every launch
 TRAINING = ["--max-steps", str(STEPS), "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3", "--device", "cpu"]
 LORA = ["--lora", "--lora-r", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

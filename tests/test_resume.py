@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mdu_cli.cli import cli
 
-STEPS = 16  # room to stop a run after its fourth step; every step is paid in every run
+STEPS = 12  # room to stop a run after its fourth step; every step is paid in every run
 
 
 def _args(model, forget, retain, out, *extra):
