@@ -27,7 +27,7 @@ from mdu_cli.checkpoint import TOKENIZER_FILES
 from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
 from mdu_cli.output_location import is_within
-from mdu_cli.safetensors_reader import open_directory
+from mdu_cli.safetensors_reader import Checkpoint, open_directory
 
 # The model and its paperwork. Anything else in the directory stays behind.
 ALLOWED = (
@@ -81,8 +81,9 @@ def _skip_reason(relative: str) -> Optional[str]:
     return "not on the upload allow-list"
 
 
-def check_output_dir(directory: Path) -> dict:
-    """Refuse anything but a complete `mdu unlearn` output, before any network call."""
+def check_output_dir(directory: Path) -> tuple[dict, Checkpoint]:
+    """Refuse anything but a complete `mdu unlearn` output, before any network
+    call; returns its run record and where its weights are."""
     import json
 
     def incomplete(problem: str) -> MduError:
@@ -113,7 +114,7 @@ def check_output_dir(directory: Path) -> dict:
         raise incomplete(f"weights unreadable: {err}") from None
     if not weights.tensors:
         raise incomplete("the weights hold no tensors")
-    return run
+    return run, weights
 
 
 def _walk(directory: Path) -> dict[str, Path]:
@@ -141,7 +142,7 @@ def _readable_file(path: Path, relative: str, directory: Optional[Path] = None) 
         except (OSError, RuntimeError):
             raise MduError(f"{directory / shown}: a symbolic link to nothing ({printable(os.readlink(path))}); "
                            "replace it with the file, or remove it") from None
-        if not is_within(resolved, directory) or resolved == directory.resolve():
+        if not is_within(resolved, directory):
             raise MduError(f"{directory / shown}: a symbolic link that leads outside {directory}; copy the file "
                            "in instead, so that what is uploaded is what the directory holds")
         target = str(resolved)
@@ -159,9 +160,11 @@ def _readable_file(path: Path, relative: str, directory: Optional[Path] = None) 
     return info.st_size, target
 
 
-def plan_upload(directory: Path, regenerate_card: bool = False, repo_id: Optional[str] = None) -> UploadPlan:
+def plan_upload(directory: Path, weights: Checkpoint, regenerate_card: bool = False,
+                repo_id: Optional[str] = None) -> UploadPlan:
     """Which files go up and which stay behind, with the reason; every file to
-    upload is checked readable here, before any network call."""
+    upload is checked readable here, before any network call. `weights` is
+    what `check_output_dir` found."""
     directory = Path(directory)
     plan = UploadPlan(card=card_action(directory, regenerate_card))
     if plan.card == "write":
@@ -187,15 +190,14 @@ def plan_upload(directory: Path, regenerate_card: bool = False, repo_id: Optiona
         except OSError:
             size = 0
         plan.skip.append({"path": relative, "size": size, "reason": reason})
-    _check_weights_planned(directory, plan)
+    _check_weights_planned(directory, weights, plan)
     return plan
 
 
-def _check_weights_planned(directory: Path, plan: UploadPlan) -> None:
+def _check_weights_planned(directory: Path, weights: Checkpoint, plan: UploadPlan) -> None:
     """Every weight file the checkpoint is read from goes up: never a repo
     without its weights."""
     uploaded = {entry["path"] for entry in plan.upload}
-    weights = open_directory(directory, str(directory))
     missing = sorted({info.file.name for info in weights.tensors.values()} - uploaded)
     if missing:
         raise MduError(f"{directory}: the weights in {printable(', '.join(missing))} would not be uploaded "
@@ -294,8 +296,8 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY:
         raise MduError("HF_HUB_OFFLINE is set, and mdu push needs the network; unset it (or use --dry-run)")
     directory = Path(directory)
-    run = check_output_dir(directory)
-    plan = plan_upload(directory, regenerate_card, repo_id)
+    run, weights = check_output_dir(directory)
+    plan = plan_upload(directory, weights, regenerate_card, repo_id)
     token = _token(token)
     if not run["base_model"].get("is_hub"):
         log.info("Notice: the base was a local checkpoint, so the card names no base_model")

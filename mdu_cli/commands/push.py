@@ -59,8 +59,8 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
     if problem:
         raise click.BadParameter(problem, param_hint="--repo-id")
     if dry_run:
-        check_output_dir(directory)
-        plan = plan_upload(directory, regenerate_card, repo_id)
+        _, weights = check_output_dir(directory)
+        plan = plan_upload(directory, weights, regenerate_card, repo_id)
         if as_json:
             click.echo(json.dumps(plan.as_dict(), indent=2))
             return
