@@ -61,7 +61,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     def mdlm(batch):
         noised = noise_response(batch, mask_id, noise)
         logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
-        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t)
+        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
         del logits
         loss.backward()
 

@@ -98,7 +98,7 @@ class Stepper:
 
         noised = noise_response(batch, self.mask_id, self.noise)
         logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
-        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t)
+        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
         del logits
         loss.backward()
 

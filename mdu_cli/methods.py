@@ -31,7 +31,7 @@ class MDU:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return anchor_input_ids(noised, mask_token_id)
 
-    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> torch.Tensor:
         return anchor_logits[noised.masked]  # (N, vocab): all the loss reads
 
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
@@ -45,11 +45,11 @@ class GradientAscent:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return None
 
-    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> None:
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> None:
         return None
 
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
-        return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.t,
+        return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,
                                     family.retain_weighting, noised.attention_mask)
 
 
@@ -61,11 +61,16 @@ class NPO:
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
         return noised.input_ids  # the reference model scores the very same masked input
 
-    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch) -> torch.Tensor:
-        return sequence_log_likelihood(anchor_logits, noised.targets, noised.masked, noised.t)  # (batch,)
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return _scores(anchor_logits, noised, family.retain_weighting)  # (batch,)
 
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
-        return npo_loss(logits, anchor_view, noised.targets, noised.masked, noised.t, self.beta)
+        return npo_loss(_scores(logits, noised, family.retain_weighting), anchor_view, self.beta)
+
+
+def _scores(logits: torch.Tensor, noised: NoisedBatch, weighting: str) -> torch.Tensor:
+    return sequence_log_likelihood(logits, noised.targets, noised.masked, noised.mask_prob, noised.response_mask,
+                                   weighting, noised.attention_mask)
 
 
 def make_method(cfg: UnlearnConfig):

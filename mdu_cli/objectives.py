@@ -102,12 +102,28 @@ def cart_weights(masked: torch.Tensor, attention_mask: torch.Tensor, p: float = 
     return context @ kernel.T
 
 
+def position_weights(
+    masked: torch.Tensor,
+    mask_prob: torch.Tensor,
+    weighting: str = "inverse_t",
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weight of each masked position in the MDLM likelihood bound, (batch, seq):
+    1 / mask_prob of the row ("inverse_t": 1/t, made unbiased for the forced
+    mask, see `masking.inclusion_probability`) or Dream's CART weights ("cart")."""
+    if weighting == "inverse_t":
+        return (1.0 / mask_prob.float())[:, None].expand(masked.shape)
+    if weighting == "cart":
+        return cart_weights(masked, attention_mask if attention_mask is not None else torch.ones_like(masked))
+    raise ValueError(f"unknown weighting {weighting!r}")
+
+
 def mdlm_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
     response_mask: torch.Tensor,
-    t: torch.Tensor,
+    mask_prob: torch.Tensor,
     weighting: str = "inverse_t",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -116,15 +132,11 @@ def mdlm_loss(
     and divided by the number of response tokens in the batch.
 
     logits: (batch, seq, vocab); targets, masked, response_mask: (batch, seq);
-    t: (batch,).
+    mask_prob: (batch,), the probability that a response position of the row is
+    masked (`NoisedBatch.mask_prob`; t itself where no mask is ever forced).
     """
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
-    if weighting == "inverse_t":
-        weights = (1.0 / t.float())[:, None].expand_as(masked)[masked]
-    elif weighting == "cart":
-        weights = cart_weights(masked, attention_mask if attention_mask is not None else torch.ones_like(masked))[masked]
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}")
+    weights = position_weights(masked, mask_prob, weighting, attention_mask)[masked]
     return (ce * weights).sum() / response_mask.sum().clamp(min=1)
 
 
@@ -132,20 +144,26 @@ def sequence_log_likelihood(
     logits: torch.Tensor,
     targets: torch.Tensor,
     masked: torch.Tensor,
-    t: torch.Tensor,
+    mask_prob: torch.Tensor,
+    response_mask: torch.Tensor,
+    weighting: str = "inverse_t",
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-row MDLM evidence lower bound on log p(response | prompt):
-    sum over masked positions of log p(clean token) / t. (batch,) out.
+    """Per-row, token-normalised MDLM bound on log p(response | prompt): the
+    weighted sum over masked positions of log p(clean token), divided by the
+    row's number of response tokens. (batch,) out.
 
-    logits: (batch, seq, vocab); targets, masked: (batch, seq); t: (batch,).
-    This is the sequence score NPO compares between the model and its anchor.
+    logits: (batch, seq, vocab); targets, masked, response_mask: (batch, seq);
+    mask_prob: (batch,). This is the sequence score NPO compares between the
+    model and its anchor; per token, so that long and short answers weigh alike.
     """
     # Only masked positions count: a softmax over the whole (batch, seq, vocab)
     # would cost a full fp32 copy of the logits for nothing.
     log_probs = F.log_softmax(logits[masked].float(), dim=-1).gather(-1, targets[masked].unsqueeze(-1)).squeeze(-1)
+    weighted = log_probs * position_weights(masked, mask_prob, weighting, attention_mask)[masked].float()
     rows = masked.nonzero()[:, 0]
-    per_row = torch.zeros(masked.shape[0], dtype=log_probs.dtype, device=log_probs.device).index_add(0, rows, log_probs)
-    return per_row / t.float()
+    per_row = torch.zeros(masked.shape[0], dtype=log_probs.dtype, device=log_probs.device).index_add(0, rows, weighted)
+    return per_row / response_mask.sum(1).clamp(min=1).to(per_row.dtype)
 
 
 def gradient_ascent_loss(
@@ -153,28 +171,24 @@ def gradient_ascent_loss(
     targets: torch.Tensor,
     masked: torch.Tensor,
     response_mask: torch.Tensor,
-    t: torch.Tensor,
+    mask_prob: torch.Tensor,
     weighting: str = "inverse_t",
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GA baseline: the negated MDLM loss of the forget rows (minimising it
     ascends the likelihood loss). Same shapes as `mdlm_loss`."""
-    return -mdlm_loss(logits, targets, masked, response_mask, t, weighting, attention_mask)
+    return -mdlm_loss(logits, targets, masked, response_mask, mask_prob, weighting, attention_mask)
 
 
-def npo_loss(
-    logits: torch.Tensor,
-    reference_scores: torch.Tensor,
-    targets: torch.Tensor,
-    masked: torch.Tensor,
-    t: torch.Tensor,
-    beta: float = 0.1,
-) -> torch.Tensor:
-    """Negative preference optimisation (Zhang et al., 2024, arXiv 2404.05868)
-    with MDLM sequence scores: (2 / beta) * mean softplus(beta * (s_theta - s_ref)).
+def npo_loss(model_scores: torch.Tensor, reference_scores: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al., 2024, arXiv 2404.05868):
+    (2 / beta) * mean softplus(beta * (s_theta - s_ref)), i.e.
+    -(2 / beta) * mean log sigmoid(-beta * log(pi_theta / pi_ref)).
 
-    logits: (batch, seq, vocab) of the model; reference_scores: (batch,), the
-    `sequence_log_likelihood` of the frozen anchor on the same masked input.
+    model_scores, reference_scores: (batch,) `sequence_log_likelihood` of the
+    model and of the frozen anchor on the same masked input. The scores are per
+    token, so beta here equals beta x answer length of an implementation that
+    sums log-likelihoods over the answer.
     """
-    ratio = sequence_log_likelihood(logits, targets, masked, t) - reference_scores.detach().float()
+    ratio = model_scores.float() - reference_scores.detach().float()
     return (2.0 / beta) * F.softplus(beta * ratio).mean()

@@ -300,7 +300,7 @@ def train(
                         # Keep only what the loss reads: the full-vocabulary
                         # logits would otherwise live through the next forward
                         # and backward (0.5 GB for LLaDA at 4 x 256 tokens).
-                        anchor_view = method.anchor_view(anchor_logits, forget_batch)
+                        anchor_view = method.anchor_view(anchor_logits, forget_batch, family)
                         del anchor_logits
                 conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
                 forget_loss = method.loss(conditional_logits, anchor_view, forget_batch, family)
@@ -319,7 +319,7 @@ def train(
                     logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
                     retain_loss = mdlm_loss(
                         logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
-                        retain_batch.t, family.retain_weighting, retain_batch.attention_mask,
+                        retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask,
                     )
                     del logits
                     accelerator.backward(cfg.alpha * retain_loss / len(mine))

@@ -1,9 +1,10 @@
 """The forward process and the anchor input."""
 
+import pytest
 import torch
 
 from mdu_cli.masking import EPS, anchor_input_ids, noise_response
-from mdu_cli.tokenization import Example, collate
+from mdu_cli.tokenization import Batch, Example, collate
 
 MASK = 99
 PAD = 0
@@ -54,3 +55,39 @@ def test_anchor_input_masks_prompt_keeps_response_and_padding():
     padding = batch.attention_mask == 0
     assert (anchor[padding] == PAD).all()
     assert torch.equal(anchor[~batch.prompt_mask], noised.input_ids[~batch.prompt_mask])
+
+
+def _unit_ce_logits(rows: int, width: int, vocab: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose cross-entropy at target 0 is exactly 1 at every position."""
+    import math
+
+    boost = math.log(math.exp(-1) * (vocab - 1) / (1 - math.exp(-1)))
+    logits = torch.zeros(rows, width, vocab, dtype=torch.float64)
+    logits[..., 0] = boost
+    return logits, torch.zeros(rows, width, dtype=torch.long)
+
+
+@pytest.mark.parametrize("length", [1, 3, 10])
+def test_inverse_t_losses_are_unbiased_with_the_forced_mask(length):
+    """With unit cross-entropy everywhere, the 1/t-weighted MDLM loss of a row
+    estimates exactly 1 (sum of CE over the answer / answer length). Averaged
+    over many draws of t and masks it must come within 1% of 1, though short
+    answers at small t mostly have their single mask forced. (1/t itself gave
+    1.42 for 10-token answers.)"""
+    from mdu_cli.objectives import mdlm_loss, sequence_log_likelihood
+
+    rows = 100_000
+    one = collate([Example(prompt_ids=(1, 2), response_ids=tuple(range(3, 3 + length)))], PAD)
+    batch = Batch(*(tensor.repeat(rows, 1) for tensor in (one.input_ids, one.attention_mask, one.prompt_mask,
+                                                          one.response_mask)))
+    noised = noise_response(batch, MASK, torch.Generator().manual_seed(length))
+    logits, _ = _unit_ce_logits(rows, batch.input_ids.shape[1])
+    targets = torch.where(noised.masked, torch.zeros_like(noised.targets), noised.targets)
+    loss = mdlm_loss(logits, targets, noised.masked, noised.response_mask, noised.mask_prob).item()
+    assert loss == pytest.approx(1.0, rel=0.01)
+    # The same estimate per row, as NPO reads it: minus the mean log-likelihood per token.
+    scores = sequence_log_likelihood(logits, targets, noised.masked, noised.mask_prob, noised.response_mask)
+    assert -scores.mean().item() == pytest.approx(1.0, rel=0.01)
+    if length == 10:
+        naive = (noised.masked.sum(1) / noised.t / length).mean().item()
+        assert naive > 1.3, "the plain 1/t weight over-counts the forced mask (the bug this guards against)"

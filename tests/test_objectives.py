@@ -174,15 +174,17 @@ def test_mdlm_retain_loss_with_cart_matches_reference():
     assert got == pytest.approx(want, rel=1e-5)
 
 
-def _reference_sequence_ll(logits, targets, masked, t):
-    """Per row: sum over masked positions of log p(target) / t, float64 loops."""
+def _reference_sequence_ll(logits, targets, masked, t, response, weights=None):
+    """Per row: sum over masked positions of log p(target) / t (or x the given
+    weight), over the row's response tokens; float64 loops."""
     out = []
     for b in range(logits.shape[0]):
         total = 0.0
         for i in range(logits.shape[1]):
             if masked[b, i]:
-                total += math.log(_softmax64(logits[b, i].astype(np.float64))[targets[b, i]])
-        out.append(total / float(t[b]))
+                weight = 1 / float(t[b]) if weights is None else float(weights[b, i])
+                total += weight * math.log(_softmax64(logits[b, i].astype(np.float64))[targets[b, i]])
+        out.append(total / int(response[b].sum()))
     return out
 
 
@@ -211,11 +213,14 @@ def test_npo_matches_float64_reference(beta):
     masked = torch.rand(3, 5, generator=gen) < 0.6
     masked[:, 2] = True
     t = torch.tensor([0.2, 0.5, 0.9])
+    response = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    masked &= response
     from mdu_cli.objectives import sequence_log_likelihood
 
-    got = npo_loss(logits, sequence_log_likelihood(anchor, targets, masked, t), targets, masked, t, beta).item()
-    s_model = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), t.numpy())
-    s_ref = _reference_sequence_ll(anchor.numpy(), targets.numpy(), masked.numpy(), t.numpy())
+    got = npo_loss(sequence_log_likelihood(logits, targets, masked, t, response),
+                   sequence_log_likelihood(anchor, targets, masked, t, response), beta).item()
+    s_model = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), t.numpy(), response.numpy())
+    s_ref = _reference_sequence_ll(anchor.numpy(), targets.numpy(), masked.numpy(), t.numpy(), response.numpy())
     # (2 / beta) * mean log(1 + (pi / pi_ref) ** beta), written as in the NPO paper.
     want = (2 / beta) * np.mean([math.log(1 + math.exp(beta * (a - b))) for a, b in zip(s_model, s_ref)])
     assert got == pytest.approx(want, rel=1e-5)
@@ -232,11 +237,11 @@ def test_npo_at_the_anchor_has_the_known_gradient():
     targets = torch.randint(0, 5, (2, 4), generator=gen)
     masked = torch.ones(2, 4, dtype=torch.bool)
     t = torch.tensor([0.5, 0.5])
-    reference = sequence_log_likelihood(logits.detach().clone(), targets, masked, t)
-    npo_loss(logits, reference, targets, masked, t, beta=0.1).backward()
+    reference = sequence_log_likelihood(logits.detach().clone(), targets, masked, t, masked)
+    npo_loss(sequence_log_likelihood(logits, targets, masked, t, masked), reference, beta=0.1).backward()
     npo_grad = logits.grad.clone()
     logits.grad = None
-    sequence_log_likelihood(logits, targets, masked, t).mean().backward()
+    sequence_log_likelihood(logits, targets, masked, t, masked).mean().backward()
     assert torch.allclose(npo_grad, logits.grad, atol=1e-6)
 
 
@@ -255,3 +260,19 @@ def test_loss_in_recomputed_blocks_matches_reference_and_gradient(logits_case, m
     want = _reference_forget_loss(cond.detach().numpy(), anchor.numpy(), masked.numpy(), 2.0, 0.5, "reverse")
     assert blocks.item() == pytest.approx(want, rel=1e-5)
     assert torch.allclose(cond.grad, whole_grad, atol=1e-7)
+
+
+def test_npo_scores_with_cart_weights_for_dream():
+    """Dream's NPO scores weight each masked position by CART, as its retain loss does."""
+    from mdu_cli.objectives import sequence_log_likelihood
+
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 6, 5, generator=gen)
+    targets = torch.randint(0, 5, (2, 6), generator=gen)
+    response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    attention = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    masked = response & torch.tensor([[1, 0, 1, 0, 1, 1], [0, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    got = sequence_log_likelihood(logits, targets, masked, torch.tensor([0.5, 0.5]), response, "cart", attention)
+    weights = np.array([_reference_cart(masked[r].tolist(), attention[r].tolist()) for r in range(2)])
+    want = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), None, response.numpy(), weights)
+    assert got.tolist() == pytest.approx(want, rel=1e-5)

@@ -68,23 +68,35 @@ def _cart64(masked, attention, p=0.3):
     return weights
 
 
+def _inverse_inclusion64(batch):
+    """1 / P(a response position is masked): t, plus the chance (1 - t)^L that
+    no position is drawn times the 1/L chance that the forced one is this one."""
+    weights = torch.zeros(batch.masked.shape, dtype=torch.float64)
+    for row in range(batch.masked.shape[0]):
+        t, length = float(batch.t[row]), int(batch.response_mask[row].sum())
+        weights[row, :] = 1 / (t + (1 - t) ** length / length)
+    return weights
+
+
 def _mdlm64(logits, batch, cart):
     """Sum over masked response positions of CE x weight, over the response tokens."""
     log_probs = torch.log_softmax(logits, dim=-1)
-    weights = _cart64(batch.masked, batch.attention_mask) if cart else (1 / batch.t.double())[:, None].expand(
-        batch.masked.shape)
+    weights = _cart64(batch.masked, batch.attention_mask) if cart else _inverse_inclusion64(batch)
     total = logits.new_zeros(())
     for row, i in batch.masked.nonzero().tolist():
         total = total - log_probs[row, i, batch.targets[row, i]] * weights[row, i]
     return total / batch.response_mask.sum()
 
 
-def _sequence_scores64(logits, batch):
+def _sequence_scores64(logits, batch, cart):
+    """Per row: weighted log-likelihood of the masked positions over the answer length."""
     log_probs = torch.log_softmax(logits, dim=-1)
+    weights = _cart64(batch.masked, batch.attention_mask) if cart else _inverse_inclusion64(batch)
     scores = []
     for row in range(logits.shape[0]):
         positions = batch.masked[row].nonzero()[:, 0].tolist()
-        scores.append(sum(log_probs[row, i, batch.targets[row, i]] for i in positions) / batch.t[row].double())
+        total = sum(log_probs[row, i, batch.targets[row, i]] * weights[row, i] for i in positions)
+        scores.append(total / batch.response_mask[row].sum().double())
     return torch.stack(scores)
 
 
@@ -112,7 +124,7 @@ def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, car
             anchor_ids = batch.input_ids
         anchor_logits = _logits64(anchor, anchor_ids, batch.attention_mask, shifted)
     if method == "npo":
-        ratio = _sequence_scores64(conditional, batch) - _sequence_scores64(anchor_logits, batch)
+        ratio = _sequence_scores64(conditional, batch, cart) - _sequence_scores64(anchor_logits, batch, cart)
         return (2 / BETA * torch.log1p(torch.exp(BETA * ratio))).mean()
     total, count = conditional.new_zeros(()), 0
     for row, i in batch.masked.nonzero().tolist():
