@@ -19,12 +19,17 @@ from typing import Any, Optional
 import yaml
 
 from mdu_cli.errors import ConfigError
+from mdu_cli.hub_data import is_hub_data
 
 FAMILIES = ("llada", "dream", "masked-lm")
 KL_DIRECTIONS = ("forward", "reverse", "js")
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
-METHODS = ("mdu", "ga", "npo")
+UNLEARN_METHODS = ("mdu", "ga", "npo")
+# "finetune" is plain MDLM fine-tuning (`mdu finetune`): the same loop, no anchor.
+METHODS = UNLEARN_METHODS + ("finetune",)
+# Options of `mdu unlearn` that mean nothing to `mdu finetune`.
+UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "alpha")
 MAX_STEPS = 10_000_000
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -98,6 +103,8 @@ class UnlearnConfig:
         if not self.model:
             raise bad("model", "is required: a local checkpoint directory or a Hub model id")
         if not self.forget:
+            if self.method == "finetune":
+                raise ConfigError("--data is required: the JSONL or JSON file of records to train on")
             raise bad("forget", "is required: the JSONL or JSON file of records to unlearn")
         for name, choices in (("family", FAMILIES), ("kl", KL_DIRECTIONS), ("device", DEVICES), ("dtype", DTYPES),
                               ("method", METHODS)):
@@ -253,13 +260,15 @@ def _describe(value, node) -> str:
     return f"{node.value[:40]}"
 
 
-def _options(loader: _BoundedLoader, path: Path) -> dict[str, Any]:
+def _options(loader: _BoundedLoader, path: Path, command: str) -> dict[str, Any]:
     document = loader.get_single_node()
     if document is None:
         return {}
     if not isinstance(document, yaml.MappingNode):
         raise ConfigError(f"{path}: expected a mapping of option: value, one per line")
     known = set(option_names())
+    if command == "finetune":
+        known = (known - set(UNLEARN_ONLY)) | {"data"}
     options: dict[str, Any] = {}
     seen: dict[str, int] = {}
     for key_node, value_node in document.value:
@@ -269,15 +278,17 @@ def _options(loader: _BoundedLoader, path: Path) -> dict[str, Any]:
         key = key_node.value
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(f"{path}:{line}: unknown option {key!r}; the options are those of `mdu unlearn --help`")
+            raise ConfigError(f"{path}:{line}: unknown option {key!r}; the options are those of `mdu {command} --help`")
         if name in seen:
             raise ConfigError(f"{path}:{line}: {key} is set twice (also on line {seen[name]}); keep one")
         seen[name] = line
-        options[name] = _typed_value(loader, path, line, key, name, value_node)
+        # `data` is what `mdu finetune` calls the one file it trains on.
+        field_name = "forget" if name == "data" else name
+        options[field_name] = _typed_value(loader, path, line, key, field_name, value_node)
     return options
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, command: str = "unlearn") -> dict[str, Any]:
     """Options from a YAML file, keys spelled as flags (`max-steps`) or as
     fields (`max_steps`). Unknown and repeated keys are errors, and so is a
     value of the wrong type (`overwrite: "false"` is text, not false): a typo
@@ -298,7 +309,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     loader = _BoundedLoader(text)
     loader.name = str(path)
     try:
-        options = _options(loader, path)
+        options = _options(loader, path, command)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -311,7 +322,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     # user who keeps run.yaml beside the data expects.
     for name in ("forget", "retain", "chat_template", "out"):
         value = options.get(name)
-        if isinstance(value, str) and not Path(value).is_absolute():
+        if isinstance(value, str) and not Path(value).is_absolute() and not is_hub_data(value):
             options[name] = os.path.normpath(path.parent / value)
     # A model is either a directory (relative to the file, like the data) or a
     # Hub id; only an existing directory beside the file is taken as a path.

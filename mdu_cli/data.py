@@ -6,7 +6,8 @@ one of
     {"prompt": ..., "completion": ...}
     {"prompt": ..., "response": ...}
     {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
-and any other fields are ignored. Every record becomes a list of chat messages
+and any other fields are ignored, except TOFU's `perturbed_answer` (a string
+or a list of wrong answers) and `paraphrased_answer`, read for the truth ratio. Every record becomes a list of chat messages
 ending with the assistant turn whose tokens are unlearned.
 
 Files are validated completely before anything heavy happens, and every bad
@@ -19,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from mdu_cli.errors import DataError, MduError
 
@@ -35,6 +37,7 @@ class Record:
     messages: tuple[dict, ...]
     source: str  # "FILE:LINE", for error messages that must name the record
     perturbed: tuple[str, ...] = ()  # TOFU's perturbed_answer: wrong answers, for the truth ratio
+    paraphrased: Optional[str] = None  # TOFU's paraphrased_answer: the answer reworded, for the truth ratio
 
     @property
     def prompt_messages(self) -> list[dict]:
@@ -47,16 +50,21 @@ class Record:
 
 @dataclass(frozen=True)
 class Dataset:
-    path: Path
+    path: Path  # the file read (for a Hub file, its copy in the Hugging Face cache)
     records: tuple[Record, ...]
     sha256: str
+    hub: Optional[dict] = None  # for hf://datasets/... names: repository, file, revision and resolved commit
+    name: Optional[str] = None  # what the user wrote, when it is not the path
 
     def __len__(self) -> int:
         return len(self.records)
 
     def summary(self) -> dict:
         # Only the hash and the count: the content must never leave the user's file.
-        return {"path": str(self.path), "sha256": self.sha256, "records": len(self.records)}
+        summary = {"path": self.name or str(self.path), "sha256": self.sha256, "records": len(self.records)}
+        if self.hub:
+            summary["hub"] = self.hub
+        return summary
 
 
 def _check_text(value, field: str) -> str | None:
@@ -147,11 +155,20 @@ def _perturbed_answers(obj) -> tuple[tuple[str, ...], str | None]:
     return tuple(answers), None
 
 
+def _paraphrased_answer(obj) -> tuple[Optional[str], str | None]:
+    """The optional TOFU `paraphrased_answer` field: one non-empty string."""
+    if not isinstance(obj, dict) or obj.get("paraphrased_answer") is None:
+        return None, None
+    value = obj["paraphrased_answer"]
+    problem = _check_text(value, "paraphrased_answer")
+    return (None, problem) if problem else (value, None)
+
+
 def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(path: str, raw: bytes) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -159,7 +176,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise DataError([f"{path}:{line}: not valid UTF-8 text; save the file as UTF-8"]) from None
 
 
-def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
+def _parse_array(path: str, text: str) -> list[tuple[int, object]]:
     """Elements of a JSON array with the line each one starts on."""
     decoder = json.JSONDecoder()
     items = []
@@ -177,7 +194,7 @@ def _parse_array(path: Path, text: str) -> list[tuple[int, object]]:
         pos = end
 
 
-def _parse(path: Path, text: str) -> list[tuple[int, object | Exception]]:
+def _parse(path: str, text: str) -> list[tuple[int, object | Exception]]:
     """(line, parsed value or the JSON error) for every record in the file."""
     stripped = text.strip()
     if not stripped:
@@ -219,12 +236,25 @@ def _parse(path: Path, text: str) -> list[tuple[int, object | Exception]]:
 
 
 def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
-    """Read and validate a forget or retain file.
+    """Read and validate a forget or retain file: a local path, or a Hub
+    dataset file named `hf://datasets/OWNER/NAME/PATH[@REVISION]` (fetched
+    through the Hugging Face cache; see `hub_data`).
 
     Raises DataError listing every bad record (at most `max_problems` lines,
     plus a count of the rest) and MduError for a missing or unreadable file.
     """
-    path = Path(path)
+    from mdu_cli.hub_data import fetch, is_hub_data
+
+    if is_hub_data(path):
+        hub_file = fetch(str(path))
+        dataset = _load_file(hub_file.local_path, hub_file.uri, max_problems)
+        return Dataset(dataset.path, dataset.records, dataset.sha256, hub=hub_file.provenance(), name=hub_file.uri)
+    return _load_file(Path(path), str(path), max_problems)
+
+
+def _load_file(path: Path, label: str, max_problems: int) -> Dataset:
+    """Read and validate one local file; messages name it as `label`."""
+    display = label
     if not path.exists():
         raise MduError(f"{path}: no such file; check the path")
     if path.is_dir():
@@ -236,27 +266,30 @@ def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
     except OSError as err:
         raise MduError(f"{path}: cannot read ({err.strerror}); check the file's permissions") from None
 
-    text = _decode(path, raw)
+    text = _decode(display, raw)
     records: list[Record] = []
     problems: list[str] = []
-    for line, value in _parse(path, text):
+    for line, value in _parse(display, text):
         if isinstance(value, RecursionError):
-            problems.append(f"{path}:{line}: nested too deeply; a record is a flat object")
+            problems.append(f"{display}:{line}: nested too deeply; a record is a flat object")
             continue
         if isinstance(value, Exception):
-            problems.append(f"{path}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax")
+            problems.append(f"{display}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax")
             continue
         messages, problem = _messages_from_record(value)
         perturbed, perturbed_problem = _perturbed_answers(value)
-        if problem or perturbed_problem:
-            problems.append(f"{path}:{line}: {problem or perturbed_problem}")
+        paraphrased, paraphrase_problem = _paraphrased_answer(value)
+        problem = problem or perturbed_problem or paraphrase_problem
+        if problem:
+            problems.append(f"{display}:{line}: {problem}")
         else:
-            records.append(Record(messages=tuple(messages), source=f"{path}:{line}", perturbed=perturbed))
+            records.append(Record(messages=tuple(messages), source=f"{display}:{line}", perturbed=perturbed,
+                                  paraphrased=paraphrased))
 
     if problems:
         extra = len(problems) - max_problems
         shown = problems[:max_problems]
         if extra > 0:
-            shown.append(f"{path}: ... and {extra} more bad records")
+            shown.append(f"{display}: ... and {extra} more bad records")
         raise DataError(shown)
     return Dataset(path=path, records=tuple(records), sha256=hashlib.sha256(raw).hexdigest())

@@ -31,6 +31,7 @@ from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
 from mdu_cli.errors import MduError
+from mdu_cli.hub_data import is_hub_data
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
@@ -163,7 +164,9 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
 
 def _inputs(cfg: UnlearnConfig, out: Path) -> list[Path]:
     """Every path the run reads that the user owns: what no output may replace."""
-    paths = [Path(p) for p in (cfg.forget, cfg.retain, cfg.config_file, cfg.chat_template) if p]
+    # A Hub data file (hf://datasets/...) is read from the Hugging Face cache,
+    # never from a path an output could take.
+    paths = [Path(p) for p in (cfg.forget, cfg.retain, cfg.config_file, cfg.chat_template) if p and not is_hub_data(p)]
     model = Path(cfg.model).expanduser()
     if model.exists():
         paths.append(model)

@@ -130,8 +130,9 @@ def unlearned(tmp_path_factory, hf_home, llada_dir):
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, tmp_path_factory):
     import huggingface_hub.constants
+    import huggingface_hub.file_download
     from huggingface_hub.utils import reset_sessions
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -145,6 +146,12 @@ def hub(monkeypatch):
         # huggingface_hub reads HF_ENDPOINT once, at import, for the URLs it parses.
         monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.endpoint)
+        monkeypatch.setattr(huggingface_hub.file_download, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        # Downloads land in a cache of the test's own, never the user's.
+        cache = tmp_path_factory.mktemp("hf-cache")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        fake.cache = cache
         yield fake
     reset_sessions()
 

@@ -1,4 +1,5 @@
-"""A stand-in for the Hugging Face Hub's HTTP API on 127.0.0.1, for push tests.
+"""A stand-in for the Hugging Face Hub's HTTP API on 127.0.0.1, for push tests
+and for dataset downloads (`datasets`: what `hf://datasets/...` names fetch).
 
 It answers the handful of endpoints that huggingface_hub's `create_repo`,
 `create_branch`, `list_repo_files` and `create_commit` call, and records
@@ -27,6 +28,8 @@ class FakeHub:
         self.silent = threading.Event()
         self.released = threading.Event()  # set on exit, so silent handlers end
         self.trees: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> files
+        # Dataset repositories for downloads: (repo, revision) -> (commit, {path: bytes}).
+        self.datasets: dict[tuple[str, str], tuple[str, dict[str, bytes]]] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -72,10 +75,55 @@ class FakeHub:
                     return True
                 return False
 
+            def _dataset_file(self, method: str) -> bool:
+                """HEAD and GET of /datasets/OWNER/NAME/resolve/REVISION/PATH, as
+                hf_hub_download asks: the commit and an ETag in the headers."""
+                from urllib.parse import unquote
+
+                match = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
+                if not match:
+                    return False
+                repo, revision, path = match.group(1), unquote(match.group(2)), unquote(match.group(3))
+                found = hub.datasets.get((repo, revision))
+                if found is None:
+                    # A commit hash asks for whatever revision resolved to it.
+                    found = next((v for v in hub.datasets.values() if v[0] == revision), None)
+                if found is None or path not in found[1]:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "RepoNotFound" if found is None else "EntryNotFound")
+                    self.send_header("X-Error-Message", "not found")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return True
+                commit, files = found
+                import hashlib
+
+                body = files[path]
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", commit)
+                self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if method == "GET":
+                    self.wfile.write(body)
+                return True
+
+            def do_HEAD(self):
+                hub.requests.append({"method": "HEAD", "path": self.path,
+                                     "headers": {k.lower(): v for k, v in self.headers.items()}, "body": b""})
+                if self._hold_if_silent():
+                    return
+                if not self._dataset_file("HEAD"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
             def do_GET(self):
                 hub.requests.append({"method": "GET", "path": self.path,
                                      "headers": {k.lower(): v for k, v in self.headers.items()}, "body": b""})
                 if self._hold_if_silent():
+                    return
+                if self._dataset_file("GET"):
                     return
                 from urllib.parse import unquote
 
