@@ -37,6 +37,7 @@ class Failure(click.ClickException):
 # `mdu diff` does not pay for the imports of `mdu unlearn` (torch among them).
 COMMANDS = {
     "unlearn": ("mdu_cli.commands.unlearn", "unlearn"),
+    "finetune": ("mdu_cli.commands.finetune", "finetune"),
     "diff": ("mdu_cli.commands.diff", "diff"),
     "push": ("mdu_cli.commands.push", "push"),
     "eval": ("mdu_cli.commands.evaluate", "eval_command"),
@@ -117,6 +118,7 @@ def cli() -> None:
       mdu unlearn --config examples/run.yaml
       mdu diff GSAI-ML/LLaDA-8B-Instruct ./LLaDA-8B-Instruct-mdu-tau2
       mdu push ./LLaDA-8B-Instruct-mdu-tau2 --repo-id me/llada-forgot-x
+      mdu eval ./LLaDA-8B-Instruct-mdu-tau2 --benchmark tofu --reference retain90/eval.json
     """
     setup_logging()
 

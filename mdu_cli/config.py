@@ -153,6 +153,8 @@ class UnlearnConfig:
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
+        if self.method == "finetune" and self.retain:
+            raise ConfigError("--retain does not apply to `mdu finetune`: put every record to train on in --data")
         if self.alpha > 0 and not self.retain:
             raise bad("alpha", f"is {self.alpha} but no --retain file is given; add --retain FILE or drop --alpha")
 

@@ -7,6 +7,8 @@ branches on its name.
   (or reverse, JS) toward tau-scaled anchor logits (METHOD.md section 2).
 - ga:  no anchor; gradient ascent on the MDLM loss of the forget rows.
 - npo: the anchor sees the same noised sequence; NPO on MDLM sequence scores.
+- finetune: no anchor; the MDLM fine-tuning loss itself (`mdu finetune`, which
+  builds TOFU's target and retain-only reference models by the same loop).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.families import Family
 from mdu_cli.masking import NoisedBatch, anchor_input_ids
-from mdu_cli.objectives import gradient_ascent_loss, mdu_forget_loss, npo_loss, sequence_log_likelihood
+from mdu_cli.objectives import (gradient_ascent_loss, mdlm_loss, mdu_forget_loss, npo_loss,
+                                sequence_log_likelihood)
 
 @dataclass(frozen=True)
 class MDU:
@@ -73,6 +76,24 @@ def _scores(logits: torch.Tensor, noised: NoisedBatch, weighting: str) -> torch.
                                    weighting, noised.attention_mask)
 
 
+@dataclass(frozen=True)
+class FineTune:
+    """Plain MDLM fine-tuning: 1/t-weighted (CART for Dream) cross-entropy of
+    the masked answer tokens, minimised; the rows are the training records."""
+
+    needs_anchor: bool = False
+
+    def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
+        return None
+
+    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> None:
+        return None
+
+    def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
+        return mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,
+                         family.retain_weighting, noised.attention_mask)
+
+
 def make_method(cfg: UnlearnConfig):
     if cfg.method == "mdu":
         return MDU(cfg.tau, cfg.eta, cfg.kl)
@@ -80,4 +101,6 @@ def make_method(cfg: UnlearnConfig):
         return GradientAscent()
     if cfg.method == "npo":
         return NPO(cfg.npo_beta)
+    if cfg.method == "finetune":
+        return FineTune()
     raise ValueError(f"unknown method {cfg.method!r}")

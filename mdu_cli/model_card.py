@@ -58,7 +58,10 @@ def front_matter(run: dict) -> dict:
         # The Hub's model tree files an adapter under its base as such.
         meta["base_model_relation"] = "adapter" if adapter else "finetune"
     meta["library_name"] = "peft" if adapter else "transformers"
-    meta["tags"] = ["mdu", "machine-unlearning", "masked-diffusion", run["family"]]
+    if run.get("method") == "finetune":
+        meta["tags"] = ["mdu", "masked-diffusion", run["family"]]
+    else:
+        meta["tags"] = ["mdu", "machine-unlearning", "masked-diffusion", run["family"]]
     if base.get("license"):
         meta["license"] = base["license"]
     return meta
@@ -105,7 +108,10 @@ def _data_rows(run: dict) -> list[str]:
     for split in ("forget", "retain"):
         info = run["data"].get(split)
         if info:
-            rows.append(f"| {split} set | {info['records']} records, sha256 `{info['sha256']}` |")
+            name = "training set" if run.get("method") == "finetune" else f"{split} set"
+            hub = info.get("hub")
+            where = f", `{hub['repo_id']}/{hub['filename']}` @ `{hub['commit']}`" if hub else ""
+            rows.append(f"| {name} | {info['records']} records, sha256 `{info['sha256']}`{where} |")
     return rows
 
 
@@ -172,6 +178,9 @@ def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str]) ->
         objective = f"NPO baseline, beta = {cfg.get('npo_beta')}, against the starting model"
         what = ("negative preference optimisation (NPO, a baseline)",
                 "the likelihood of the forget answers was pushed below the starting model's, with a bounded loss.")
+    elif method == "finetune":
+        objective = "MDLM fine-tuning (1/t-weighted masked cross-entropy; CART for Dream)"
+        what = ("MDLM fine-tuning", "the masked-token loss of the training records was minimised.")
     else:
         objective = "gradient ascent on the MDLM loss (GA, a baseline)"
         what = ("gradient ascent (GA, a baseline)", "the MDLM loss of the forget answers was maximised.")
@@ -195,20 +204,20 @@ def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str]) ->
         + (f" @ `{base['revision']}`" if base.get("revision") else "") + " |",
         f"| family | {run['family']} |",
         f"| objective | {objective} |",
-        f"| retain weight alpha | {cfg['alpha']} |",
+        *([] if method == "finetune" else [f"| retain weight alpha | {cfg['alpha']} |"]),
         *_data_rows(run),
         f"| optimisation | AdamW, lr {cfg['lr']}, {run['steps']} steps, batch {cfg['batch_size']} x "
         f"{cfg['grad_accum']} accumulation, warmup {cfg['warmup_ratio']} + cosine, seed {run['seed']} |",
         f"| precision, device | {run['dtype']}, {run['device']} |",
-        f"| forget loss (first -> last step) | {_fmt(losses['forget']['first'])} -> {_fmt(losses['forget']['last'])} |",
+        f"| {'training' if method == 'finetune' else 'forget'} loss (first -> last step) | "
+        f"{_fmt(losses['forget']['first'])} -> {_fmt(losses['forget']['last'])} |",
     ]
     if losses["retain"]["first"] is not None:
         lines.append(f"| retain loss (first -> last step) | {_fmt(losses['retain']['first'])} -> "
                      f"{_fmt(losses['retain']['last'])} |")
     lines += [
         "",
-        "The forget and retain files are identified by their sha256 only; their text is not part of this "
-        "repository.",
+        "The data files are identified by their sha256 only; their text is not part of this repository.",
         "",
         "## How to load",
         "",
@@ -219,6 +228,8 @@ def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str]) ->
         lines += _eval_section(evaluation)
     if delta:
         lines += _delta_section(delta)
+    if method == "finetune":
+        return "\n".join(lines)
     lines += [
         "## What unlearning does and does not guarantee",
         "",

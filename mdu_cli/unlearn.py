@@ -77,7 +77,14 @@ def is_main_process_env() -> bool:
 
 def default_out_dir(cfg: UnlearnConfig) -> Path:
     name = Path(cfg.model.rstrip("/")).name or "model"
+    if cfg.method == "finetune":
+        return Path(f"{name}-finetuned")
     return Path(f"{name}-mdu-tau{cfg.tau:g}")
+
+
+def command_name(cfg: UnlearnConfig) -> str:
+    """The command a config belongs to: finetune runs share unlearn's machinery."""
+    return "finetune" if cfg.method == "finetune" else "unlearn"
 
 
 def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, str]:
@@ -331,10 +338,12 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
-    log.info(
-        "Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s",
-        len(forget), len(retain), source.name, family.name, run.mask_token_id, device, run.dtype_name,
-    )
+    if cfg.method == "finetune":
+        log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(forget), family.name,
+                 run.mask_token_id, device, run.dtype_name)
+    else:
+        log.info("Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s", len(forget), len(retain),
+                 source.name, family.name, run.mask_token_id, device, run.dtype_name)
 
     try:
         result: TrainResult = train(
@@ -379,7 +388,7 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         record = {
             "tool": "mdu",
             "version": __version__,
-            "command": "unlearn",
+            "command": command_name(cfg),
             "method": cfg.method,
             "config": cfg.to_dict(),
             "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,

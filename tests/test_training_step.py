@@ -142,8 +142,9 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     start = copy.deepcopy(model)
     forget = encode_dataset(load_dataset(write_jsonl(tmp_path / "f.jsonl", FORGET_RECORDS)), tokenizer, 64)
     retain = encode_dataset(load_dataset(write_jsonl(tmp_path / "r.jsonl", RETAIN_RECORDS)), tokenizer, 64)
-    cfg = build_config({}, dict(model="m", forget="f", retain="r", method=method, tau=TAU, eta=ETA, npo_beta=BETA,
-                                alpha=alpha, lr=LR, max_steps=1, batch_size=2, grad_accum=2,
+    finetune = method == "finetune"  # one stream of records, no retain term
+    cfg = build_config({}, dict(model="m", forget="f", retain=None if finetune else "r", method=method, tau=TAU,
+                                eta=ETA, npo_beta=BETA, alpha=None if finetune else alpha, lr=LR, max_steps=1, batch_size=2, grad_accum=2,
                                 max_grad_norm=MAX_NORM, warmup_ratio=warmup, weight_decay=0.01))
     recorded, captured = [], {}
     real_noise = train_module.noise_response
@@ -166,7 +167,7 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     anchor = copy.deepcopy(model).requires_grad_(False).eval() if method in ("mdu", "npo") else None
     fam = FAMILIES[family]
     mask_id = model.config.mask_token_id if family == "dream" else tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
-    result = train_module.train(model, anchor, forget, retain, cfg, fam, mask_id, tokenizer.pad_token_id, accelerator)
+    result = train_module.train(model, anchor, forget, [] if finetune else retain, cfg, fam, mask_id, tokenizer.pad_token_id, accelerator)
     return dict(model=model, start=start, forget=forget, recorded=recorded, grads=captured, history=result.history,
                 # Decided by the family's name here, not read from the package's
                 # Family: a Dream retain term trained with 1/t must fail.
@@ -178,8 +179,13 @@ def _reference(run, method, alpha=ALPHA, warmup_factor=0.5):
     model = copy.deepcopy(run["start"]).double().train()
     anchor = copy.deepcopy(run["start"]).double().eval().requires_grad_(False)
     batches = run["recorded"]
-    micro = len(batches) // 2
     total = None
+    if method == "finetune":  # two micro-batches of training rows, nothing else
+        for batch in batches:
+            logits = _logits64(model, batch.input_ids, batch.attention_mask, run["shifted"])
+            loss = _mdlm64(logits, batch, run["cart"]) / len(batches)
+            total = loss if total is None else total + loss
+    micro = len(batches) // 2 if method != "finetune" else 0
     for k in range(micro):  # forget, retain, forget, retain: the loop's order
         forget_batch, retain_batch = batches[2 * k], batches[2 * k + 1]
         loss = _forget_loss64(method, model, anchor, forget_batch, run["forget"], run["mask_id"], run["shifted"],
@@ -201,13 +207,17 @@ def _reference(run, method, alpha=ALPHA, warmup_factor=0.5):
     return grads, norm, after, lr
 
 
-CASES = [("llada", "mdu"), ("llada", "ga"), ("llada", "npo"), ("dream", "mdu"), ("dream", "ga"), ("dream", "npo")]
+CASES = [("llada", "mdu"), ("llada", "ga"), ("llada", "npo"), ("llada", "finetune"),
+         ("dream", "mdu"), ("dream", "ga"), ("dream", "npo"), ("dream", "finetune")]
 
 
 @pytest.mark.parametrize("family, method", CASES)
 def test_one_step_matches_an_independent_float64_reference(family, method, family_dirs, tmp_path, monkeypatch):
     run = _run_one_step(family, family_dirs[family], method, tmp_path, monkeypatch)
-    assert len(run["recorded"]) == 4, "two forget and two retain micro-batches"
+    if method == "finetune":
+        assert len(run["recorded"]) == 2, "two micro-batches of training rows"
+    else:
+        assert len(run["recorded"]) == 4, "two forget and two retain micro-batches"
     grads, norm, after, lr = _reference(run, method)
     assert set(run["grads"]) == set(grads)
     # float32 against float64: a relative 1e-3, and entries near zero (a key
