@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdu_cli.data import Dataset, Record, load_dataset
+from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.inference import LoadedModel, prepare_inference
 from mdu_cli.output_location import check_report_file
-from mdu_cli.sampling import generate
+from mdu_cli.sampling import generate, generation_kwargs, resolve_generation
 from mdu_cli.families import model_logits
 
 EVAL_FILE = "eval.json"
@@ -113,7 +114,7 @@ def check_lengths(loaded: LoadedModel, records: list[Record], generation: dict) 
     new_tokens = generation.get("max_new_tokens", 0)
     for record in records:
         prompt = len(loaded.prompt_ids(record.prompt_messages, where=record.source))
-        for answer in (record.response, *record.perturbed):
+        for answer in (record.response, *record.perturbed, *([record.paraphrased] if record.paraphrased else [])):
             answer_tokens = len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
             loaded.check_length(prompt + answer_tokens, record.source, "the prompt with its answer")
         if new_tokens:
@@ -134,7 +135,7 @@ def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, 
             ratios.append(truth_ratio(gold, wrong))
         if generation.get("max_new_tokens", 0) > 0:
             [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
-                                 pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(), **generation)
+                                 pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
             text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
             rouges.append(rouge_l_recall(text, record.response))
     result = {"records": len(records), "probability": sum(probabilities) / len(probabilities)}
@@ -145,33 +146,65 @@ def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, 
     return result
 
 
-def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Optional[str] = None,
+DEFAULT_GENERATION = {"max_new_tokens": 128, "steps": 128, "block_length": 32}
+
+
+def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = None, base: Optional[str] = None,
              mc_samples: int = 128, limit: Optional[int] = None, seed: int = 0, generation: Optional[dict] = None,
              batch_size: int = 32, device: str = "auto", trust_remote_code: bool = False,
-             show_progress: bool = True, write: bool = True) -> dict:
-    """Evaluate MODEL (and BASE, side by side) on the forget and retain files.
-    When MODEL is an `mdu unlearn` output directory, the report is also written
-    there as eval.json, for the model card."""
-    datasets: dict[str, Dataset] = {"forget": load_dataset(forget)}
-    if retain:
-        datasets["retain"] = load_dataset(retain)
-    generation = generation if generation is not None else {"max_new_tokens": 128, "steps": 128, "block_length": 32}
+             show_progress: bool = True, write: bool = True, benchmark: Optional[str] = None,
+             real_authors: Optional[str] = None, world_facts: Optional[str] = None, tofu_split: str = "forget10",
+             reference: Optional[str] = None) -> dict:
+    """Evaluate MODEL (and BASE, side by side) on the forget and retain files,
+    or with benchmark="tofu" on TOFU's four splits with forget quality and model
+    utility (see `tofu.py`). When MODEL is an `mdu` output directory, the report
+    is also written there as eval.json, for the model card."""
+    from mdu_cli import tofu
+
+    files = {"forget": forget, "retain": retain}
+    if benchmark == "tofu":
+        if base:
+            raise ConfigError("--base does not combine with --benchmark tofu; evaluate each model on its own "
+                              "and compare the reports")
+        files.update(real_authors=real_authors, world_facts=world_facts)
+        if not any(files.values()):
+            files = tofu.hub_files(tofu_split)
+    elif not forget:
+        raise ConfigError("--forget is required (or --benchmark tofu, which has default files)")
+    datasets: dict[str, Dataset] = {name: load_dataset(path) for name, path in files.items() if path}
+    generation = dict(generation if generation is not None else DEFAULT_GENERATION)
     splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
+    ref = None
+    if benchmark == "tofu":
+        for name, records in splits.items():
+            tofu.check_records(name, records)
+        if reference:
+            if "forget" not in datasets:
+                raise ConfigError("--reference compares forget truth ratios; give --forget too")
+            ref = tofu.read_reference(reference, datasets["forget"].sha256)
+            if ref["limit"] != limit:
+                raise MduError(f"--reference {reference}: it was evaluated with --limit {ref['limit']}, this run "
+                               f"with --limit {limit}; use the same records for both")
 
     model_dir = Path(model)
     target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file() else None
     if target is not None:
-        check_report_file(target, "eval.json", [data.path for data in datasets.values()])
+        check_report_file(target, "eval.json", [data.path for data in datasets.values()]
+                          + ([Path(reference)] if reference else []))
 
     # Every model's config, tokenizer and lengths are checked before any weights load.
     prepared = {name: prepare_inference(name, trust_remote_code=trust_remote_code, device=device)
                 for name in ([model, base] if base else [model])}
+    # A preset's values depend on the family; the report names what was used.
+    generation = resolve_generation(generation, prepared[model].family.name)
     for loaded in prepared.values():
         check_lengths(loaded, [r for records in splits.values() for r in records], generation)
 
     def evaluate(name: str) -> dict:
         loaded = prepared[name].load_weights()
         try:
+            if benchmark == "tofu":
+                return tofu.evaluate_tofu(loaded, splits, mc_samples, seed, generation, batch_size, show_progress)
             return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
                                           desc=f"eval {split}", show_progress=show_progress)
                     for split, records in splits.items()}
@@ -179,7 +212,13 @@ def run_eval(model: str, forget: str, retain: Optional[str] = None, base: Option
             loaded.model = None  # one model in memory at a time
 
     report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
-              "data": {split: data.summary() for split, data in datasets.items()}, "splits": evaluate(model)}
+              "data": {split: data.summary() for split, data in datasets.items()}}
+    if benchmark == "tofu":
+        report = {"benchmark": "tofu", **report, "splits": evaluate(model)}
+        report.update(tofu.headline(report, ref))
+        report["reference"] = {"path": ref["path"], "model": ref["model"]} if ref else None
+    else:
+        report["splits"] = evaluate(model)
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
         report["change"] = relative_change(report["splits"], report["base"]["splits"])
@@ -201,6 +240,8 @@ def relative_change(model_splits: dict, base_splits: dict) -> dict:
 
 
 def format_eval(report: dict) -> str:
+    if report.get("benchmark") == "tofu":
+        return format_tofu(report)
     metrics = ("probability", "rouge_l", "truth_ratio")
     has_base = "base" in report
     header = ["split", "metric"] + (["base", "model", "change"] if has_base else ["model"])
@@ -220,3 +261,19 @@ def format_eval(report: dict) -> str:
             rows.append(row)
     widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows)
+
+
+def format_tofu(report: dict) -> str:
+    """The two headline numbers, then each split's aggregates."""
+    def number(value) -> str:
+        return "-" if value is None else f"{value:.4g}"
+
+    lines = [f"forget quality  {number(report['forget_quality'])}"
+             + ("" if report["reference"] else "  (needs --reference: the retain-only model's report)"),
+             f"model utility   {number(report['model_utility'])}", ""]
+    metrics = ("probability", "probability_normalised", "rouge_l", "truth_ratio_closer_to_1", "truth_score")
+    rows = [[split] + [number(values.get(m)) for m in metrics] for split, values in report["splits"].items()]
+    header = ["split", "prob.", "prob. normalised", "ROUGE-L", "TR closer to 1", "TR score (1-R)+"]
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows]
+    return "\n".join(lines)

@@ -138,10 +138,28 @@ def _delta_section(delta: dict) -> list[str]:
 def _eval_section(evaluation: dict) -> list[str]:
     """eval.json: {"splits": {name: {metric: value}}} (written by `mdu eval`)."""
     splits = evaluation.get("splits") or {}
-    metrics = sorted({m for values in splits.values() if isinstance(values, dict) for m in values})
+    # Aggregates only: per-record lists stay in eval.json.
+    metrics = sorted({m for values in splits.values() if isinstance(values, dict) for m, v in values.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
     if not metrics:
         return []
-    lines = ["## Evaluation", "", "| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    lines = ["## Evaluation", ""]
+    if evaluation.get("benchmark") == "tofu":
+        reference = evaluation.get("reference") or {}
+        lines += [
+            "TOFU, on masked-diffusion likelihoods (per-token probabilities from the Monte Carlo estimator):",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| forget quality (KS p-value against the retain-only reference) | "
+            f"{_fmt(evaluation.get('forget_quality'))} |",
+            f"| model utility (harmonic mean of {len(evaluation.get('model_utility_components') or {})} values) | "
+            f"{_fmt(evaluation.get('model_utility'))} |",
+        ]
+        if reference.get("model"):
+            lines.append(f"| reference model | {reference['model']} |")
+        lines.append("")
+    lines += ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in splits.items():
         lines.append(f"| {split} | " + " | ".join(_fmt(values.get(m)) if isinstance(values.get(m), (int, float))
                                                   else str(values.get(m, "-")) for m in metrics) + " |")

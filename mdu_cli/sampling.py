@@ -7,6 +7,10 @@ predicts every masked position and commits the most confident predictions,
 so that the block is complete after its share of `steps`. Temperature 0 is
 greedy; above 0, Gumbel noise on the logits samples. Dream's right-shifted
 logits are read through `families.align_logits`, like everywhere else.
+
+Which predictions count as most confident is the `ordering`: "confidence"
+(LLaDA's low-confidence remasking: the probability of the chosen token) or
+"entropy" (Dream's default: the lowest entropy of the predicted distribution).
 """
 
 from __future__ import annotations
@@ -17,6 +21,36 @@ from typing import Optional, Sequence
 import torch
 
 from mdu_cli.families import Family, model_logits
+
+
+ORDERINGS = ("confidence", "entropy")
+
+# The settings of the paper's evaluation, per family: LLaDA with blocks of 128
+# tokens and one token per step; Dream as its diffusion_generate does it, one
+# block, the lowest-entropy positions first. Any option given explicitly wins.
+PRESETS = {
+    "paper": {
+        "llada": {"max_new_tokens": 256, "steps": 256, "block_length": 128, "ordering": "confidence"},
+        "dream": {"max_new_tokens": 256, "steps": 256, "block_length": 256, "ordering": "entropy"},
+        "masked-lm": {"max_new_tokens": 256, "steps": 256, "block_length": 128, "ordering": "confidence"},
+    },
+}
+
+
+def resolve_generation(options: dict, family: str) -> dict:
+    """The generation settings to use: a preset's values for the family, under
+    the options given explicitly; the result names the preset it came from."""
+    preset = options.get("preset")
+    if not preset:
+        return {"ordering": "confidence", **{k: v for k, v in options.items() if k != "preset"}}
+    settings = dict(PRESETS[preset][family])
+    settings.update({k: v for k, v in options.items() if k != "preset" and v is not None})
+    return {**settings, "preset": preset}
+
+
+def generation_kwargs(settings: dict) -> dict:
+    """The keyword arguments of `generate` in a settings dict (the preset name is a record, not an option)."""
+    return {k: v for k, v in settings.items() if k != "preset"}
 
 
 def transfer_schedule(width: int, steps: int) -> list[int]:
@@ -38,11 +72,14 @@ def generate(
     pad_id: int = 0,
     stop_ids: Sequence[int] = (),
     generator: Optional[torch.Generator] = None,
+    ordering: str = "confidence",
 ) -> list[list[int]]:
     """Complete each prompt (token ids); returns the new tokens of each, cut
     before the first stop id."""
     if max_new_tokens < 1 or steps < 1 or block_length < 1:
         raise ValueError("max_new_tokens, steps and block_length must be >= 1")
+    if ordering not in ORDERINGS:
+        raise ValueError(f"ordering must be one of {ORDERINGS}")
     device = next(model.parameters()).device
     rows, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths) + max_new_tokens
@@ -74,7 +111,12 @@ def generate(
                 choice = (block_logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
             else:
                 choice = block_logits.argmax(-1)
-            confidence = torch.softmax(block_logits, dim=-1).gather(-1, choice[..., None]).squeeze(-1)
+            probabilities = torch.softmax(block_logits, dim=-1)
+            if ordering == "entropy":
+                # Negative entropy: a peaked prediction is committed first.
+                confidence = (probabilities * torch.log_softmax(block_logits, dim=-1).nan_to_num(0.0)).sum(-1)
+            else:
+                confidence = probabilities.gather(-1, choice[..., None]).squeeze(-1)
             still_masked = x.gather(1, columns) == mask_token_id
             confidence = torch.where(still_masked, confidence, torch.full_like(confidence, -math.inf))
             picked = confidence.topk(count, dim=1).indices

@@ -193,3 +193,39 @@ def test_commit_order_uses_the_probability_of_the_prediction_itself():
     out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2, block_length=2)
     assert calls[1] == [0, 12], "the clear winner first"
     assert out == [[10, 12]]
+
+
+def test_entropy_ordering_commits_the_most_peaked_prediction_first():
+    """Position 2 predicts token 10 with 0.6 and spreads the rest over four
+    tokens (entropy 1.23 nats); position 3 splits evenly between two tokens
+    (0.5 each, entropy 0.69). Low-confidence remasking commits position 2 first
+    (0.6 > 0.5), Dream's entropy ordering position 3 (0.69 < 1.23)."""
+    vocab, mask = 16, 0
+    table = torch.full((6, vocab), -1e4)
+    table[2, 10], table[2, 11:15] = math.log(0.6), math.log(0.1)
+    table[3, 12], table[3, 13] = 0.0, -1e-3  # 12 wins the argmax, by a hair
+    first = {}
+    for ordering in ("confidence", "entropy"):
+        calls = []
+
+        class Recorder(TableModel):
+            def forward(self, input_ids, attention_mask=None):
+                calls.append(input_ids[0, 2:4].tolist())
+                return super().forward(input_ids, attention_mask)
+
+        out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2,
+                       block_length=2, ordering=ordering)
+        assert out == [[10, 12]]
+        first[ordering] = calls[1]
+    assert first == {"confidence": [10, 0], "entropy": [0, 12]}
+
+
+def test_the_paper_preset_per_family_and_explicit_options_win():
+    from mdu_cli.sampling import resolve_generation
+
+    assert resolve_generation({"preset": "paper"}, "llada") == {
+        "max_new_tokens": 256, "steps": 256, "block_length": 128, "ordering": "confidence", "preset": "paper"}
+    dream = resolve_generation({"preset": "paper", "steps": 64}, "dream")
+    assert dream == {"max_new_tokens": 256, "steps": 64, "block_length": 256, "ordering": "entropy",
+                     "preset": "paper"}
+    assert resolve_generation({"max_new_tokens": 8, "steps": 8, "block_length": 8}, "dream")["ordering"] == "confidence"

@@ -6,6 +6,19 @@ import json
 
 import click
 
+from mdu_cli.sampling import ORDERINGS, PRESETS
+
+TOFU_SPLITS = ("forget01", "forget05", "forget10")
+DEFAULT_GENERATION = {"max_new_tokens": 128, "steps": 128, "block_length": 32, "ordering": "confidence"}
+
+
+def _generation(preset, **given) -> dict:
+    """Explicit options over the preset (resolved per family later), or over the defaults."""
+    typed = {k: v for k, v in given.items() if v is not None}
+    if preset:
+        return {"preset": preset, **typed}
+    return {**DEFAULT_GENERATION, **typed}
+
 EVAL_EXAMPLES = """
 \b
 Examples:
@@ -15,6 +28,10 @@ Examples:
 \b
   # A quick look: 20 records, fewer samples, short generations
   mdu eval ./out --forget forget.jsonl --limit 20 --mc-samples 32 --max-new-tokens 32 --steps 32
+\b
+  # TOFU forget10 from the Hub: first the retain-only reference, then the unlearned model
+  mdu eval ./llada-tofu-retain90 --benchmark tofu --preset paper --json > retain90.json
+  mdu eval ./llada-tofu-mdu --benchmark tofu --preset paper --reference retain90.json
 """
 
 GENERATE_EXAMPLES = """
@@ -27,12 +44,14 @@ Examples:
 
 def _generation_options(function):
     for option in reversed([
-        click.option("--max-new-tokens", type=click.IntRange(min=0), default=128, show_default=True,
-                     help="Length of the generated answer (0 skips generation in eval)."),
-        click.option("--steps", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Denoising steps over all blocks."),
-        click.option("--block-length", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Tokens filled per block, left to right."),
+        click.option("--max-new-tokens", type=click.IntRange(min=0),
+                     help="Length of the generated answer (0 skips generation in eval).  [default: 128]"),
+        click.option("--steps", type=click.IntRange(min=1), help="Denoising steps over all blocks.  [default: 128]"),
+        click.option("--block-length", type=click.IntRange(min=1),
+                     help="Tokens filled per block, left to right.  [default: 32]"),
+        click.option("--ordering", type=click.Choice(ORDERINGS),
+                     help="Which predictions are committed first: confidence (LLaDA's low-confidence remasking) "
+                     "or entropy (Dream's).  [default: confidence]"),
         click.option("--device", type=click.Choice(("auto", "cuda", "cpu")), default="auto", show_default=True),
         click.option("--trust-remote-code", is_flag=True, help="Allow remote code outside the known publishers."),
     ]):
@@ -42,33 +61,57 @@ def _generation_options(function):
 
 @click.command("eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
-@click.option("--forget", required=True, help="Forget records (JSONL or JSON array).")
+@click.option("--forget", help="Forget records (JSONL, JSON array or hf://datasets/...).  [required without "
+              "--benchmark tofu]")
 @click.option("--retain", help="Retain records.")
+@click.option("--benchmark", type=click.Choice(("tofu",)),
+              help="tofu: TOFU's truth ratios, forget quality and model utility over forget, retain, real authors "
+              "and world facts.")
+@click.option("--split", "tofu_split", type=click.Choice(TOFU_SPLITS), default="forget10", show_default=True,
+              help="With --benchmark tofu and no data files: which forget split of locuslab/TOFU to fetch.")
+@click.option("--real-authors", help="With --benchmark tofu: the real-authors records (with perturbed answers).")
+@click.option("--world-facts", help="With --benchmark tofu: the world-facts records (with perturbed answers).")
+@click.option("--reference", type=click.Path(dir_okay=False),
+              help="With --benchmark tofu: the JSON report of the retain-only model, for forget quality.")
 @click.option("--base", help="A second model (the base) to show side by side, with the change.")
 @click.option("--mc-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Monte Carlo samples per answer probability.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per forward.")
 @click.option("--limit", type=click.IntRange(min=1), help="Only the first N records of each split.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--preset", type=click.Choice(tuple(PRESETS)),
+              help="Generation settings of the paper's evaluation for the model's family (LLaDA: 256 tokens, "
+              "blocks of 128, 256 steps; Dream: one block, entropy ordering); explicit options win.")
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
-def eval_command(model, forget, retain, base, mc_samples, batch_size, limit, seed, max_new_tokens, steps,
-                 block_length, device, trust_remote_code, as_json) -> None:
+def eval_command(model, forget, retain, benchmark, tofu_split, real_authors, world_facts, reference, base,
+                 mc_samples, batch_size, limit, seed, preset, max_new_tokens, steps, block_length, ordering, device,
+                 trust_remote_code, as_json) -> None:
     """Measure forgetting: answer probability, ROUGE-L and truth ratio per split.
 
-    Answer probability is the Monte Carlo estimator of METHOD.md (mask l ~ U{1..L}
-    answer tokens, score the mean cross-entropy, exp(-mean)); ROUGE-L recall
-    compares greedy generations (low-confidence remasking) with the gold
-    answers; the truth ratio needs records with a "perturbed_answer" list.
-    When MODEL is an `mdu unlearn` output, the report is also written there as
+    Answer probability is the Monte Carlo estimator of masked diffusion LMs
+    (mask l ~ U{1..L} answer tokens, score the mean cross-entropy, exp(-mean));
+    ROUGE-L recall compares greedy generations with the gold answers; the truth
+    ratio needs records with a "perturbed_answer" list. With --benchmark tofu,
+    TOFU's forget quality (KS test against --reference) and model utility
+    (harmonic mean over retain, real authors and world facts) head the report.
+    When MODEL is an `mdu` output, the report is also written there as
     eval.json, and `mdu push` puts it in the model card.
     """
     from mdu_cli.evaluation import format_eval, run_eval
 
-    generation = {"max_new_tokens": max_new_tokens, "steps": steps, "block_length": block_length}
+    if benchmark != "tofu":
+        for name, value in (("--real-authors", real_authors), ("--world-facts", world_facts),
+                            ("--reference", reference)):
+            if value:
+                raise click.UsageError(f"{name} needs --benchmark tofu")
+    generation = _generation(preset, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
+                             ordering=ordering)
     report = run_eval(model, forget, retain, base, mc_samples=mc_samples, limit=limit, seed=seed,
                       generation=generation, batch_size=batch_size, device=device,
-                      trust_remote_code=trust_remote_code, show_progress=not as_json)
+                      trust_remote_code=trust_remote_code, show_progress=not as_json, benchmark=benchmark,
+                      real_authors=real_authors, world_facts=world_facts, tofu_split=tofu_split,
+                      reference=reference)
     click.echo(json.dumps(report, indent=2) if as_json else format_eval(report))
 
 
@@ -78,7 +121,7 @@ def eval_command(model, forget, retain, base, mc_samples, batch_size, limit, see
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @_generation_options
-def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, block_length, device,
+def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, block_length, ordering, device,
                      trust_remote_code) -> None:
     """Print the model's completion of PROMPT (low-confidence remasking)."""
     import torch
@@ -86,6 +129,9 @@ def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, bl
     from mdu_cli.inference import prepare_inference
     from mdu_cli.sampling import generate
 
+    settings = _generation(None, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
+                           ordering=ordering)
+    max_new_tokens = settings["max_new_tokens"]
     if max_new_tokens < 1:
         raise click.BadParameter("must be >= 1", param_hint="--max-new-tokens")
     loaded = prepare_inference(model, trust_remote_code=trust_remote_code, device=device)
@@ -94,7 +140,6 @@ def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, bl
                         f"{max_new_tokens}")
     loaded.load_weights()
     [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
-                         max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
-                         temperature=temperature, pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(),
+                         **settings, temperature=temperature, pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(),
                          generator=torch.Generator().manual_seed(seed))
     click.echo(loaded.tokenizer.decode(new_ids, skip_special_tokens=True).strip())
