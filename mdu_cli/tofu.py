@@ -69,8 +69,8 @@ def check_records(split: str, records: list[Record]) -> None:
 
 
 def record_measures(loaded: LoadedModel, record: Record, mc_samples: int, generator: torch.Generator,
-                    batch_size: int, generation: dict) -> dict:
-    """The per-record numbers of one TOFU record (see the module docstring)."""
+                    batch_size: int) -> dict:
+    """The likelihood numbers of one TOFU record (see the module docstring)."""
     prompt_ids = loaded.prompt_ids(record.prompt_messages, where=record.source)
     gold = math.exp(-answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size))
     if record.paraphrased is not None and record.paraphrased != record.response:
@@ -87,12 +87,22 @@ def record_measures(loaded: LoadedModel, record: Record, mc_samples: int, genera
         "truth_ratio": truth_ratio(perturbed, paraphrased),
         "probability_normalised": gold / (gold + sum(perturbed)),
     }
-    if generation.get("max_new_tokens", 0) > 0:
-        [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids], pad_id=loaded.pad_id,
-                             stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
-        measures["rouge_l"] = rouge_l_recall(loaded.tokenizer.decode(new_ids, skip_special_tokens=True),
-                                             record.response)
     return measures
+
+
+def rouge_scores(loaded: LoadedModel, records: list[Record], generation: dict, batch_size: int) -> list[float]:
+    """ROUGE-L recall of each record's greedy generation, prompts batched
+    (padding is invisible to the real tokens, so a batch generates what one
+    prompt at a time would)."""
+    scores = []
+    for first in range(0, len(records), batch_size):
+        chunk = records[first:first + batch_size]
+        prompts = [loaded.prompt_ids(r.prompt_messages, where=r.source) for r in chunk]
+        outputs = generate(loaded.model, loaded.family, loaded.mask_token_id, prompts, pad_id=loaded.pad_id,
+                           stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
+        scores += [rouge_l_recall(loaded.tokenizer.decode(ids, skip_special_tokens=True), r.response)
+                   for ids, r in zip(outputs, chunk)]
+    return scores
 
 
 def truth_ratio(perturbed: list[float], paraphrased: float) -> float:
@@ -209,9 +219,12 @@ def evaluate_tofu(loaded: LoadedModel, splits: dict[str, list[Record]], mc_sampl
         # One generator per split, seeded alike for every model: the reference
         # and the unlearned model are scored on the very same masks.
         generator = torch.Generator().manual_seed(seed)
-        per_record = [record_measures(loaded, record, mc_samples, generator, batch_size, generation)
+        per_record = [record_measures(loaded, record, mc_samples, generator, batch_size)
                       for record in tqdm(records, desc=f"tofu {split}", unit="record", disable=not show_progress,
                                          dynamic_ncols=True)]
+        if generation.get("max_new_tokens", 0) > 0:
+            for measures, rouge in zip(per_record, rouge_scores(loaded, records, generation, batch_size)):
+                measures["rouge_l"] = rouge
         reports[split] = split_report(split, per_record)
     return reports
 

@@ -38,7 +38,7 @@ class _Loaded:
 def test_per_record_measures_follow_the_definitions(monkeypatch):
     # Per-token probabilities: gold e^-0.5, paraphrase e^-1, perturbed e^-2 and e^-3.
     monkeypatch.setattr(tofu, "answer_score", _Scores({"gold": 0.5, "para": 1.0, "w1": 2.0, "w2": 3.0}))
-    got = tofu.record_measures(_Loaded(), _record("gold", ["w1", "w2"], "para"), 4, None, 2, {"max_new_tokens": 0})
+    got = tofu.record_measures(_Loaded(), _record("gold", ["w1", "w2"], "para"), 4, None, 2)
     p_gold, p_para, p1, p2 = math.exp(-0.5), math.exp(-1.0), math.exp(-2.0), math.exp(-3.0)
     assert got["probability"] == pytest.approx(p_gold)
     assert got["paraphrased_probability"] == pytest.approx(p_para)
@@ -46,7 +46,7 @@ def test_per_record_measures_follow_the_definitions(monkeypatch):
     assert got["truth_ratio"] == pytest.approx(((p1 + p2) / 2) / p_para), "mean of the perturbed over the paraphrase"
     assert got["probability_normalised"] == pytest.approx(p_gold / (p_gold + p1 + p2))
     # No paraphrase: the answer itself stands in.
-    got = tofu.record_measures(_Loaded(), _record("gold", ["w1"]), 4, None, 2, {"max_new_tokens": 0})
+    got = tofu.record_measures(_Loaded(), _record("gold", ["w1"]), 4, None, 2)
     assert got["truth_ratio"] == pytest.approx(p1 / p_gold)
 
 
@@ -236,3 +236,24 @@ def test_eval_json_and_card_of_an_mdu_output(unlearned, tmp_path):
     assert "| forget quality (KS p-value against the retain-only reference) | - |" in card
     assert "model utility (harmonic mean of 9 values)" in card
     assert "truth_ratio_per_record" not in card and "[" not in card.split("## Evaluation")[1].split("##")[0]
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "masked-lm"])
+def test_batched_generations_equal_one_prompt_at_a_time(family, family_dirs):
+    """ROUGE generations are batched over records of different prompt lengths;
+    padding must not change what any prompt generates."""
+    from mdu_cli.inference import load_for_inference
+
+    loaded = load_for_inference(str(family_dirs[family]), trust_remote_code=True, device="cpu")
+    records = [_record("Astrid Halvorsen wrote it.", ["x"]),
+               Record(messages=({"role": "user", "content": "Where was Astrid Halvorsen born, and when, and why?"},
+                                {"role": "assistant", "content": "By the lake."}), source="f:2", perturbed=("x",))]
+    generation = {"max_new_tokens": 6, "steps": 6, "block_length": 3, "ordering": "confidence"}
+    from mdu_cli.sampling import generate
+
+    batched = generate(loaded.model, loaded.family, loaded.mask_token_id,
+                       [loaded.prompt_ids(r.prompt_messages) for r in records], pad_id=loaded.pad_id, **generation)
+    alone = [generate(loaded.model, loaded.family, loaded.mask_token_id, [loaded.prompt_ids(r.prompt_messages)],
+                      pad_id=loaded.pad_id, **generation)[0] for r in records]
+    assert batched == alone
+    assert tofu.rouge_scores(loaded, records, generation, 2) == tofu.rouge_scores(loaded, records, generation, 1)
