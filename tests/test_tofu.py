@@ -3,7 +3,6 @@ computation, and the report's numbers recomputed from the report itself."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
