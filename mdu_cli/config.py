@@ -29,7 +29,13 @@ UNLEARN_METHODS = ("mdu", "ga", "npo")
 # "finetune" is plain MDLM fine-tuning (`mdu finetune`): the same loop, no anchor.
 METHODS = UNLEARN_METHODS + ("finetune",)
 # Options of `mdu unlearn` that mean nothing to `mdu finetune`.
-UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "alpha")
+UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "alpha", "batch_accounting")
+# How forget and retain rows make up a step: "separate" (each micro-batch holds
+# --batch-size forget rows and as many retain rows; an epoch is a pass over the
+# forget set) or "joint" (the paper's reference code: both sets shuffled into
+# one, micro-batches of --batch-size rows of either kind; an epoch is a pass
+# over both).
+BATCH_ACCOUNTINGS = ("separate", "joint")
 MAX_STEPS = 10_000_000
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -57,6 +63,7 @@ class UnlearnConfig:
     eta: float = 0.0
     kl: str = "forward"
     alpha: Optional[float] = None  # None: 1.0 with a retain file, 0.0 without
+    batch_accounting: str = "separate"
     # The optimisation.
     lr: float = 1e-5
     # No decay by default: decay would shrink every weight, including the ones
@@ -107,7 +114,8 @@ class UnlearnConfig:
                 raise ConfigError("--data is required: the JSONL or JSON file of records to train on")
             raise bad("forget", "is required: the JSONL or JSON file of records to unlearn")
         for name, choices in (("family", FAMILIES), ("kl", KL_DIRECTIONS), ("device", DEVICES), ("dtype", DTYPES),
-                              ("method", METHODS)):
+                              ("method", METHODS),
+                              ("batch_accounting", BATCH_ACCOUNTINGS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)} (got {value!r})")
@@ -153,6 +161,8 @@ class UnlearnConfig:
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
+        if self.batch_accounting == "joint" and not (self.retain and self.alpha > 0):
+            raise bad("batch_accounting", "joint mixes forget and retain rows; it needs --retain (and --alpha > 0)")
         if self.method == "finetune" and self.retain:
             raise ConfigError("--retain does not apply to `mdu finetune`: put every record to train on in --data")
         if self.alpha > 0 and not self.retain:

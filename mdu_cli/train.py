@@ -1,8 +1,9 @@
 """The MDU training loop, written out (no Trainer).
 
-`train()` reads top to bottom: forget batch, mask, anchor forward, conditional
-forward, forget loss, backward; retain batch, mask, forward, retain loss,
-backward; clip, step, log. The methods (MDU and the GA/NPO baselines) live in
+`train()` reads top to bottom: set-up and resume; then per step and
+micro-batch, the forget loss (batch, mask, anchor forward, conditional
+forward, loss: `_forget_loss`) and the retain loss (batch, mask, forward, MDLM
+loss: `_retain_loss`), each with its backward; then clip, step, log, save. The methods (MDU and the GA/NPO baselines) live in
 `methods.py`, their losses in `objectives.py`.
 """
 
@@ -46,8 +47,8 @@ class TrainResult:
 
 
 def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
-               processes: int = 1) -> list[list[list[int]]]:
-    """Forget-set indices for every optimizer step: steps -> micro-batches -> rows.
+               processes: int = 1, n_retain: int = 0) -> list[list[list[int]]]:
+    """Row indices for every optimizer step: steps -> micro-batches -> rows.
 
     An epoch is one shuffled pass over the forget set, cut into micro-batches of
     --batch-size, grouped --grad-accum x processes at a time (an epoch's last
@@ -55,13 +56,18 @@ def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
     number of micro-batches, so a short last group is filled with the epoch's
     first micro-batches, as a distributed sampler pads. --max-steps, when set,
     replaces --epochs and runs as many passes as it needs.
+
+    With --batch-accounting joint the pass is over forget and retain rows
+    together: index i < n_forget is forget row i, i >= n_forget is retain row
+    i - n_forget.
     """
     per_step = cfg.grad_accum * processes
+    rows = n_forget + (n_retain if cfg.batch_accounting == "joint" else 0)
     steps: list[list[list[int]]] = []
     epoch = 0
     while True:
-        order = torch.randperm(n_forget, generator=generator).tolist()
-        micro = [order[i:i + cfg.batch_size] for i in range(0, n_forget, cfg.batch_size)]
+        order = torch.randperm(rows, generator=generator).tolist()
+        micro = [order[i:i + cfg.batch_size] for i in range(0, rows, cfg.batch_size)]
         for i in range(0, len(micro), per_step):
             group = micro[i:i + per_step]
             short = -len(group) % processes
@@ -179,10 +185,14 @@ def train(
     noise_generator = torch.Generator().manual_seed(cfg.seed + 2 + 1000 * rank)
     device = accelerator.device
     use_retain = bool(retain) and cfg.alpha > 0
+    joint = use_retain and cfg.batch_accounting == "joint"
+    n_forget = len(forget)
 
     method = make_method(cfg)
-    plan = plan_steps(len(forget), cfg, order_generator, processes)
-    retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain else None
+    plan = plan_steps(n_forget, cfg, order_generator, processes, n_retain=len(retain))
+    # Separate accounting draws retain rows from their own endless stream; joint
+    # accounting finds them in the plan, beside the forget rows.
+    retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain and not joint else None
 
     optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
@@ -266,6 +276,38 @@ def train(
             torch_rng=[s["torch"] for s in states], sharded=sharded,
         ), state_key)
 
+    def _forget_loss(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of forget rows, with its graph: for MDU, pull the
+        conditional prediction toward the anchor's prompt-masked prediction at
+        every masked response position; the baselines (and fine-tuning) plug in
+        their own anchor input and loss. Returns the loss and the masked count."""
+        forget_batch = noise_response(collate([forget[i] for i in rows], pad_id).to(device), mask_token_id,
+                                      noise_generator)
+        anchor_view = None
+        if method.needs_anchor:
+            with torch.no_grad():
+                anchor_logits = model_logits(anchor, method.anchor_input(forget_batch, mask_token_id),
+                                             forget_batch.attention_mask, family)
+                # Keep only what the loss reads: the full-vocabulary logits
+                # would otherwise live through the next forward and backward
+                # (0.5 GB for LLaDA at 4 x 256 tokens).
+                anchor_view = method.anchor_view(anchor_logits, forget_batch, family)
+                del anchor_logits
+        conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
+        forget_loss = method.loss(conditional_logits, anchor_view, forget_batch, family)
+        del anchor_view, conditional_logits
+        return forget_loss, forget_batch.masked.sum()
+
+    def _retain_loss(rows: list[int]) -> torch.Tensor:
+        """The MDLM loss of retain rows, with its graph, so that utility stays."""
+        retain_batch = noise_response(collate([retain[i] for i in rows], pad_id).to(device), mask_token_id,
+                                      noise_generator)
+        logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
+        retain_loss = mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
+                                retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask)
+        del logits
+        return retain_loss
+
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
     if log_file:
         log_file.writelines(json.dumps(entry) + "\n" for entry in result.history)
@@ -281,54 +323,58 @@ def train(
             mine = micro_batches[rank::processes]
             forget_total = torch.zeros((), device=device)
             retain_total = torch.zeros((), device=device)
+            # How many micro-batches held each kind of row (all of them, unless joint).
+            forget_micro = torch.zeros((), device=device)
+            retain_micro = torch.zeros((), device=device)
             masked_positions = torch.zeros((), device=device)
             retain_rows: list[int] = []
-            for rows in mine:
-                # Forget: for MDU, pull the conditional prediction toward the
-                # anchor's prompt-masked prediction at every masked response
-                # position; the baselines plug in their own anchor input and loss.
-                forget_batch = noise_response(
-                    collate([forget[i] for i in rows], pad_id).to(device), mask_token_id, noise_generator
-                )
-                anchor_view = None
-                if method.needs_anchor:
-                    with torch.no_grad():
-                        anchor_logits = model_logits(
-                            anchor, method.anchor_input(forget_batch, mask_token_id), forget_batch.attention_mask,
-                            family,
-                        )
-                        # Keep only what the loss reads: the full-vocabulary
-                        # logits would otherwise live through the next forward
-                        # and backward (0.5 GB for LLaDA at 4 x 256 tokens).
-                        anchor_view = method.anchor_view(anchor_logits, forget_batch, family)
-                        del anchor_logits
-                conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
-                forget_loss = method.loss(conditional_logits, anchor_view, forget_batch, family)
-                del anchor_view, conditional_logits
+            for micro_rows in mine:
+                rows = [i for i in micro_rows if i < n_forget]
+                drawn = [i - n_forget for i in micro_rows if i >= n_forget]
+                if joint:
+                    # One backward per micro-batch, whatever mix of rows it
+                    # holds: every rank must run as many as the others (each
+                    # is a collective under DDP and FSDP).
+                    total = None
+                    if rows:
+                        forget_loss, masked = _forget_loss(rows)
+                        total = forget_loss
+                        forget_total += forget_loss.detach()
+                        forget_micro += 1
+                        masked_positions += masked
+                    if drawn:
+                        retain_loss = _retain_loss(drawn)
+                        total = cfg.alpha * retain_loss if total is None else total + cfg.alpha * retain_loss
+                        retain_rows += drawn
+                        retain_total += retain_loss.detach()
+                        retain_micro += 1
+                    accelerator.backward(total / len(mine))
+                    continue
+                # Separate: a forget micro-batch, then a retain one, each
+                # freed by its own backward before the next forward.
+                forget_loss, masked = _forget_loss(rows)
                 accelerator.backward(forget_loss / len(mine))
                 forget_total += forget_loss.detach()
-                masked_positions += forget_batch.masked.sum()
-
+                forget_micro += 1
+                masked_positions += masked
+                del forget_loss
                 if use_retain:
-                    # Retain: the ordinary MDLM loss, so that utility stays.
                     drawn = next(retain_batches)
-                    retain_rows += drawn
-                    retain_batch = noise_response(
-                        collate([retain[i] for i in drawn], pad_id).to(device), mask_token_id, noise_generator,
-                    )
-                    logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
-                    retain_loss = mdlm_loss(
-                        logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
-                        retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask,
-                    )
-                    del logits
+                    retain_loss = _retain_loss(drawn)
                     accelerator.backward(cfg.alpha * retain_loss / len(mine))
+                    retain_rows += drawn
                     retain_total += retain_loss.detach()
+                    retain_micro += 1
+                    del retain_loss
 
             # Every rank sees the same averaged losses, so a NaN stops all of
             # them together, before the optimizer could apply it.
-            forget_mean = accelerator.reduce(forget_total / len(mine), reduction="mean").item()
-            retain_mean = accelerator.reduce(retain_total / len(mine), reduction="mean").item()
+            # Means over the step's micro-batches of all ranks; with joint
+            # accounting a step can hold no forget (or no retain) row at all.
+            sums = accelerator.reduce(torch.stack([forget_total, forget_micro, retain_total, retain_micro]),
+                                      reduction="sum").tolist()
+            forget_mean, forget_seen = sums[0] / max(1.0, sums[1]), sums[1] > 0
+            retain_mean = sums[2] / max(1.0, sums[3])
             _check_finite(forget_mean, "forget", step)
             _check_finite(retain_mean, "retain", step)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -339,22 +385,22 @@ def train(
 
             entry = {
                 "step": step,
-                "forget_loss": forget_mean,
+                "forget_loss": forget_mean if forget_seen else None,
                 "retain_loss": retain_mean if use_retain else None,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "masked_positions": int(accelerator.reduce(masked_positions, reduction="sum").item()),
-                "forget_rows": sum(len(rows) for rows in micro_batches),
+                "forget_rows": sum(1 for rows in micro_batches for i in rows if i < n_forget),
                 # Indices, never content: which retain rows each process drew.
                 "retain_rows": gather_object([retain_rows]) if processes > 1 else [retain_rows],
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
-            entry["loss"] = entry["forget_loss"] + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)
+            entry["loss"] = (entry["forget_loss"] or 0.0) + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)
             result.history.append(entry)
             if log_file:
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
-            postfix = {"forget": f"{entry['forget_loss']:.4f}"}
+            postfix = {"forget": f"{forget_mean:.4f}"}
             if use_retain:
                 postfix["retain"] = f"{entry['retain_loss']:.4f}"
             bar.set_postfix(postfix, refresh=False)

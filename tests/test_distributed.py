@@ -254,3 +254,19 @@ def test_fsdp2_ctrl_c_then_resume_gives_the_uninterrupted_weights(data, uninterr
     reference = uninterrupted["fsdp2-lora" if mode == "lora" else "fsdp2"][0]
     assert _same_weights(reference, out), "bitwise the uninterrupted weights"
     assert not state.exists()
+
+
+def test_joint_accounting_under_ddp_runs_one_backward_per_micro_batch(data, tmp_path):
+    """Joint accounting gives ranks micro-batches of different kinds (one a
+    forget row, the other a retain row); each still runs exactly one backward,
+    a collective, so the launch completes instead of hanging."""
+    out = tmp_path / "joint"
+    proc = subprocess.run(_launch_line("--multi_gpu") + ["-m", "mdu_cli"]
+                          + _unlearn_args(data, out, "--batch-accounting", "joint", "--max-steps", "6"),
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    assert len(log) == 6
+    per_step = [(entry["forget_rows"], sum(len(r) for r in entry["retain_rows"])) for entry in log]
+    assert all(f + r == 2 for f, r in per_step), per_step
+    assert any(f == 1 for f, _ in per_step), "some step gave the ranks one row of each kind"

@@ -136,7 +136,7 @@ def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, car
     return total / count
 
 
-def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA, warmup=0.5):
+def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA, warmup=0.5, accounting="separate"):
     torch.manual_seed(0)
     model, tokenizer = _load(directory)
     start = copy.deepcopy(model)
@@ -145,7 +145,8 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     finetune = method == "finetune"  # one stream of records, no retain term
     cfg = build_config({}, dict(model="m", forget="f", retain=None if finetune else "r", method=method, tau=TAU,
                                 eta=ETA, npo_beta=BETA, alpha=None if finetune else alpha, lr=LR, max_steps=1, batch_size=2, grad_accum=2,
-                                max_grad_norm=MAX_NORM, warmup_ratio=warmup, weight_decay=0.01))
+                                max_grad_norm=MAX_NORM, warmup_ratio=warmup, weight_decay=0.01,
+                                batch_accounting=accounting))
     recorded, captured = [], {}
     real_noise = train_module.noise_response
 
@@ -313,3 +314,51 @@ def test_learning_rate_schedule_of_a_logged_run(llada_dir, forget_file, tmp_path
                 0.01 * 0.5 * (1 + math.cos(math.pi * (k - warmup) / (steps - warmup))) for k in range(steps)]
     assert logged == pytest.approx(expected, rel=1e-12)
     assert min(logged) > 0
+
+
+@pytest.mark.parametrize("family, method", [("llada", "mdu"), ("dream", "npo")])
+def test_joint_accounting_step_matches_the_float64_reference(family, method, family_dirs, tmp_path, monkeypatch):
+    """--batch-accounting joint: forget and retain rows shuffled into one set, so a
+    micro-batch holds rows of either kind; its loss is the forget loss of its
+    forget rows plus alpha times the retain loss of its retain rows, and the
+    step's gradient the mean over the micro-batches."""
+    run = _run_one_step(family, family_dirs[family], method, tmp_path, monkeypatch, accounting="joint")
+    model = copy.deepcopy(run["start"]).double().train()
+    anchor = copy.deepcopy(run["start"]).double().eval().requires_grad_(False)
+    forget_tokens = {tuple(e.prompt_ids + e.response_ids) for e in run["forget"]}
+    total, kinds = 0.0, []
+    for batch in run["recorded"]:
+        width = batch.attention_mask.sum(1).tolist()
+        is_forget = all(tuple(row[:w]) in forget_tokens for row, w in zip(batch.targets.tolist(), width))
+        kinds.append("forget" if is_forget else "retain")
+        if is_forget:
+            loss = _forget_loss64(method, model, anchor, batch, run["forget"], run["mask_id"], run["shifted"],
+                                  run["cart"])
+        else:
+            logits = _logits64(model, batch.input_ids, batch.attention_mask, run["shifted"])
+            loss = ALPHA * _mdlm64(logits, batch, run["cart"])
+        total = total + loss / 2  # two micro-batches (grad_accum) in the step
+    assert "forget" in kinds and "retain" in kinds, kinds
+    rows = sum(int(b.targets.shape[0]) for b in run["recorded"])
+    assert rows == 4, "two micro-batches of two rows, of either kind"
+    assert run["history"][0]["forget_rows"] == sum(int(b.targets.shape[0]) for b, k in
+                                                   zip(run["recorded"], kinds) if k == "forget")
+    total.backward()
+    scale = max(float(p.grad.abs().max()) for p in model.parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(run["grads"][name].double(), p.grad, rtol=1e-3, atol=1e-6 * scale,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_joint_accounting_plans_passes_over_both_sets():
+    from mdu_cli.train import plan_steps
+
+    cfg = build_config({}, dict(model="m", forget="f", retain="r", batch_size=2, grad_accum=2, epochs=2,
+                                batch_accounting="joint"))
+    plan = plan_steps(4, cfg, torch.Generator().manual_seed(0), n_retain=4)
+    assert len(plan) == 4, "two passes over 8 rows in steps of 4: twice the separate accounting's steps"
+    for epoch in (plan[:2], plan[2:]):
+        assert sorted(i for step in epoch for micro in step for i in micro) == list(range(8))
+    separate = plan_steps(4, build_config({}, dict(model="m", forget="f", retain="r", batch_size=2, grad_accum=2,
+                                                    epochs=2)), torch.Generator().manual_seed(0), n_retain=4)
+    assert len(separate) == 2 and all(i < 4 for step in separate for micro in step for i in micro)

@@ -6,7 +6,7 @@ import click
 
 from mdu_cli.commands.training_options import (D, config_from, loading_options, optimisation_options,
                                                print_summary)
-from mdu_cli.config import KL_DIRECTIONS, UNLEARN_METHODS
+from mdu_cli.config import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
 from mdu_cli.errors import ConfigError
 
 EXAMPLES = """
@@ -51,6 +51,10 @@ Examples:
 @click.option("--eta", type=float, default=D.eta, show_default=True, help="Extrapolation of the target away from the conditional.")
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default=D.kl, show_default=True, help="Divergence direction.")
 @click.option("--alpha", type=float, help="Retain-loss weight.  [default: 1.0 with --retain, else 0]")
+@click.option("--batch-accounting", type=click.Choice(BATCH_ACCOUNTINGS), default=D.batch_accounting,
+              show_default=True, help="separate: each micro-batch has --batch-size forget rows plus as many retain "
+              "rows, an epoch is a pass over the forget set. joint: the reference code's way, forget and retain "
+              "shuffled into one set, an epoch a pass over both (twice the steps for equal sizes).")
 @optimisation_options
 @click.pass_context
 def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
