@@ -87,6 +87,12 @@ class UnlearnConfig:
     lora_dropout: float = 0.0
     lora_targets: Optional[str] = None  # comma-separated layer names; default: every linear layer in the blocks
     save_adapter: bool = False
+    # Watching the run: trackers (comma-separated names), where their files go,
+    # and the periodic probe of answer probability on a few records.
+    report_to: Optional[str] = None
+    logging_dir: Optional[str] = None  # default: <out>-logs beside the output
+    eval_every: Optional[int] = None
+    eval_records: int = 16
     # Resumable state beside the output every N optimizer steps; --resume continues it.
     save_every: Optional[int] = None
     resume: bool = False
@@ -137,12 +143,14 @@ class UnlearnConfig:
             raise bad("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})")
         if self.max_grad_norm <= 0:
             raise bad("max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r"):
+        for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r", "eval_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(name, f"must be a whole number >= 1 (got {value!r})")
-        if self.save_every is not None and (not isinstance(self.save_every, int) or self.save_every < 1):
-            raise bad("save_every", f"must be a whole number >= 1 (got {self.save_every!r})")
+        for name in ("save_every", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise bad(name, f"must be a whole number >= 1 (got {value!r})")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise bad("max_steps", f"must be a whole number >= 1 (got {self.max_steps!r})")
         # The plan of steps is built up front: a run of billions of steps would
@@ -161,6 +169,9 @@ class UnlearnConfig:
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
+        from mdu_cli.run_monitor import parse_trackers
+
+        parse_trackers(self.report_to)  # a tracker that is not installed fails now, not after loading
         if self.batch_accounting == "joint" and not (self.retain and self.alpha > 0):
             raise bad("batch_accounting", "joint mixes forget and retain rows; it needs --retain (and --alpha > 0)")
         if self.method == "finetune" and self.retain:

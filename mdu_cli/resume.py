@@ -26,7 +26,10 @@ from mdu_cli.output_location import STATE_SUFFIX, publish
 from mdu_cli.errors import MduError
 
 # Options that may differ between the interrupted command and the resuming one.
-NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite", "config_file")
+# Options that do not change the weights a run produces: a run may be resumed
+# with them changed (watching it differently, saving more often).
+NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite", "config_file", "report_to", "logging_dir", "eval_every",
+                      "eval_records")
 
 
 def state_dir_for(out: Path) -> Path:

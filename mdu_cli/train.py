@@ -31,6 +31,7 @@ from mdu_cli.masking import noise_response
 from mdu_cli.methods import make_method
 from mdu_cli.objectives import mdlm_loss
 from mdu_cli.resume import TrainingState, save_state, trainable_state
+from mdu_cli.run_monitor import Probe, numeric_fields
 from mdu_cli.tokenization import Example, collate
 
 log = logging.getLogger("mdu")
@@ -173,6 +174,7 @@ def train(
     state_dir: Optional[Path] = None,
     state_key: str = "",
     resume_from: Optional[TrainingState] = None,
+    probe: Optional[Probe] = None,
 ) -> TrainResult:
     """Unlearn `forget` from `model` (trainable) with the configured method,
     against `anchor` (the frozen starting model; None for methods without one)."""
@@ -315,8 +317,21 @@ def train(
                dynamic_ncols=True)
     start = time.perf_counter()
     stop = StopRequest(announce=accelerator.is_main_process)
+    trackers = bool(accelerator.log_with)
+
+    def record(entry: dict) -> None:
+        """One entry to the history, the log file and the trackers."""
+        result.history.append(entry)
+        if log_file:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+        if trackers:
+            accelerator.log(numeric_fields(entry), step=entry["step"])
+
     try:
         stop.__enter__()
+        if probe is not None and done == 0:
+            record({"step": 0, "eval": probe(model, device)})  # where the curve starts: the model as it came
         for step, micro_batches in enumerate(plan, start=1):
             if step <= done:
                 continue
@@ -396,10 +411,9 @@ def train(
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
             entry["loss"] = (entry["forget_loss"] or 0.0) + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)
-            result.history.append(entry)
-            if log_file:
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
+            if probe is not None and (step % cfg.eval_every == 0 or step == len(plan)):
+                entry["eval"] = probe(model, device)
+            record(entry)
             postfix = {"forget": f"{forget_mean:.4f}"}
             if use_retain:
                 postfix["retain"] = f"{entry['retain_loss']:.4f}"

@@ -30,7 +30,7 @@ from mdu_cli.checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
-from mdu_cli.errors import MduError
+from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.hub_data import is_hub_data
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods import make_method
@@ -38,8 +38,9 @@ from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
                              resolve_device, resolve_source)
-from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, new_staging_dir, publish,
-                                     remove_leftovers)
+from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
+                                     publish, remove_leftovers)
+from mdu_cli.run_monitor import Probe, parse_trackers, tracker_config
 from mdu_cli.resume import fingerprint, load_state, state_dir_for
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
@@ -229,6 +230,8 @@ class PreparedRun:
     mixed_precision: str
     state_dir: Path
     state_key: str
+    trackers: list
+    logging_dir: Optional[Path]
 
 
 def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
@@ -261,11 +264,23 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     forget = encode_dataset(forget_data, tokenizer, cfg.max_length, positions)
     retain = encode_dataset(retain_data, tokenizer, cfg.max_length, positions) if retain_data else []
     device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
+    trackers = parse_trackers(cfg.report_to)
+    logging_dir = None
+    if trackers:
+        logging_dir = Path(os.path.abspath(Path(cfg.logging_dir).expanduser() if cfg.logging_dir
+                                           else out.parent / f"{out.name}-logs"))
+        # The output is replaced as a whole when it is published: logs inside it would vanish.
+        if is_within(logging_dir, out) or any(is_within(logging_dir, p) or is_within(p, logging_dir)
+                                              for p in inputs if not p.is_dir()):
+            raise ConfigError(f"--logging-dir {logging_dir} lies inside --out or holds an input; "
+                              "put the tracker logs elsewhere")
+        if logging_dir.exists() and not logging_dir.is_dir():
+            raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None})
     return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
                        forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
-                       state_key)
+                       state_key, trackers, logging_dir)
 
 
 def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
@@ -312,8 +327,11 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         check_targets(cfg.lora_targets, open_directory(source.path, source.name).tensors)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=run.mixed_precision)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=run.mixed_precision,
+                              log_with=run.trackers or None, project_dir=run.logging_dir)
     is_main = accelerator.is_main_process
+    if run.trackers:
+        accelerator.init_trackers(f"mdu-{command_name(cfg)}", config=tracker_config(cfg.to_dict()))
     if accelerator.num_processes > 1 and not is_main:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     needs_anchor = make_method(cfg).needs_anchor
@@ -352,6 +370,9 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
             show_progress=show_progress and is_main,
             state_dir=run.state_dir, state_key=run.state_key,
             resume_from=resume_from,
+            probe=Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
+                        cfg.eval_records, run.tokenizer, family, run.mask_token_id, cfg.seed)
+            if cfg.eval_every else None,
         )
         accelerator.wait_for_everyone()
         # Under FSDP each rank holds a shard: gathering the full weights takes

@@ -57,6 +57,13 @@ def _optimisation_options() -> list:
                      "[default: all of them; never the head]"),
         click.option("--save-adapter", is_flag=True,
                      help="With --lora: write the adapter alone (PEFT layout), not merged weights."),
+        click.option("--report-to", help="Experiment trackers, comma-separated: tensorboard, wandb, trackio "
+                     "(install the extra of the same name). They get the numbers of train_log.jsonl."),
+        click.option("--logging-dir", help="Where trackers write.  [default: <out>-logs]"),
+        click.option("--eval-every", type=int, help="Every N steps (and before the first), log the answer "
+                     "probability of the first --eval-records forget and retain records."),
+        click.option("--eval-records", type=int, default=D.eval_records, show_default=True,
+                     help="Records per split that --eval-every probes."),
         click.option("--save-every", type=int, help="Save resumable state beside the output every N steps."),
         click.option("--resume", is_flag=True, help="Continue from the saved state of the same command."),
         click.option("--max-shard-size", default=D.max_shard_size, show_default=True,
