@@ -270,3 +270,18 @@ def test_joint_accounting_under_ddp_runs_one_backward_per_micro_batch(data, tmp_
     per_step = [(entry["forget_rows"], sum(len(r) for r in entry["retain_rows"])) for entry in log]
     assert all(f + r == 2 for f, r in per_step), per_step
     assert any(f == 1 for f, _ in per_step), "some step gave the ranks one row of each kind"
+
+
+def test_finetune_under_ddp(data, tmp_path):
+    """`mdu finetune` runs on the same multi-process machinery: two ranks, one
+    writer, each step's rows split across them."""
+    out = tmp_path / "tuned"
+    proc = subprocess.run(_launch_line("--multi_gpu") + ["-m", "mdu_cli", "finetune", "--model", str(data / "model"),
+                                                         "--data", str(data / "forget.jsonl"), "--out", str(out),
+                                                         *TRAINING, "--max-steps", "4", "--json"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Fine-tuning") == 1, "one copy of every notice"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
+    assert [e["forget_rows"] for e in log] == [2, 2, 2, 2] and all(e["retain_loss"] is None for e in log)
+    assert json.loads((out / "mdu_run.json").read_text())["command"] == "finetune"
