@@ -187,6 +187,8 @@ def read_reference(path: str, forget_sha256: Optional[str]) -> dict:
     eval.json): its per-record forget truth ratios, checked to come from the
     same forget data."""
     file = Path(path)
+    if file.exists() and not file.is_file():  # a directory, or a FIFO that would block
+        raise MduError(f"--reference {path}: not a regular file; give the JSON report of the reference model")
     try:
         report = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -186,6 +186,14 @@ def test_reference_of_other_data_or_records_is_refused_before_loading(masked_lm_
     other.write_text(json.dumps({"splits": {}}))
     result = _eval(masked_lm_dir, files, "--reference", str(other))
     assert result.exit_code == 1 and "not a TOFU report" in result.stderr
+    import os
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    result = _eval(masked_lm_dir, files, "--reference", str(fifo))
+    assert result.exit_code == 1 and "not a regular file" in result.stderr
+    result = _eval(masked_lm_dir, files, "--reference", str(tmp_path / "none.json"))
+    assert result.exit_code == 1 and "no such file" in result.stderr
 
 
 def test_a_split_without_perturbed_answers_is_named(masked_lm_dir, tmp_path):
