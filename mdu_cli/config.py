@@ -37,6 +37,8 @@ UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "a
 # over both).
 BATCH_ACCOUNTINGS = ("separate", "joint")
 MAX_STEPS = 10_000_000
+# --optimizer: see mdu_cli/optimizers.py (which imports torch; this module does not).
+OPTIMIZERS = ("auto", "adamw", "adamw-kahan", "adamw-sr", "adamw-8bit")
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -64,7 +66,9 @@ class UnlearnConfig:
     kl: str = "forward"
     alpha: Optional[float] = None  # None: 1.0 with a retain file, 0.0 without
     batch_accounting: str = "separate"
-    # The optimisation.
+    # The optimisation. optimizer "auto": torch's AdamW for fp32 weights, a
+    # precision-safe AdamW for bf16 ones (mdu_cli/optimizers.py).
+    optimizer: str = "auto"
     lr: float = 1e-5
     # No decay by default: decay would shrink every weight, including the ones
     # the forget set never touches, which is change the user did not ask for.
@@ -121,7 +125,7 @@ class UnlearnConfig:
             raise bad("forget", "is required: the JSONL or JSON file of records to unlearn")
         for name, choices in (("family", FAMILIES), ("kl", KL_DIRECTIONS), ("device", DEVICES), ("dtype", DTYPES),
                               ("method", METHODS),
-                              ("batch_accounting", BATCH_ACCOUNTINGS)):
+                              ("batch_accounting", BATCH_ACCOUNTINGS), ("optimizer", OPTIMIZERS)):
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)} (got {value!r})")

@@ -24,6 +24,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from mdu_cli import optimizers
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.errors import Interrupted, MduError
 from mdu_cli.families import Family, model_logits
@@ -41,6 +42,7 @@ log = logging.getLogger("mdu")
 class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
+    optimizer: dict = field(default_factory=dict)  # the optimizer and its settings, for mdu_run.json
 
     def first_last(self, key: str) -> dict:
         values = [entry[key] for entry in self.history if entry.get(key) is not None]
@@ -175,6 +177,7 @@ def train(
     state_key: str = "",
     resume_from: Optional[TrainingState] = None,
     probe: Optional[Probe] = None,
+    optimizer_name: Optional[str] = None,
 ) -> TrainResult:
     """Unlearn `forget` from `model` (trainable) with the configured method,
     against `anchor` (the frozen starting model; None for methods without one)."""
@@ -196,11 +199,13 @@ def train(
     # accounting finds them in the plan, beside the forget rows.
     retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain and not joint else None
 
-    optimizer = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    weight_dtype = trainable_params[0].dtype
+    optimizer, optimizer_choice = optimizers.build(optimizer_name or optimizers.resolve(cfg.optimizer, weight_dtype),
+                                                   trainable_params, cfg.lr, cfg.weight_decay, weight_dtype)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(math.ceil(cfg.warmup_ratio * len(plan)), len(plan)))
-    result = TrainResult(steps=len(plan))
+    result = TrainResult(steps=len(plan), optimizer=optimizer_choice.record())
     done = 0
     # Under FSDP each rank holds shards of the weights and of the optimizer:
     # the saved state goes through torch's full state dicts instead.

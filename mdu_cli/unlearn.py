@@ -33,6 +33,7 @@ from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_l
 from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.hub_data import is_hub_data
 from mdu_cli.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli import optimizers
 from mdu_cli.methods import make_method
 from mdu_cli.model_card import CARD_NAME, read_license, render_card
 from mdu_cli.lora import AdapterOffAnchor, apply_lora, check_targets
@@ -232,6 +233,7 @@ class PreparedRun:
     state_key: str
     trackers: list
     logging_dir: Optional[Path]
+    optimizer: str  # the resolved --optimizer
 
 
 def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
@@ -264,6 +266,8 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     forget = encode_dataset(forget_data, tokenizer, cfg.max_length, positions)
     retain = encode_dataset(retain_data, tokenizer, cfg.max_length, positions) if retain_data else []
     device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
+    optimizer = optimizers.resolve(cfg.optimizer, weight_dtype)
+    optimizers.check_available(optimizer)
     trackers = parse_trackers(cfg.report_to)
     logging_dir = None
     if trackers:
@@ -280,7 +284,7 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
                                             "retain": retain_data.sha256 if retain_data else None})
     return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
                        forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
-                       state_key, trackers, logging_dir)
+                       state_key, trackers, logging_dir, optimizer)
 
 
 def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
@@ -370,6 +374,7 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
             show_progress=show_progress and is_main,
             state_dir=run.state_dir, state_key=run.state_key,
             resume_from=resume_from,
+            optimizer_name=run.optimizer,
             probe=Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
                         cfg.eval_records, run.tokenizer, family, run.mask_token_id, cfg.seed)
             if cfg.eval_every else None,
@@ -421,6 +426,7 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
             "truncated_responses": {"forget": sum(e.truncated for e in forget),
                                     "retain": sum(e.truncated for e in retain)},
             "seed": cfg.seed,
+            "optimizer": result.optimizer,
             "device": device,
             "dtype": run.dtype_name,
             "steps": result.steps,

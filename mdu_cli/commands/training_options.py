@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from mdu_cli.config import DEVICES, DTYPES, FAMILIES, UnlearnConfig, build_config, read_yaml
+from mdu_cli.config import DEVICES, DTYPES, FAMILIES, OPTIMIZERS, UnlearnConfig, build_config, read_yaml
 
 D = UnlearnConfig()
 
@@ -28,6 +28,10 @@ def _loading_options() -> list:
 
 def _optimisation_options() -> list:
     return [
+        click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=D.optimizer, show_default=True,
+                     help="auto: torch's AdamW for fp32 weights, Kahan-compensated AdamW (torch-optimi) for bf16 "
+                     "ones, whose plain updates round away. adamw-sr (stochastic rounding) and adamw-8bit "
+                     "(8-bit states) need mdu-cli[torchao]."),
         click.option("--lr", type=float, default=D.lr, show_default=True, help="AdamW learning rate."),
         click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True,
                      help="AdamW weight decay."),
