@@ -87,6 +87,31 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
                "trainable": sum(p.numel() for p in trainable), "params": params})
 
 
+# Bytes per parameter of full MDU on bf16 weights, per optimizer and memory
+# lever: (mode, weights, frozen anchor, gradients, optimizer state, implemented).
+# The optimizer states are those mdu_cli.optimizers builds (measured by
+# benchmarks/bf16_fidelity.py: 4, 6 and 2.04 bytes a parameter).
+FULL_MDU_MODES = [
+    ("adamw (bf16 states; drops most updates)", 2, 2, 2, 4, True),
+    ("adamw-kahan (default for bf16)", 2, 2, 2, 6, True),
+    ("adamw-8bit + stochastic rounding", 2, 2, 2, 2.04, True),
+    ("adamw-kahan + optimizer step in backward", 2, 2, 0, 6, False),
+    ("adamw-kahan + step in backward + anchor on the host", 2, 0, 0, 6, False),
+]
+GPUS_GB = (("80 GB (A100/H100)", 80), ("96 GB (H100 NVL)", 96), ("141 GB (H200)", 141))
+
+
+def full_mdu_breakdown(n_params: float, activations_gb: float) -> list[dict]:
+    rows = []
+    for mode, weights, anchor, grads, state, implemented in FULL_MDU_MODES:
+        total = n_params * (weights + anchor + grads + state) / 1e9 + activations_gb
+        fits = next((name for name, size in GPUS_GB if total <= size * 0.95), "none listed")
+        rows.append({"mode": mode + ("" if implemented else " (not implemented yet)"), "weights": weights,
+                     "anchor": anchor, "gradients": grads, "optimizer": state, "activations_gb": activations_gb,
+                     "total_gb": total, "fits": fits})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -138,9 +163,11 @@ def main() -> None:
         "lora_mdu": weights + lora_trainable * 2 * 4 / gb + act_lora_mdu * scale / 1e3,
         "lora_finetune": weights + lora_trainable * 2 * 4 / gb + act_lora_ft * scale / 1e3,
     }
+    breakdown = full_mdu_breakdown(llada_params, act_full * scale / 1e3)
     report = {"params_millions": round(params / 1e6, 1), "batch": shape, "modes": results,
               "lora_mdu_over_lora_finetune": round(ratio, 3), "target": 1.15,
-              "llada_8b_bf16_projection_gb": {k: round(v, 1) for k, v in projection.items()}}
+              "llada_8b_bf16_projection_gb": {k: round(v, 1) for k, v in projection.items()},
+              "llada_8b_full_mdu_by_optimizer": breakdown}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -153,6 +180,12 @@ def main() -> None:
     print("  projected GPU memory for LLaDA-8B in bf16 at 4 x 256 tokens:")
     for mode in MODES:
         print(f"    {mode:14s} ~{projection[mode]:.0f} GB")
+    print("  full MDU on LLaDA-8B by optimizer and lever (bytes per parameter, GB):")
+    print("  | mode | weights | anchor | gradients | optimizer | activations (GB) | total GB | fits |")
+    print("  |---|---|---|---|---|---|---|---|")
+    for row in breakdown:
+        print(f"  | {row['mode']} | {row['weights']} | {row['anchor']} | {row['gradients']} | {row['optimizer']} | "
+              f"{row['activations_gb']:.1f} | {row['total_gb']:.0f} | {row['fits']} |")
 
 
 if __name__ == "__main__":
