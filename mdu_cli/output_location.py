@@ -37,6 +37,13 @@ def is_within(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
+def entry_location(path: Path) -> Path:
+    """Where a path's own directory entry is: its folder resolved, its name kept
+    (for a symbolic link, the link rather than its target)."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    return path.parent.resolve() / path.name
+
+
 def check_out_dir(out: Path, overwrite: bool, base_dir: Optional[Path] = None,
                   protected: Iterable[Path] = ()) -> None:
     """Refuse an --out that would lose or mix in anything."""
@@ -56,7 +63,10 @@ def check_out_dir(out: Path, overwrite: bool, base_dir: Optional[Path] = None,
     # Checked with or without --overwrite: a publish replaces the directory
     # either way, and an input inside it would go with it.
     for path in ([base_dir] if base_dir else []) + list(protected):
-        if out.exists() and is_within(path, out):
+        # The input where it is named (a link: the link itself, as in a Hugging
+        # Face cache snapshot) and where it leads: replacing --out would delete either.
+        entry, folder = entry_location(path), out.resolve()
+        if out.exists() and (is_within(path, out) or entry == folder or folder in entry.parents):
             raise MduError(f"--out {out} holds the input {path}, which replacing the output would delete; "
                            "choose another --out")
 

@@ -251,6 +251,8 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     check_out_dir(out, cfg.overwrite, base_dir=local_model if local_model.is_dir() else None, protected=inputs)
     forget_data = load_dataset(cfg.forget)
     retain_data = load_dataset(cfg.retain) if cfg.retain else None
+    # A Hub data file is read from the Hugging Face cache: that copy is an input too.
+    inputs += [data.path for data in (forget_data, retain_data) if data is not None and data.hub]
 
     source = resolve_source(cfg.model, cfg.revision)
     check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=inputs)

@@ -111,3 +111,52 @@ def test_a_silent_hub_times_out(hub, monkeypatch):
     hub.silent.set()
     with pytest.raises(MduError, match="did not answer within 0.5 s"):
         load_dataset("hf://datasets/locuslab/TOFU/forget10.json")
+
+
+@pytest.mark.parametrize("command", ["unlearn", "finetune", "eval"])
+def test_a_malformed_hub_name_is_a_usage_error_everywhere(command, llada_dir, forget_file, tmp_path):
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+    from test_hostile_inputs import snapshot
+
+    bad = "hf://datasets/locuslab/TOFU/../secrets.json"
+    args = {"unlearn": ["unlearn", "--model", str(llada_dir), "--forget", bad, "--out", str(tmp_path / "out")],
+            "finetune": ["finetune", "--model", str(llada_dir), "--data", bad, "--out", str(tmp_path / "out")],
+            "eval": ["eval", str(llada_dir), "--forget", str(forget_file), "--retain", bad]}[command]
+    before = snapshot(llada_dir, forget_file)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "must be plain (no empty, '.' or '..' parts)" in result.stderr
+    assert snapshot(llada_dir, forget_file) == before and not (tmp_path / "out").exists()
+
+
+def test_an_output_over_the_cached_hub_file_is_refused(hub, llada_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    hub.datasets[("locuslab/TOFU", "main")] = (COMMIT, {"forget10.json": BODY})
+    cached = load_dataset("hf://datasets/locuslab/TOFU/forget10.json").path
+    snapshot_dir = cached.parent
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget",
+                                      "hf://datasets/locuslab/TOFU/forget10.json", "--out", str(snapshot_dir),
+                                      "--overwrite", "--max-steps", "1"])
+    assert result.exit_code == 1 and "holds the input" in result.stderr
+    assert cached.read_bytes() == BODY and cached.is_symlink(), "the cached data file is untouched"
+
+
+def test_an_output_holding_a_link_to_the_data_is_refused(llada_dir, forget_file, tmp_path):
+    """The same class locally: the forget file named through a link that lies in
+    --out. Replacing --out would delete the link the user named."""
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "forget.jsonl").symlink_to(forget_file)
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(out / "forget.jsonl"),
+                                      "--out", str(out), "--overwrite", "--max-steps", "1"])
+    assert result.exit_code == 1 and "holds the input" in result.stderr
+    assert (out / "forget.jsonl").is_symlink() and (out / "forget.jsonl").read_bytes() == forget_file.read_bytes()
