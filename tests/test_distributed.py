@@ -285,3 +285,21 @@ def test_finetune_under_ddp(data, tmp_path):
     log = [json.loads(line) for line in (out / "train_log.jsonl").open()]
     assert [e["forget_rows"] for e in log] == [2, 2, 2, 2] and all(e["retain_loss"] is None for e in log)
     assert json.loads((out / "mdu_run.json").read_text())["command"] == "finetune"
+
+
+def test_bf16_kahan_ctrl_c_and_resume_under_ddp_gives_the_uninterrupted_weights(data, tmp_path):
+    """The default bf16 optimizer keeps a compensation buffer per weight; with
+    two processes it is saved by the main process and restored on every rank,
+    so a run stopped with Ctrl-C and resumed ends bitwise where an uninterrupted
+    one does."""
+    bf16 = ("--dtype", "bf16", "--max-steps", "6")
+    whole = _launch(data, tmp_path / "whole", *bf16)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "out"
+    process = _launch(data, out, *bf16, background=True)
+    stderr = _ctrl_c_after(process, out, steps=2)
+    assert stderr.count("the state is saved in") == 1, stderr[-3000:]
+    resumed = _launch(data, out, *bf16, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "mdu_run.json").read_text())["optimizer"]["name"] == "adamw-kahan"
+    assert _same_weights(tmp_path / "whole", out), "bitwise the uninterrupted weights"
