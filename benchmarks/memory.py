@@ -95,8 +95,9 @@ FULL_MDU_MODES = [
     ("adamw (bf16 states; drops most updates)", 2, 2, 2, 4, True),
     ("adamw-kahan (default for bf16)", 2, 2, 2, 6, True),
     ("adamw-8bit + stochastic rounding", 2, 2, 2, 2.04, True),
-    ("adamw-kahan + optimizer step in backward", 2, 2, 0, 6, False),
-    ("adamw-kahan + step in backward + anchor on the host", 2, 0, 0, 6, False),
+    ("adamw-kahan + anchor on the host (--anchor-offload)", 2, 0, 2, 6, True),
+    ("adamw-8bit + stochastic rounding + anchor on the host", 2, 0, 2, 2.04, True),
+    ("adamw-kahan + anchor on the host + optimizer step in backward", 2, 0, 0, 6, False),
 ]
 GPUS_GB = (("80 GB (A100/H100)", 80), ("96 GB (H100 NVL)", 96), ("141 GB (H200)", 141))
 

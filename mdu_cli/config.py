@@ -84,6 +84,9 @@ class UnlearnConfig:
     dtype: str = "auto"
     max_shard_size: str = "5GB"
     gradient_checkpointing: bool = False
+    # Keep the frozen anchor of full MDU/NPO in host memory, each block moved to
+    # the device for its forward only: the weights' size less on the GPU.
+    anchor_offload: bool = False
     # LoRA: the anchor is the same model with the adapter off, so no second copy.
     lora: bool = False
     lora_r: int = 16
@@ -170,6 +173,9 @@ class UnlearnConfig:
             raise bad("lora_alpha", f"must be > 0 (got {self.lora_alpha!r})")
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             raise bad("lora_dropout", f"must be in [0, 1) (got {self.lora_dropout!r})")
+        if self.anchor_offload and (self.lora or self.method not in ("mdu", "npo")):
+            raise bad("anchor_offload", "applies to full MDU and NPO, whose anchor is a frozen copy of the weights "
+                      "(with --lora the anchor is the model itself with the adapter off)")
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training

@@ -29,7 +29,7 @@ from mdu_cli.errors import MduError
 # Options that do not change the weights a run produces: a run may be resumed
 # with them changed (watching it differently, saving more often).
 NOT_IN_FINGERPRINT = ("resume", "save_every", "overwrite", "config_file", "report_to", "logging_dir", "eval_every",
-                      "eval_records")
+                      "eval_records", "anchor_offload")
 
 
 def state_dir_for(out: Path) -> Path:

@@ -121,6 +121,20 @@ def frozen_copy(model):
     return anchor.eval()
 
 
+def host_anchor(model, source, trust: bool, weight_dtype, device):
+    """The anchor theta_0 in host memory: a second instance built on the CPU and
+    given the starting weights tensor by tensor (so the device never holds a
+    second copy, even for a moment), then offloaded with accelerate's
+    cpu_offload, which moves each block's weights to `device` for its forward."""
+    from accelerate import cpu_offload
+
+    anchor = load_model(source, trust, weight_dtype)
+    with torch.no_grad():
+        anchor.load_state_dict({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()})
+    anchor.requires_grad_(False).eval()
+    return cpu_offload(anchor, execution_device=torch.device(device))
+
+
 def broadcast_from_main(module, accelerator) -> None:
     """Make every rank's weights rank 0's. DDP does this for the trainable
     model when it wraps it, but the frozen anchor is copied before that, and a
@@ -342,6 +356,8 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     needs_anchor = make_method(cfg).needs_anchor
     sharded = accelerator.distributed_type.name == "FSDP"
+    if sharded and cfg.anchor_offload:  # before any weight loads
+        raise ConfigError("--anchor-offload does not combine with FSDP, which already shards the anchor")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = load_model(source, trust, weight_dtype)
@@ -356,7 +372,12 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         anchor = AdapterOffAnchor(model) if needs_anchor else None
     elif needs_anchor:
-        anchor = sharded_anchor(source, trust, weight_dtype, accelerator) if sharded else frozen_copy(model)
+        if sharded:
+            anchor = sharded_anchor(source, trust, weight_dtype, accelerator)
+        elif cfg.anchor_offload:
+            anchor = host_anchor(model, source, trust, weight_dtype, accelerator.device)
+        else:
+            anchor = frozen_copy(model)
     else:
         anchor = None
     if cfg.gradient_checkpointing:

@@ -94,3 +94,40 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     record = json.loads((out / "mdu_run.json").read_text())["optimizer"]
     assert record["name"] == recorded and record["betas"] == [0.9, 0.999] and record["eps"] == 1e-8
     assert record.get("kahan_sum") is (True if recorded == "adamw-kahan" else None)
+
+
+@pytest.mark.parametrize("family, method", [("llada", "mdu"), ("dream", "npo"), ("masked-lm", "mdu")])
+def test_a_host_anchor_gives_the_same_weights(family, method, family_dirs, forget_file, retain_file, tmp_path):
+    """--anchor-offload keeps the frozen anchor in host memory and moves each
+    block to the device for its forward: the same computation, so the same
+    weights, bit for bit (here the device is the CPU too; what it saves is GPU
+    memory)."""
+    runs = {}
+    for name, extra in (("copy", []), ("host", ["--anchor-offload"])):
+        result = _run(family_dirs[family], forget_file, retain_file, tmp_path / name, "--method", method, *extra)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+    assert all(torch.equal(runs["copy"][k], runs["host"][k]) for k in runs["copy"])
+    assert json.loads((tmp_path / "host" / "mdu_run.json").read_text())["config"]["anchor_offload"] is True
+
+
+def test_the_host_anchor_holds_the_starting_weights_off_the_model(llada_dir):
+    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.unlearn import host_anchor
+
+    source = resolve_source(str(llada_dir))
+    model = load_model(source, True, torch.float32)
+    anchor = host_anchor(model, source, True, torch.float32, "cpu")
+    assert {p.device.type for p in anchor.parameters()} == {"meta"}, "no weight lives in the module itself"
+    ids = torch.tensor([[1, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(anchor(input_ids=ids).logits, model(input_ids=ids).logits)
+        next(model.parameters()).add_(1.0)  # training the model must not move the anchor
+        assert not torch.equal(anchor(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("extra", [["--lora"], ["--method", "ga"]])
+def test_anchor_offload_without_a_frozen_copy_is_a_usage_error(extra, llada_dir, forget_file, tmp_path):
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",
+                                      str(tmp_path / "out"), "--anchor-offload", *extra])
+    assert result.exit_code == 2 and "--anchor-offload applies to full MDU and NPO" in result.stderr

@@ -55,6 +55,9 @@ Examples:
               show_default=True, help="separate: each micro-batch has --batch-size forget rows plus as many retain "
               "rows, an epoch is a pass over the forget set. joint: the reference code's way, forget and retain "
               "shuffled into one set, an epoch a pass over both (twice the steps for equal sizes).")
+@click.option("--anchor-offload", is_flag=True,
+              help="Full MDU/NPO: keep the frozen anchor in host memory and move each block to the GPU for its "
+              "forward only (the weights' size less GPU memory, slower steps).")
 @optimisation_options
 @click.pass_context
 def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
