@@ -398,7 +398,7 @@ def train(
             _check_finite(forget_mean, "forget", step)
             _check_finite(retain_mean, "retain", step)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
+            lr = float(scheduler.get_last_lr()[0])  # torchao keeps it as a tensor
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

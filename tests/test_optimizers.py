@@ -61,7 +61,8 @@ def _run(llada_dir, forget_file, retain_file, out, *extra):
 
 
 @pytest.mark.parametrize("dtype, optimizer, recorded", [("fp32", "auto", "adamw"), ("bf16", "auto", "adamw-kahan"),
-                                                        ("bf16", "adamw", "adamw")])
+                                                        ("bf16", "adamw", "adamw"), ("bf16", "adamw-sr", "adamw-sr"),
+                                                        ("bf16", "adamw-8bit", "adamw-8bit")])
 def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, optimizer, recorded, llada_dir,
                                                                      forget_file, retain_file, tmp_path,
                                                                      monkeypatch):
