@@ -25,7 +25,8 @@ from mdu_cli.data import Dataset, Record, load_dataset
 from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.inference import LoadedModel, prepare_inference
 from mdu_cli.output_location import check_report_file
-from mdu_cli.sampling import generate, generation_kwargs, resolve_generation
+from mdu_cli.generation_settings import DEFAULT_GENERATION, generation_kwargs, resolve_generation
+from mdu_cli.sampling import generate
 from mdu_cli.families import model_logits
 
 EVAL_FILE = "eval.json"
@@ -144,9 +145,6 @@ def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, 
     if ratios:
         result["truth_ratio"] = sum(ratios) / len(ratios)
     return result
-
-
-DEFAULT_GENERATION = {"max_new_tokens": 128, "steps": 128, "block_length": 32}
 
 
 def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = None, base: Optional[str] = None,

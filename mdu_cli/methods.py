@@ -42,7 +42,9 @@ class MDU:
 
 
 @dataclass(frozen=True)
-class GradientAscent:
+class _NoAnchor:
+    """A method whose loss reads the trainable model alone."""
+
     needs_anchor: bool = False
 
     def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
@@ -51,6 +53,9 @@ class GradientAscent:
     def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> None:
         return None
 
+
+@dataclass(frozen=True)
+class GradientAscent(_NoAnchor):
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
         return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,
                                     family.retain_weighting, noised.attention_mask)
@@ -77,17 +82,9 @@ def _scores(logits: torch.Tensor, noised: NoisedBatch, weighting: str) -> torch.
 
 
 @dataclass(frozen=True)
-class FineTune:
+class FineTune(_NoAnchor):
     """Plain MDLM fine-tuning: 1/t-weighted (CART for Dream) cross-entropy of
     the masked answer tokens, minimised; the rows are the training records."""
-
-    needs_anchor: bool = False
-
-    def anchor_input(self, noised: NoisedBatch, mask_token_id: int) -> Optional[torch.Tensor]:
-        return None
-
-    def anchor_view(self, anchor_logits: torch.Tensor, noised: NoisedBatch, family: Family) -> None:
-        return None
 
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
         return mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,

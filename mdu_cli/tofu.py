@@ -35,7 +35,8 @@ from mdu_cli.data import Record
 from mdu_cli.errors import MduError
 from mdu_cli.evaluation import answer_score, rouge_l_recall
 from mdu_cli.inference import LoadedModel
-from mdu_cli.sampling import generate, generation_kwargs
+from mdu_cli.generation_settings import generation_kwargs
+from mdu_cli.sampling import generate
 
 TOFU_REPO = "locuslab/TOFU"
 SPLIT_CHOICES = ("forget01", "forget05", "forget10")
@@ -239,12 +240,9 @@ def headline(report: dict, reference: Optional[dict]) -> dict:
     fq = None
     if reference is not None and "forget" in splits:
         fq = forget_quality(splits["forget"]["truth_ratio_per_record"], reference["ratios"])
-    return {
-        "forget_quality": fq,
-        "model_utility": harmonic_mean(list(components.values())),
-        "model_utility_components": components,
-        "open_unlearning": open_unlearning_names(splits, fq, harmonic_mean(list(components.values()))),
-    }
+    mu = harmonic_mean(list(components.values()))
+    return {"forget_quality": fq, "model_utility": mu, "model_utility_components": components,
+            "open_unlearning": open_unlearning_names(splits, fq, mu)}
 
 
 def open_unlearning_names(splits: dict, fq: Optional[float], mu: Optional[float]) -> dict:

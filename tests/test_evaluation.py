@@ -221,7 +221,7 @@ def test_entropy_ordering_commits_the_most_peaked_prediction_first():
 
 
 def test_the_paper_preset_per_family_and_explicit_options_win():
-    from mdu_cli.sampling import resolve_generation
+    from mdu_cli.generation_settings import resolve_generation
 
     assert resolve_generation({"preset": "paper"}, "llada") == {
         "max_new_tokens": 256, "steps": 256, "block_length": 128, "ordering": "confidence", "preset": "paper"}

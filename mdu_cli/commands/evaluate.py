@@ -6,18 +6,9 @@ import json
 
 import click
 
-from mdu_cli.sampling import ORDERINGS, PRESETS
+from mdu_cli.generation_settings import ORDERINGS, PRESETS, requested as _generation
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
-DEFAULT_GENERATION = {"max_new_tokens": 128, "steps": 128, "block_length": 32, "ordering": "confidence"}
-
-
-def _generation(preset, **given) -> dict:
-    """Explicit options over the preset (resolved per family later), or over the defaults."""
-    typed = {k: v for k, v in given.items() if v is not None}
-    if preset:
-        return {"preset": preset, **typed}
-    return {**DEFAULT_GENERATION, **typed}
 
 EVAL_EXAMPLES = """
 \b
