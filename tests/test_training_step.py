@@ -362,3 +362,16 @@ def test_joint_accounting_plans_passes_over_both_sets():
     separate = plan_steps(4, build_config({}, dict(model="m", forget="f", retain="r", batch_size=2, grad_accum=2,
                                                     epochs=2)), torch.Generator().manual_seed(0), n_retain=4)
     assert len(separate) == 2 and all(i < 4 for step in separate for micro in step for i in micro)
+
+
+def test_joint_accounting_without_a_retain_file_is_a_usage_error(llada_dir, forget_file, tmp_path):
+    from click.testing import CliRunner
+
+    from mdu_cli.cli import cli
+    from test_hostile_inputs import snapshot
+
+    before = snapshot(forget_file)
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",
+                                      str(tmp_path / "out"), "--batch-accounting", "joint"])
+    assert result.exit_code == 2 and "--batch-accounting joint mixes forget and retain rows" in result.stderr
+    assert snapshot(forget_file) == before and not (tmp_path / "out").exists()
