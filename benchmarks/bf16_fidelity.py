@@ -56,6 +56,7 @@ def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, 
     from mdu_cli.objectives import mdu_forget_loss
     from mdu_cli.optimizers import build, state_bytes
     from mdu_cli.train import lr_schedule
+    from mdu_cli.unlearn import frozen_copy
     from step_cost import make_batches
 
     source = resolve_source(str(model_dir))
@@ -64,11 +65,7 @@ def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, 
         for name, p in model.named_parameters():
             p.copy_(start[name])
     model = model.to(device=args.device, dtype=dtype)
-    anchor = load_model(source, True, torch.float32)
-    with torch.no_grad():
-        for name, p in anchor.named_parameters():
-            p.copy_(start[name])
-    anchor = anchor.to(device=args.device, dtype=dtype).eval().requires_grad_(False)
+    anchor = frozen_copy(model)  # the starting weights, frozen, as `mdu unlearn` makes its anchor
     family, mask_id = FAMILIES["llada"], source.config["mask_token_id"]
     forget, _ = make_batches(source.config["vocab_size"], args.batch, args.seq, args.prompt)
     forget = forget.to(args.device)
@@ -107,12 +104,9 @@ def _compare(delta: dict, reference: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--prompt", type=int, default=16)
+    from step_cost import add_shape_arguments
+
+    add_shape_arguments(parser, layers=2, d_model=256, vocab=2048, batch=4, seq=64, prompt=16)
     parser.add_argument("--lr", type=float, default=4e-5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--only", help="comma-separated optimizers to run (default: all installed)")
@@ -123,8 +117,8 @@ def main() -> None:
 
     from step_cost import build_model
 
-    runs = args.only.split(",") if args.only else [r for r in RUNS if r != "adamw-sr" and r != "adamw-8bit"
-                                                    or importlib.util.find_spec("torchao")]
+    torchao = importlib.util.find_spec("torchao") is not None
+    runs = args.only.split(",") if args.only else [r for r in RUNS if torchao or r not in ("adamw-sr", "adamw-8bit")]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "llada-small"

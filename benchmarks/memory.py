@@ -120,12 +120,9 @@ def full_mdu_breakdown(n_params: float, activations_gb: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=640)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--prompt", type=int, default=64)
+    from step_cost import add_shape_arguments
+
+    add_shape_arguments(parser, layers=12, d_model=640, vocab=32000, batch=4, seq=256, prompt=64)
     parser.add_argument("--glibc-cache", action="store_true",
                         help="measure with glibc's default heap caching (peak RSS then includes freed memory)")
     parser.add_argument("--json", action="store_true")

@@ -58,6 +58,16 @@ def build_model(directory: Path, layers: int, d_model: int, vocab: int) -> None:
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
 
 
+def add_shape_arguments(parser, layers: int, d_model: int, vocab: int, batch: int, seq: int, prompt: int) -> None:
+    """The model and batch shape options every benchmark here takes, with its own defaults."""
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--prompt", type=int, default=prompt)
+
+
 def make_batches(vocab: int, batch: int, seq: int, prompt: int):
     from mdu_cli.tokenization import Example, collate
 
@@ -165,12 +175,7 @@ def _peak_rss_child(kind: str, model_dir: str, args: dict, queue) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--prompt", type=int, default=64)
+    add_shape_arguments(parser, layers=8, d_model=384, vocab=8192, batch=4, seq=256, prompt=64)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
