@@ -34,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def build_model(directory: Path, layers: int, d_model: int, vocab: int) -> None:
-    """A LLaDA-shaped remote-code checkpoint of the requested size."""
+def write_config(directory: Path, layers: int, d_model: int, vocab: int, heads: int = 8):
+    """The config and remote code of a LLaDA-shaped model of the requested
+    size (no weights); returns the loaded config."""
     import json as _json
     import shutil
 
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from tiny_models import FIXTURES
 
@@ -50,10 +51,17 @@ def build_model(directory: Path, layers: int, d_model: int, vocab: int) -> None:
         "model_type": "tiny_llada", "architectures": ["TinyLLaDAModelLM"],
         "auto_map": {"AutoConfig": "configuration_tiny_llada.TinyLLaDAConfig",
                      "AutoModel": "modeling_tiny_llada.TinyLLaDAModelLM"},
-        "vocab_size": vocab, "d_model": d_model, "n_layers": layers, "n_heads": 8,
+        "vocab_size": vocab, "d_model": d_model, "n_layers": layers, "n_heads": heads,
         "mlp_hidden_size": 3 * d_model, "mask_token_id": vocab - 1,
     }))
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
+    return AutoConfig.from_pretrained(directory, trust_remote_code=True)
+
+
+def build_model(directory: Path, layers: int, d_model: int, vocab: int) -> None:
+    """A LLaDA-shaped remote-code checkpoint of the requested size."""
+    from transformers import AutoModel
+
+    config = write_config(directory, layers, d_model, vocab)
     torch.manual_seed(0)
     AutoModel.from_config(config, trust_remote_code=True).save_pretrained(directory)
 

@@ -78,7 +78,7 @@ class UnlearnConfig:
     max_steps: Optional[int] = None
     batch_size: int = 4
     grad_accum: int = 4
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 42
     device: str = "auto"
     dtype: str = "auto"
@@ -87,6 +87,10 @@ class UnlearnConfig:
     # Keep the frozen anchor of full MDU/NPO in host memory, each block moved to
     # the device for its forward only: the weights' size less on the GPU.
     anchor_offload: bool = False
+    # Step each parameter inside backward and free its gradient at once
+    # (mdu_cli/optimizers.py): no full set of gradients, at the price of one
+    # backward per step and no global-norm clipping.
+    optimizer_in_backward: bool = False
     # LoRA: the anchor is the same model with the adapter off, so no second copy.
     lora: bool = False
     lora_r: int = 16
@@ -148,8 +152,8 @@ class UnlearnConfig:
             raise bad("weight_decay", f"must be >= 0 (got {self.weight_decay})")
         if not 0 <= self.warmup_ratio < 1:
             raise bad("warmup_ratio", f"must be in [0, 1) (got {self.warmup_ratio})")
-        if self.max_grad_norm <= 0:
-            raise bad("max_grad_norm", f"must be > 0 (got {self.max_grad_norm})")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", f"must be >= 0, where 0 turns clipping off (got {self.max_grad_norm})")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r", "eval_records"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -176,6 +180,8 @@ class UnlearnConfig:
         if self.anchor_offload and (self.lora or self.method not in ("mdu", "npo")):
             raise bad("anchor_offload", "applies to full MDU and NPO, whose anchor is a frozen copy of the weights "
                       "(with --lora the anchor is the model itself with the adapter off)")
+        if self.optimizer_in_backward:
+            self._check_in_backward(bad)
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
@@ -188,6 +194,24 @@ class UnlearnConfig:
             raise ConfigError("--retain does not apply to `mdu finetune`: put every record to train on in --data")
         if self.alpha > 0 and not self.retain:
             raise bad("alpha", f"is {self.alpha} but no --retain file is given; add --retain FILE or drop --alpha")
+
+    def _check_in_backward(self, bad) -> None:
+        """--optimizer-in-backward steps every parameter during the one
+        backward of a step: the options that need a whole step's gradient at
+        once cannot apply, and are refused rather than quietly changed."""
+        why = "with --optimizer-in-backward each parameter steps as soon as its gradient is ready"
+        if self.grad_accum != 1:
+            raise bad("grad_accum", f"must be 1 {why}, so nothing can accumulate over micro-batches; "
+                      f"raise --batch-size instead (--batch-size {self.batch_size * self.grad_accum} "
+                      "--grad-accum 1 keeps the rows a step)")
+        if self.max_grad_norm != 0:
+            raise bad("max_grad_norm", f"must be 0 {why}, before the global norm is known; pass --max-grad-norm 0 "
+                      "(the norm is still logged)")
+        if self.optimizer not in ("auto", "adamw-kahan"):
+            raise bad("optimizer", f"{self.optimizer} cannot step inside backward; use adamw-kahan (or auto)")
+        if self.dtype == "fp16":
+            raise bad("dtype", "fp16 scales the loss and unscales whole gradients before the step, which "
+                      "--optimizer-in-backward cannot do; use bf16 or fp32")
 
     @property
     def shard_size_bytes(self) -> int:

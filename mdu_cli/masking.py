@@ -67,6 +67,24 @@ def noise_response(batch: Batch, mask_token_id: int, generator: torch.Generator)
                        batch.response_mask, masked, t, inclusion_probability(t, batch.response_mask.sum(1)))
 
 
+def stack_rows(first: NoisedBatch, second: NoisedBatch, pad_id: int) -> NoisedBatch:
+    """Two noised batches as one, the narrower right-padded to the wider:
+    padding is unattended and never scored, so each row's logits are those
+    of its own batch, and `first`'s rows are the first ones, their own width
+    from the left."""
+    width = max(first.input_ids.shape[1], second.input_ids.shape[1])
+
+    def pad(tensor: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]), value=value)
+
+    def both(name: str, value) -> torch.Tensor:
+        return torch.cat([pad(getattr(first, name), value), pad(getattr(second, name), value)])
+
+    return NoisedBatch(both("input_ids", pad_id), both("targets", pad_id), both("attention_mask", 0),
+                       both("prompt_mask", False), both("response_mask", False), both("masked", False),
+                       torch.cat([first.t, second.t]), torch.cat([first.mask_prob, second.mask_prob]))
+
+
 def inclusion_probability(t: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """P(a given response position is masked) for rows of `lengths` response
     tokens masked at rate t, when a row left without any mask gets one forced,

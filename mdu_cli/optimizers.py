@@ -20,12 +20,23 @@ betas, eps and decoupled weight decay as torch's:
 `auto` (the default) takes adamw for fp32 weights and DEFAULT_BF16 for bf16
 ones, the choice that measured best per byte of state among those that keep
 the update (benchmarks/bf16_fidelity.py; README).
+
+--optimizer-in-backward steps each parameter as soon as its gradient is
+complete, inside backward, and frees that gradient at once (torch-optimi's
+gradient release), so the full set of gradients never exists: 2 bytes a
+parameter less on bf16 weights, what lets full MDU on an 8B model fit 80 GB.
+The price is in its semantics: one backward per step (no accumulation over
+micro-batches: forget and retain losses go into one backward), and no
+clipping by the global norm, which is only known once every parameter has
+already stepped.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -33,6 +44,7 @@ from mdu_cli.config import OPTIMIZERS
 from mdu_cli.errors import ConfigError
 
 DEFAULT_BF16 = "adamw-kahan"
+IN_BACKWARD = "adamw-kahan"  # the one choice that can step a parameter alone, inside backward
 BETAS, EPS = (0.9, 0.999), 1e-8
 _NEEDS = {"adamw-kahan": ("optimi", "torch-optimi"), "adamw-sr": ("torchao", "torchao"),
           "adamw-8bit": ("torchao", "torchao")}
@@ -48,10 +60,17 @@ class OptimizerChoice:
         return {"name": self.name, "library": self.library, **self.settings}
 
 
-def resolve(requested: str, weight_dtype: torch.dtype) -> str:
-    """The optimizer a run uses: `auto` by the weights' dtype, anything else as asked."""
+def resolve(requested: str, weight_dtype: torch.dtype, in_backward: bool = False) -> str:
+    """The optimizer a run uses: `auto` by the weights' dtype, anything else as
+    asked. In backward only torch-optimi's AdamW can step one parameter at a
+    time; on fp32 weights it has nothing to compensate and is plain AdamW."""
     if requested not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {requested!r})")
+    if in_backward:
+        if requested not in ("auto", IN_BACKWARD):
+            raise ConfigError(f"--optimizer-in-backward steps with {IN_BACKWARD} (torch-optimi); "
+                              f"drop --optimizer {requested} or --optimizer-in-backward")
+        return IN_BACKWARD
     if requested == "auto":
         return DEFAULT_BF16 if weight_dtype == torch.bfloat16 else "adamw"
     return requested
@@ -67,11 +86,15 @@ def check_available(name: str) -> None:
             raise ConfigError(f"--optimizer {name} needs the {package} package; {how}")
 
 
-def build(name: str, params, lr: float, weight_decay: float,
-          weight_dtype: torch.dtype) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
-    """The optimizer over `params`, and what to record about it."""
+def build(name: str, params, lr: float, weight_decay: float, weight_dtype: torch.dtype,
+          in_backward: bool = False) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
+    """The optimizer over `params`, and what to record about it. With
+    `in_backward` it is built to step inside backward: attach it with
+    `StepInBackward`."""
     params = list(params)
     settings = {"lr": lr, "betas": list(BETAS), "eps": EPS, "weight_decay": weight_decay}
+    if in_backward and name != IN_BACKWARD:
+        raise ConfigError(f"--optimizer-in-backward needs --optimizer {IN_BACKWARD} (got {name})")
     if name == "adamw":
         return (torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay),
                 OptimizerChoice(name, f"torch {torch.__version__}", settings))
@@ -79,10 +102,19 @@ def build(name: str, params, lr: float, weight_decay: float,
         import optimi
 
         # decouple_lr=False: decay is lr x weight_decay, as in torch's AdamW.
+        # Compensation only applies to low-precision weights (fp32 ones have
+        # nothing to carry), and the record says which it was.
+        # Triton kernels on a GPU (one fused kernel a tensor, fp32 inside);
+        # named here because gradient release would otherwise take the eager
+        # path where an ordinary step takes Triton's, and the two round apart.
+        triton = bool(optimi.utils.HAS_TRITON and params and all(p.is_cuda for p in params))
         optimizer = optimi.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
-                                 decouple_lr=False, kahan_sum=True, foreach=False)
-        return optimizer, OptimizerChoice(name, f"torch-optimi {_version('torch-optimi')}",
-                                          {**settings, "kahan_sum": True})
+                                 decouple_lr=False, kahan_sum=True, foreach=False, triton=triton,
+                                 gradient_release=in_backward)
+        extra = {"kahan_sum": weight_dtype in (torch.bfloat16, torch.float16), "triton": triton}
+        if in_backward:
+            extra["in_backward"] = True
+        return optimizer, OptimizerChoice(name, f"torch-optimi {_version('torch-optimi')}", {**settings, **extra})
     stochastic = weight_dtype == torch.bfloat16
     if name == "adamw-sr":
         from torchao.optim import _AdamW
@@ -99,6 +131,70 @@ def build(name: str, params, lr: float, weight_decay: float,
         return optimizer, OptimizerChoice(name, f"torchao {_version('torchao')}",
                                           {**settings, "bf16_stochastic_round": stochastic, "block_size": 256})
     raise ConfigError(f"--optimizer {name!r} is not known")
+
+
+class StepInBackward:
+    """The optimizer stepping each parameter inside backward, as soon as its
+    gradient is complete, and freeing that gradient (torch-optimi's gradient
+    release). A hook registered first measures each gradient's squared norm
+    on its way through, so the run still logs the step's gradient norm.
+
+    The learning rate is read from the parameter group when the hook runs, so
+    the scheduler steps after backward, as with an ordinary step.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        import optimi
+
+        self.model, self.optimizer = model, optimizer
+        # The hooks read each parameter's learning rate from the group its
+        # state points to; anything that reloaded the state (accelerate's
+        # prepare() does, to place it) left copies there, which the
+        # scheduler would never reach.
+        _link_groups(optimizer)
+        self._squares: Optional[torch.Tensor] = None
+        self._handles = [p.register_post_accumulate_grad_hook(self._measure)
+                         for p in model.parameters() if p.requires_grad]
+        optimi.prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=True)
+
+    def _measure(self, param: torch.Tensor) -> None:
+        square = param.grad.detach().float().pow(2).sum()
+        self._squares = square if self._squares is None else self._squares + square
+
+    def grad_norm(self) -> float:
+        """The norm of the gradient the last backward applied (and forget it)."""
+        squares, self._squares = self._squares, None
+        return 0.0 if squares is None else math.sqrt(squares.item())
+
+    def remove(self) -> None:
+        import optimi
+
+        for handle in self._handles:
+            handle.remove()
+        optimi.remove_gradient_release(self.model)
+
+
+def state_dict(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state to save. Gradient release keeps a reference to
+    each parameter's group inside its state; saved, it would drag every
+    parameter of the group into the file, so it is left out here and put back
+    by `load_state_dict`."""
+    saved = optimizer.state_dict()
+    saved["state"] = {index: {k: v for k, v in state.items() if k != "group"}
+                      for index, state in saved["state"].items()}
+    return saved
+
+
+def load_state_dict(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    optimizer.load_state_dict(saved)
+    if getattr(optimizer, "defaults", {}).get("gradient_release"):
+        _link_groups(optimizer)  # load_state_dict made new group dicts
+
+
+def _link_groups(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param]["group"] = group
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

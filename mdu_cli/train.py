@@ -3,8 +3,10 @@
 `train()` reads top to bottom: set-up and resume; then per step and
 micro-batch, the forget loss (batch, mask, anchor forward, conditional
 forward, loss: `_forget_loss`) and the retain loss (batch, mask, forward, MDLM
-loss: `_retain_loss`), each with its backward; then clip, step, log, save. The methods (MDU and the GA/NPO baselines) live in
-`methods.py`, their losses in `objectives.py`.
+loss: `_retain_loss`), each with its backward; then clip, step, log, save.
+With --optimizer-in-backward both losses go into one backward, during which
+every parameter steps (mdu_cli/optimizers.py). The methods (MDU and the
+GA/NPO baselines) live in `methods.py`, their losses in `objectives.py`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mdu_cli import optimizers
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.errors import Interrupted, MduError
 from mdu_cli.families import Family, model_logits
-from mdu_cli.masking import noise_response
+from mdu_cli.masking import noise_response, stack_rows
 from mdu_cli.methods import make_method
 from mdu_cli.objectives import mdlm_loss
 from mdu_cli.resume import TrainingState, save_state, trainable_state
@@ -201,8 +203,10 @@ def train(
 
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     weight_dtype = trainable_params[0].dtype
-    optimizer, optimizer_choice = optimizers.build(optimizer_name or optimizers.resolve(cfg.optimizer, weight_dtype),
-                                                   trainable_params, cfg.lr, cfg.weight_decay, weight_dtype)
+    in_backward = cfg.optimizer_in_backward
+    optimizer, optimizer_choice = optimizers.build(
+        optimizer_name or optimizers.resolve(cfg.optimizer, weight_dtype, in_backward),
+        trainable_params, cfg.lr, cfg.weight_decay, weight_dtype, in_backward)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_schedule(math.ceil(cfg.warmup_ratio * len(plan)), len(plan)))
     result = TrainResult(steps=len(plan), optimizer=optimizer_choice.record())
@@ -222,7 +226,7 @@ def train(
                 with torch.no_grad():
                     for name, tensor in resume_from.trainable.items():
                         trainable[name].copy_(tensor)
-                optimizer.load_state_dict(resume_from.optimizer)
+                optimizers.load_state_dict(optimizer, resume_from.optimizer)
             scheduler.load_state_dict(resume_from.scheduler)
             if len(resume_from.generators["noise"]) != processes:
                 raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
@@ -240,7 +244,11 @@ def train(
                 next(retain_batches)
     # The scheduler stays outside prepare(): accelerate would step it once per
     # process, while the plan already counts global steps.
+    raw_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepping inside backward: each parameter's hook applies the optimizer
+    # and frees its gradient; the loop then only steps the schedule.
+    stepper = optimizers.StepInBackward(model, raw_optimizer) if in_backward else None
     if resume_from is not None and sharded:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
@@ -276,30 +284,40 @@ def train(
             return
         if not sharded:
             trainable = trainable_state(accelerator.unwrap_model(model))
-            optimizer_state = optimizer.state_dict()
+            optimizer_state = optimizers.state_dict(optimizer)
         save_state(state_dir, TrainingState(
             step=step, history=result.history, trainable=trainable, optimizer=optimizer_state,
             scheduler=scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
             torch_rng=[s["torch"] for s in states], sharded=sharded,
         ), state_key)
 
+    def _noised(examples: Sequence[Example], rows: list[int]):
+        return noise_response(collate([examples[i] for i in rows], pad_id).to(device), mask_token_id,
+                              noise_generator)
+
+    def _anchor_view(forget_batch):
+        """What the method's loss reads of the anchor (None for methods without one)."""
+        if not method.needs_anchor:
+            return None
+        with torch.no_grad():
+            anchor_logits = model_logits(anchor, method.anchor_input(forget_batch, mask_token_id),
+                                         forget_batch.attention_mask, family)
+            # Keep only what the loss reads: the full-vocabulary logits
+            # would otherwise live through the next forward and backward
+            # (0.5 GB for LLaDA at 4 x 256 tokens).
+            return method.anchor_view(anchor_logits, forget_batch, family)
+
+    def _retain_from_logits(logits: torch.Tensor, retain_batch) -> torch.Tensor:
+        return mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
+                         retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask)
+
     def _forget_loss(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of forget rows, with its graph: for MDU, pull the
         conditional prediction toward the anchor's prompt-masked prediction at
         every masked response position; the baselines (and fine-tuning) plug in
         their own anchor input and loss. Returns the loss and the masked count."""
-        forget_batch = noise_response(collate([forget[i] for i in rows], pad_id).to(device), mask_token_id,
-                                      noise_generator)
-        anchor_view = None
-        if method.needs_anchor:
-            with torch.no_grad():
-                anchor_logits = model_logits(anchor, method.anchor_input(forget_batch, mask_token_id),
-                                             forget_batch.attention_mask, family)
-                # Keep only what the loss reads: the full-vocabulary logits
-                # would otherwise live through the next forward and backward
-                # (0.5 GB for LLaDA at 4 x 256 tokens).
-                anchor_view = method.anchor_view(anchor_logits, forget_batch, family)
-                del anchor_logits
+        forget_batch = _noised(forget, rows)
+        anchor_view = _anchor_view(forget_batch)
         conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
         forget_loss = method.loss(conditional_logits, anchor_view, forget_batch, family)
         del anchor_view, conditional_logits
@@ -307,13 +325,37 @@ def train(
 
     def _retain_loss(rows: list[int]) -> torch.Tensor:
         """The MDLM loss of retain rows, with its graph, so that utility stays."""
-        retain_batch = noise_response(collate([retain[i] for i in rows], pad_id).to(device), mask_token_id,
-                                      noise_generator)
+        retain_batch = _noised(retain, rows)
         logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
-        retain_loss = mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
-                                retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask)
+        retain_loss = _retain_from_logits(logits, retain_batch)
         del logits
         return retain_loss
+
+    def _losses_in_one_forward(rows: list[int], drawn: list[int]):
+        """Forget and retain losses from one forward over both kinds of row,
+        for --optimizer-in-backward. With a forward each, every parameter
+        would be reached twice in the one backward, and autograd holds the
+        first contribution for every parameter until the second arrives: a
+        whole gradient's memory again (16 GB on LLaDA-8B, measured). Masks are
+        drawn forget first, then retain, as the two-forward path draws them.
+        Returns (forget loss or None, masked count, retain loss or None)."""
+        forget_batch = _noised(forget, rows) if rows else None
+        retain_batch = _noised(retain, drawn) if drawn else None
+        anchor_view = _anchor_view(forget_batch) if rows else None
+        if forget_batch is not None and retain_batch is not None:
+            both = stack_rows(forget_batch, retain_batch, pad_id)
+        else:
+            both = forget_batch if forget_batch is not None else retain_batch
+        logits = model_logits(model, both.input_ids, both.attention_mask, family)
+        forget_loss = retain_loss = None
+        masked = torch.zeros((), device=device, dtype=torch.long)
+        if forget_batch is not None:
+            forget_loss = method.loss(logits[:len(rows), :forget_batch.input_ids.shape[1]], anchor_view,
+                                      forget_batch, family)
+            masked = forget_batch.masked.sum()
+        if retain_batch is not None:
+            retain_loss = _retain_from_logits(logits[len(rows):, :retain_batch.input_ids.shape[1]], retain_batch)
+        return forget_loss, masked, retain_loss
 
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
     if log_file:
@@ -351,19 +393,32 @@ def train(
             for micro_rows in mine:
                 rows = [i for i in micro_rows if i < n_forget]
                 drawn = [i - n_forget for i in micro_rows if i >= n_forget]
-                if joint:
+                if joint or in_backward:
                     # One backward per micro-batch, whatever mix of rows it
                     # holds: every rank must run as many as the others (each
-                    # is a collective under DDP and FSDP).
+                    # is a collective under DDP and FSDP), and in backward
+                    # every parameter steps during it, so it must hold the
+                    # whole step's loss.
+                    if in_backward and not joint and use_retain:
+                        drawn = next(retain_batches)
+                    if in_backward:
+                        forget_loss, masked, retain_loss = _losses_in_one_forward(rows, drawn)
+                    else:
+                        forget_loss, masked = _forget_loss(rows) if rows else (None, None)
+                        retain_loss = _retain_loss(drawn) if drawn else None
+                    if in_backward:
+                        # Checked before backward: during it, the weights move.
+                        if forget_loss is not None:
+                            _check_finite(forget_loss.item(), "forget", step)
+                        if retain_loss is not None:
+                            _check_finite(retain_loss.item(), "retain", step)
                     total = None
-                    if rows:
-                        forget_loss, masked = _forget_loss(rows)
+                    if forget_loss is not None:
                         total = forget_loss
                         forget_total += forget_loss.detach()
                         forget_micro += 1
                         masked_positions += masked
-                    if drawn:
-                        retain_loss = _retain_loss(drawn)
+                    if retain_loss is not None:
                         total = cfg.alpha * retain_loss if total is None else total + cfg.alpha * retain_loss
                         retain_rows += drawn
                         retain_total += retain_loss.detach()
@@ -397,18 +452,28 @@ def train(
             retain_mean = sums[2] / max(1.0, sums[3])
             _check_finite(forget_mean, "forget", step)
             _check_finite(retain_mean, "retain", step)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             lr = float(scheduler.get_last_lr()[0])  # torchao keeps it as a tensor
-            optimizer.step()
+            if stepper is not None:
+                grad_norm = stepper.grad_norm()  # the step has been taken, parameter by parameter
+                if not math.isfinite(grad_norm):
+                    raise MduError(f"the gradient is not finite at step {step} and was applied; nothing was "
+                                   "written. Lower --lr, or train in --dtype fp32")
+            else:
+                # --max-grad-norm 0: the norm is measured (and logged), nothing is clipped.
+                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
+                if not math.isfinite(grad_norm):
+                    raise MduError(f"the gradient is not finite at step {step}; nothing was written. "
+                                   "Lower --lr, or train in --dtype fp32")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
             entry = {
                 "step": step,
                 "forget_loss": forget_mean if forget_seen else None,
                 "retain_loss": retain_mean if use_retain else None,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "masked_positions": int(accelerator.reduce(masked_positions, reduction="sum").item()),
                 "forget_rows": sum(1 for rows in micro_batches for i in rows if i < n_forget),
                 # Indices, never content: which retain rows each process drew.
@@ -437,6 +502,8 @@ def train(
                                   "Run the same command with --resume to continue")
     finally:
         stop.__exit__()
+        if stepper is not None:
+            stepper.remove()
         bar.close()
         if log_file:
             log_file.close()

@@ -282,8 +282,13 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     forget = encode_dataset(forget_data, tokenizer, cfg.max_length, positions)
     retain = encode_dataset(retain_data, tokenizer, cfg.max_length, positions) if retain_data else []
     device, dtype_name, weight_dtype, mixed_precision = choose_device_and_dtype(cfg)
-    optimizer = optimizers.resolve(cfg.optimizer, weight_dtype)
+    optimizer = optimizers.resolve(cfg.optimizer, weight_dtype, cfg.optimizer_in_backward)
     optimizers.check_available(optimizer)
+    if cfg.optimizer_in_backward and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under DDP a parameter's gradient is complete only once the ranks
+        # have averaged it, after its hook would already have stepped.
+        raise ConfigError("--optimizer-in-backward runs in one process; for several GPUs drop it "
+                          "(FSDP shards the gradients instead)")
     trackers = parse_trackers(cfg.report_to)
     logging_dir = None
     if trackers:

@@ -287,19 +287,23 @@ def test_finetune_under_ddp(data, tmp_path):
     assert json.loads((out / "mdu_run.json").read_text())["command"] == "finetune"
 
 
-def test_bf16_kahan_ctrl_c_and_resume_under_ddp_gives_the_uninterrupted_weights(data, tmp_path):
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp2"])
+def test_bf16_kahan_ctrl_c_and_resume_gives_the_uninterrupted_weights(data, tmp_path, launcher):
     """The default bf16 optimizer keeps a compensation buffer per weight; with
-    two processes it is saved by the main process and restored on every rank,
-    so a run stopped with Ctrl-C and resumed ends bitwise where an uninterrupted
-    one does."""
+    two processes it is saved by the main process (under FSDP2 gathered from
+    the ranks' shards) and restored on every rank, so a run stopped with Ctrl-C
+    and resumed ends bitwise where an uninterrupted one does."""
     bf16 = ("--dtype", "bf16", "--max-steps", "6")
-    whole = _launch(data, tmp_path / "whole", *bf16)
+    fsdp2 = launcher == "fsdp2"
+    whole = _launch(data, tmp_path / "whole", *bf16, fsdp2=fsdp2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "out"
-    process = _launch(data, out, *bf16, background=True)
+    process = _launch(data, out, *bf16, background=True, fsdp2=fsdp2)
     stderr = _ctrl_c_after(process, out, steps=2)
     assert stderr.count("the state is saved in") == 1, stderr[-3000:]
-    resumed = _launch(data, out, *bf16, "--resume")
+    saved = torch.load(tmp_path / "out.mdu-state" / "training.pt", weights_only=True)["optimizer"]["state"]
+    assert saved and all("kahan_comp" in state for state in saved.values()), "the compensation is in the state"
+    resumed = _launch(data, out, *bf16, "--resume", fsdp2=fsdp2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((out / "mdu_run.json").read_text())["optimizer"]["name"] == "adamw-kahan"
     assert _same_weights(tmp_path / "whole", out), "bitwise the uninterrupted weights"

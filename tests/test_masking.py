@@ -91,3 +91,30 @@ def test_inverse_t_losses_are_unbiased_with_the_forced_mask(length):
     if length == 10:
         naive = (noised.masked.sum(1) / noised.t / length).mean().item()
         assert naive > 1.3, "the plain 1/t weight over-counts the forced mask (the bug this guards against)"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "masked-lm"])
+def test_stacked_rows_score_as_in_their_own_batch(family, family_dirs):
+    """stack_rows pads the narrower batch to the wider one: padding is never
+    attended, so each row's logits over its own width are those of its own
+    batch (Dream's shifted logits included), and nothing padded is scored."""
+    from mdu_cli.families import FAMILIES, model_logits
+    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.masking import stack_rows
+
+    source = resolve_source(str(family_dirs[family]))
+    model = load_model(source, True, torch.float32).eval()
+    fam = FAMILIES[family]
+    generator = torch.Generator().manual_seed(0)
+    narrow = noise_response(collate([Example((1, 7), (8, 9)), Example((1,), (10, 11, 12))], 0), 5, generator)
+    wide = noise_response(collate([Example((1, 7, 8), (9, 10, 11, 12, 13, 14))], 0), 5, generator)
+    both = stack_rows(narrow, wide, pad_id=0)
+    assert both.input_ids.shape == (3, 9) and not both.masked[:2, 4:].any() and not both.response_mask[:2, 4:].any()
+    assert torch.equal(both.mask_prob, torch.cat([narrow.mask_prob, wide.mask_prob]))
+    with torch.no_grad():
+        stacked = model_logits(model, both.input_ids, both.attention_mask, fam)
+        alone = model_logits(model, narrow.input_ids, narrow.attention_mask, fam)
+        wide_alone = model_logits(model, wide.input_ids, wide.attention_mask, fam)
+    attended = narrow.attention_mask.bool()
+    assert torch.allclose(stacked[:2, :4][attended], alone[attended], atol=1e-5)
+    assert torch.allclose(stacked[2:], wide_alone, atol=1e-5)

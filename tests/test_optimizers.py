@@ -62,14 +62,16 @@ def _run(llada_dir, forget_file, retain_file, out, *extra):
 
 @pytest.mark.parametrize("dtype, optimizer, recorded", [("fp32", "auto", "adamw"), ("bf16", "auto", "adamw-kahan"),
                                                         ("bf16", "adamw", "adamw"), ("bf16", "adamw-sr", "adamw-sr"),
-                                                        ("bf16", "adamw-8bit", "adamw-8bit")])
+                                                        ("bf16", "adamw-8bit", "adamw-8bit"),
+                                                        ("bf16", "in-backward", "adamw-kahan")])
 def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, optimizer, recorded, llada_dir,
                                                                      forget_file, retain_file, tmp_path,
                                                                      monkeypatch):
     """Stopped after step 3 (as Ctrl-C stops it) and resumed: bitwise the weights
     of an uninterrupted run, which needs every optimizer buffer back, the Kahan
-    compensation of a bf16 run included; mdu_run.json names the optimizer."""
-    options = ("--dtype", dtype, "--optimizer", optimizer)
+    compensation of a bf16 run included (and, stepping in backward, each
+    parameter's own step count); mdu_run.json names the optimizer."""
+    options = ("--dtype", dtype, *(IN_BACKWARD if optimizer == "in-backward" else ("--optimizer", optimizer)))
     assert _run(llada_dir, forget_file, retain_file, tmp_path / "whole", *options).exit_code == 0
     import mdu_cli.train as train_module
 
@@ -87,6 +89,8 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     saved = torch.load(tmp_path / "resumed.mdu-state" / "training.pt", weights_only=True)["optimizer"]["state"]
     if recorded == "adamw-kahan":
         assert all("kahan_comp" in s for s in saved.values()), "the compensation buffers are in the state"
+    if optimizer == "in-backward":
+        assert all(int(s["step"]) == 3 and "group" not in s for s in saved.values())
     monkeypatch.setattr(train_module.StopRequest, "agreed", real_agreed)
     result = _run(llada_dir, forget_file, retain_file, out, *options, "--save-every", "100", "--resume")
     assert result.exit_code == 0, result.stderr
@@ -132,3 +136,116 @@ def test_anchor_offload_without_a_frozen_copy_is_a_usage_error(extra, llada_dir,
     result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",
                                       str(tmp_path / "out"), "--anchor-offload", *extra])
     assert result.exit_code == 2 and "--anchor-offload applies to full MDU and NPO" in result.stderr
+
+
+IN_BACKWARD = ("--optimizer-in-backward", "--max-grad-norm", "0")
+
+
+@pytest.mark.parametrize("family, dtype, extra", [
+    ("llada", "fp32", []), ("llada", "fp32", ["--gradient-checkpointing"]), ("llada", "bf16", []),
+    ("dream", "fp32", ["--batch-accounting", "joint"]), ("dream", "bf16", ["--gradient-checkpointing"]),
+    ("masked-lm", "fp32", ["--method", "npo"]),
+])
+def test_stepping_in_backward_gives_the_weights_of_an_ordinary_step(family, dtype, extra, family_dirs, forget_file,
+                                                                     retain_file, tmp_path):
+    """The same AdamW (torch-optimi's, Kahan on bf16) stepped inside backward,
+    parameter by parameter, against one ordinary step over the whole gradient:
+    forget and retain rows go through one forward and one backward instead of
+    two each, so the gradients are the same sums taken in another order:
+    equal to fp32 rounding. bf16 forwards of another batch shape round apart,
+    which six steps at lr 1e-3 amplify, hence the looser bound there. The
+    logged gradient norm is the whole gradient's."""
+    common = ("--dtype", dtype, "--optimizer", "adamw-kahan", "--max-grad-norm", "0", *extra)
+    runs, logs = {}, {}
+    for name, flags in (("ordinary", ()), ("in_backward", ("--optimizer-in-backward",))):
+        out = tmp_path / name
+        result = _run(family_dirs[family], forget_file, retain_file, out, *common, *flags)
+        assert result.exit_code == 0, result.stderr
+        runs[name] = load_file(out / "model.safetensors")
+        logs[name] = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    base = load_file(family_dirs[family] / "model.safetensors")
+    deltas = {name: torch.cat([(run[k].double() - base[k].double()).flatten() for k in sorted(base)])
+              for name, run in runs.items()}
+    if dtype == "fp32":
+        for key, ordinary in runs["ordinary"].items():
+            moved = (ordinary.double() - base[key].double()).norm()
+            assert (ordinary.double() - runs["in_backward"][key].double()).norm() <= 1e-5 * moved + 1e-9, key
+    else:  # as benchmarks/bf16_fidelity.py compares runs: the whole weight change
+        cosine = torch.nn.functional.cosine_similarity(deltas["ordinary"], deltas["in_backward"], dim=0)
+        assert cosine > 0.97 and deltas["in_backward"].norm() / deltas["ordinary"].norm() == pytest.approx(1, abs=0.05)
+    assert any(not torch.equal(runs["ordinary"][k], base[k]) for k in base), "the runs moved the weights"
+    for ordinary, fused in zip(logs["ordinary"], logs["in_backward"], strict=True):
+        assert fused["grad_norm"] == pytest.approx(ordinary["grad_norm"], rel=1e-3 if dtype == "fp32" else 5e-2)
+        if ordinary["forget_loss"] is None:  # joint accounting: a step of retain rows only
+            assert fused["forget_loss"] is None
+        else:
+            assert fused["forget_loss"] == pytest.approx(ordinary["forget_loss"], rel=1e-4 if dtype == "fp32" else 5e-2)
+    record = json.loads((tmp_path / "in_backward" / "mdu_run.json").read_text())
+    assert record["optimizer"]["in_backward"] is True and record["config"]["optimizer_in_backward"] is True
+    assert record["optimizer"]["kahan_sum"] is (dtype == "bf16")
+
+
+def test_no_full_set_of_gradients_exists_in_backward(llada_dir):
+    """Each gradient is applied and freed as soon as it is complete: when any
+    parameter's gradient arrives, no other parameter holds one, and after
+    backward none does; every parameter stepped exactly once per backward,
+    gradient checkpointing (recomputation inside backward) included."""
+    from mdu_cli.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.loading import load_model, resolve_source
+
+    model = load_model(resolve_source(str(llada_dir)), True, torch.bfloat16)
+    enable_gradient_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, _ = optimizers.build("adamw-kahan", params, 1e-3, 0.0, torch.bfloat16, in_backward=True)
+    others_holding = []
+    for p in params:  # registered first, so it runs before the step frees the gradient
+        p.register_post_accumulate_grad_hook(
+            lambda q: others_holding.append(sum(o.grad is not None for o in params if o is not q)))
+    stepper = optimizers.StepInBackward(model, optimizer)
+    ids = torch.tensor([[1, 7, 8, 9, 10, 11], [1, 12, 13, 14, 15, 16]])
+    before = [p.detach().clone() for p in params]
+    for step in range(1, 3):
+        model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+        assert all(p.grad is None for p in params)
+        assert stepper.grad_norm() > 0
+        assert all(int(optimizer.state[p]["step"]) == step for p in params), "one step per backward"
+    assert len(others_holding) == 2 * len(params) and max(others_holding) == 0
+    assert all(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+    stepper.remove()
+    assert all(not p._post_accumulate_grad_hooks or len(p._post_accumulate_grad_hooks) == 1 for p in params)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--grad-accum", "4"], "--grad-accum must be 1 with --optimizer-in-backward"),
+    (["--grad-accum", "1"], "--max-grad-norm must be 0 with --optimizer-in-backward"),
+    (["--grad-accum", "1", "--max-grad-norm", "0", "--optimizer", "adamw"], "--optimizer adamw cannot step inside"),
+    (["--grad-accum", "1", "--max-grad-norm", "0", "--dtype", "fp16"], "--dtype fp16 scales the loss"),
+    (["--grad-accum", "1", "--max-grad-norm", "0", "WORLD_SIZE=2"], "--optimizer-in-backward runs in one process"),
+])
+def test_options_that_need_a_whole_gradient_are_refused_in_backward(flags, message, llada_dir, forget_file,
+                                                                    retain_file, tmp_path, monkeypatch):
+    """A step in backward never sees the whole gradient at once: accumulation,
+    global-norm clipping, loss scaling and a DDP average are usage errors,
+    named before any weight loads, never quietly changed."""
+    env = [f for f in flags if "=" in f]
+    for item in env:
+        monkeypatch.setenv(*item.split("="))
+    before = snapshot(forget_file, retain_file)
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",
+                                      str(retain_file), "--out", str(tmp_path / "out"), "--optimizer-in-backward",
+                                      *[f for f in flags if "=" not in f]])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert snapshot(forget_file, retain_file) == before and not (tmp_path / "out").exists()
+
+
+def test_clipping_off_logs_the_norm_and_clips_nothing(llada_dir, forget_file, retain_file, tmp_path):
+    """--max-grad-norm 0 turns clipping off: the same run with a norm far
+    above any gradient's gives the same weights, and the norm is logged."""
+    runs = {}
+    for name, norm in (("off", "0"), ("huge", "1e9")):
+        assert _run(llada_dir, forget_file, retain_file, tmp_path / name, "--max-grad-norm", norm).exit_code == 0
+        runs[name] = load_file(tmp_path / name / "model.safetensors")
+        log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+        assert all(entry["grad_norm"] > 0 for entry in log)
+    assert all(torch.equal(runs["off"][k], runs["huge"][k]) for k in runs["off"])

@@ -44,7 +44,11 @@ def _optimisation_options() -> list:
         click.option("--grad-accum", type=int, default=D.grad_accum, show_default=True,
                      help="Micro-batches per optimizer step."),
         click.option("--max-grad-norm", type=float, default=D.max_grad_norm, show_default=True,
-                     help="Gradient clipping norm."),
+                     help="Clip the gradient to this global norm; 0: no clipping."),
+        click.option("--optimizer-in-backward", is_flag=True,
+                     help="Step each parameter inside backward and free its gradient at once: no full set of "
+                     "gradients in memory (2 bytes a parameter on bf16). Needs --grad-accum 1 and "
+                     "--max-grad-norm 0, one process."),
         click.option("--seed", type=int, default=D.seed, show_default=True, help="Seed for data order and masks."),
         click.option("--device", type=click.Choice(DEVICES), default=D.device, show_default=True),
         click.option("--dtype", type=click.Choice(DTYPES), default=D.dtype, show_default=True,

@@ -30,6 +30,11 @@ Examples:
   mdu unlearn --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl --lora --save-adapter \\
       --gradient-checkpointing --save-every 50
 \b
+  # Full MDU of LLaDA-8B on one 80 GB GPU (70 GB measured at 4 x 256 tokens)
+  mdu unlearn --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl --retain retain.jsonl \\
+      --gradient-checkpointing --anchor-offload --optimizer-in-backward \\
+      --batch-size 4 --grad-accum 1 --max-grad-norm 0
+\b
   # Two GPUs with DDP
   accelerate launch --multi_gpu --num_processes 2 -m mdu_cli unlearn \\
       --model GSAI-ML/LLaDA-8B-Instruct --forget data.jsonl

@@ -1,0 +1,185 @@
+"""Full and LoRA MDU in bf16 on a GPU: step time and peak memory, measured.
+
+Randomly initialised LLaDA-shaped models (the tests' remote-code fixture,
+scaled up) run `mdu_cli.train.train`, the loop `mdu unlearn` runs, with the
+default bf16 optimizer (Kahan-compensated AdamW), a forget and a retain batch
+of 4 x 256 tokens per step:
+
+- a 1B model (d_model 2048, 16 layers): full MDU, with gradient
+  checkpointing, with the optimizer step in backward, with the anchor on the
+  host as well, and LoRA MDU;
+- LLaDA-8B's shape (d_model 4096, 32 layers, vocabulary 126464): full MDU
+  with gradient checkpointing, as is and with the memory levers, measured
+  against what benchmarks/memory.py projects.
+
+Peak memory is torch's peak of allocated tensors during training (weights,
+anchor, optimizer state, gradients, activations), and what the caching
+allocator reserved. Step time is the median over the steps after the first.
+
+    python benchmarks/gpu_check.py [--out results.json] [--skip-8b] [--tiny]
+
+--tiny runs the same on a few-layer model, on the CPU if there is no GPU:
+to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # step_cost, which finds the tests' fixtures
+
+SHAPES = {
+    "1b": {"d_model": 2048, "n_layers": 16, "n_heads": 16, "vocab_size": 32000},
+    "8b": {"d_model": 4096, "n_layers": 32, "n_heads": 32, "vocab_size": 126464},
+    "tiny": {"d_model": 64, "n_layers": 2, "n_heads": 4, "vocab_size": 512},
+}
+# (name, gradient checkpointing, in backward, anchor on the host, LoRA)
+MODES_1B = [
+    ("full MDU", False, False, False, False),
+    ("full MDU, checkpointed", True, False, False, False),
+    ("full MDU, checkpointed, in backward", True, True, False, False),
+    ("full MDU, checkpointed, in backward, anchor on host", True, True, True, False),
+    ("LoRA MDU (r 16)", False, False, False, True),
+]
+MODES_8B = [
+    ("full MDU, checkpointed, in backward, anchor on host", True, True, True, False),
+    ("full MDU, checkpointed, in backward", True, True, False, False),
+    ("full MDU, checkpointed", True, False, False, False),
+]
+
+
+def build(directory: Path, shape: dict, device: str):
+    """A LLaDA-shaped remote-code model initialised at random straight on the
+    device, in bf16: nothing is written but its config and code."""
+    from transformers import AutoModel
+
+    from step_cost import write_config
+
+    config = write_config(directory, shape["n_layers"], shape["d_model"], shape["vocab_size"], shape["n_heads"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
+    return model, config
+
+
+def host_copy(model, config, device: str):
+    """The anchor in host memory, as --anchor-offload keeps it: built empty,
+    filled tensor by tensor from the model, offloaded with accelerate."""
+    from accelerate import cpu_offload
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        anchor = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
+    anchor = anchor.to_empty(device="cpu")
+    with torch.no_grad():
+        anchor.load_state_dict({name: t.detach().to("cpu") for name, t in model.state_dict().items()})
+    anchor.requires_grad_(False).eval()
+    return cpu_offload(anchor, execution_device=torch.device(device))
+
+
+def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):
+    from mdu_cli.tokenization import Example
+
+    gen = torch.Generator().manual_seed(seed)
+    return [Example(tuple(torch.randint(0, vocab - 2, (prompt,), generator=gen).tolist()),
+                    tuple(torch.randint(0, vocab - 2, (seq - prompt,), generator=gen).tolist()))
+            for _ in range(count)]
+
+
+def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int, seq: int, device: str) -> dict:
+    from mdu_cli.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.config import UnlearnConfig
+    from mdu_cli.families import FAMILIES
+    from mdu_cli.lora import AdapterOffAnchor, apply_lora
+    from mdu_cli.train import train
+    from mdu_cli.unlearn import frozen_copy
+
+    name, checkpointed, in_backward, offload, lora = mode
+    started = time.perf_counter()
+    model, config = build(directory, shape, device)
+    params = sum(p.numel() for p in model.parameters())
+    if lora:
+        model = apply_lora(model, 16, 32.0, 0.0)
+        anchor = AdapterOffAnchor(model)
+    else:
+        anchor = host_copy(model, config, device) if offload else frozen_copy(model)
+    if checkpointed:
+        enable_gradient_checkpointing(model)
+    cfg = UnlearnConfig(model=str(directory), forget="forget", retain="retain", max_steps=steps, batch_size=4,
+                        grad_accum=1, lr=1e-5, warmup_ratio=0.0, dtype="bf16", gradient_checkpointing=checkpointed,
+                        optimizer_in_backward=in_backward, max_grad_norm=0.0 if in_backward else 1.0,
+                        anchor_offload=offload, lora=lora).resolved()
+    forget = examples(4 * steps, shape["vocab_size"], seq, 64, 1)
+    retain = examples(4 * steps, shape["vocab_size"], seq, 64, 2)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    setup_s = time.perf_counter() - started
+    result = train(model, anchor, forget, retain, cfg, FAMILIES["llada"], shape["vocab_size"] - 1, 0, accelerator,
+                   show_progress=False)
+    elapsed = [entry["elapsed_s"] for entry in result.history]
+    step_s = [b - a for a, b in zip(elapsed, elapsed[1:])]
+    row = {"mode": name, "params_billions": round(params / 1e9, 3),
+           "trainable_millions": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1),
+           "steps": steps, "step_s_median": round(statistics.median(step_s), 3) if step_s else None,
+           "setup_s": round(setup_s, 1), "optimizer": result.optimizer,
+           "forget_loss": result.first_last("forget_loss"), "retain_loss": result.first_last("retain_loss")}
+    if device == "cuda":
+        row["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        row["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 1e9, 2)
+    del model, anchor, result
+    accelerator.free_memory()  # drops the references prepare() kept
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu_check.json", help="JSON results, rewritten after every mode")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--skip-8b", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="a few-layer model instead (checks the script)")
+    args = parser.parse_args()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no")
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "batch": f"4 x {args.seq} forget + 4 x {args.seq} retain tokens per step", "runs": []}
+    plans = [("tiny", MODES_1B)] if args.tiny else [("1b", MODES_1B)] + ([] if args.skip_8b else [("8b", MODES_8B)])
+    with tempfile.TemporaryDirectory() as tmp:
+        for size, modes in plans:
+            for mode in modes:
+                try:
+                    row = run_mode(accelerator, Path(tmp) / size, SHAPES[size], mode, args.steps, args.seq, device)
+                except torch.OutOfMemoryError as err:
+                    row = {"mode": mode[0], "error": f"out of memory: {str(err).splitlines()[0]}"}
+                    accelerator.free_memory()
+                row["model"] = size
+                report["runs"].append(row)
+                Path(args.out).write_text(json.dumps(report, indent=2))
+                print(json.dumps(row), flush=True)
+    print("| model | mode | step (s) | peak allocated GB | peak reserved GB |")
+    print("|---|---|---|---|---|")
+    for row in report["runs"]:
+        print(f"| {row['model']} | {row['mode']} | {row.get('step_s_median', '-')} | "
+              f"{row.get('peak_allocated_gb', row.get('error', '-'))} | {row.get('peak_reserved_gb', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
