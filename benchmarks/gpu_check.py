@@ -98,7 +98,7 @@ def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):
 
 
 def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int, seq: int, device: str) -> dict:
-    from mdu_cli.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
     from mdu_cli.config import UnlearnConfig
     from mdu_cli.families import FAMILIES
     from mdu_cli.lora import AdapterOffAnchor, apply_lora

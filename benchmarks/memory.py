@@ -52,7 +52,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     if mode.startswith("full_mdu"):
         anchor = frozen_copy(model)
         if mode in ("full_mdu_checkpointed", "full_mdu_in_backward"):
-            from mdu_cli.checkpointing import enable_gradient_checkpointing
+            from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
     else:

@@ -58,7 +58,7 @@ class UnlearnConfig:
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
     max_length: int = 512
-    # The objective (METHOD.md section 2), or a baseline.
+    # The objective (docs/method.md section 2), or a baseline.
     method: str = "mdu"
     npo_beta: float = 0.1
     tau: float = 1.0

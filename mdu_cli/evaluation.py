@@ -1,4 +1,4 @@
-"""Measuring forgetting (METHOD.md section 4).
+"""Measuring forgetting (docs/method.md section 4).
 
 - Answer probability: the Monte Carlo estimator of LLaDA (Eq. 14 style). For
   each of n samples draw l ~ U{1..L} (L = answer length), mask l answer tokens

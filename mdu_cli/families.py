@@ -1,4 +1,4 @@
-"""The model families mdu knows, and how to tell them apart (METHOD.md section 3).
+"""The model families mdu knows, and how to tell them apart (docs/method.md section 3).
 
 Everything that differs between LLaDA, Dream and a native masked-LM lives
 here: how the family is recognised from `config.json`, where the mask token id

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mdu_cli.checkpoint import TOKENIZER_FILES
+from mdu_cli.output_writer import TOKENIZER_FILES
 from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
 from mdu_cli.output_location import is_within

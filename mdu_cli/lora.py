@@ -1,7 +1,7 @@
 """LoRA for `mdu unlearn --lora`, with the adapter-off anchor.
 
 With LoRA the starting model theta_0 is the same base weights with the adapter
-switched off, so MDU's anchor needs no second copy of the model (METHOD.md
+switched off, so MDU's anchor needs no second copy of the model (docs/method.md
 section 2): `AdapterOffAnchor` runs the trained model under
 `disable_adapter()`. Adapters go only on linear layers inside the transformer
 blocks, which keeps LLaDA's head (also named `ff_out`) out by construction.
@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from mdu_cli.checkpointing import transformer_blocks
+from mdu_cli.activation_checkpointing import transformer_blocks
 from mdu_cli.errors import MduError
 
 BLOCK_LISTS = "blocks|layers|layer|h"

@@ -1,6 +1,6 @@
 """The forward (noising) process of a masked diffusion LM, and the anchor input.
 
-METHOD.md sections 1-2: draw t ~ U[eps, 1) per example and mask each response
+docs/method.md sections 1-2: draw t ~ U[eps, 1) per example and mask each response
 token with probability t; the prompt is never masked. The anchor sees the same
 noised response with every prompt position masked as well.
 """

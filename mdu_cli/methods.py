@@ -4,7 +4,7 @@ trainable model's forward), and which forget loss is minimised. Each is a small 
 branches on its name.
 
 - mdu: the anchor sees the noised sequence with the prompt masked; forward KL
-  (or reverse, JS) toward tau-scaled anchor logits (METHOD.md section 2).
+  (or reverse, JS) toward tau-scaled anchor logits (docs/method.md section 2).
 - ga:  no anchor; gradient ascent on the MDLM loss of the forget rows.
 - npo: the anchor sees the same noised sequence; NPO on MDLM sequence scores.
 - finetune: no anchor; the MDLM fine-tuning loss itself (`mdu finetune`, which

@@ -59,7 +59,7 @@ def mdu_forget_loss(
     anchor_logits:      (batch, seq, vocab), frozen model on [MASK..MASK | x_t],
                         or already gathered at the masked positions, (N, vocab)
     masked:             (batch, seq) bool, the set M
-    No 1/t weight (METHOD.md section 2, step 6).
+    No 1/t weight (docs/method.md section 2, step 6).
     """
     conditional = conditional_logits[masked]
     anchor = anchor_logits[masked] if anchor_logits.dim() == 3 else anchor_logits

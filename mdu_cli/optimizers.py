@@ -19,7 +19,7 @@ betas, eps and decoupled weight decay as torch's:
 
 `auto` (the default) takes adamw for fp32 weights and DEFAULT_BF16 for bf16
 ones, the choice that measured best per byte of state among those that keep
-the update (benchmarks/bf16_fidelity.py; README).
+the update (benchmarks/bf16_fidelity.py; docs/scale.md).
 
 --optimizer-in-backward steps each parameter as soon as its gradient is
 complete, inside backward, and frees that gradient at once (torch-optimi's

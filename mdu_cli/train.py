@@ -163,6 +163,237 @@ def _check_finite(value: float, what: str, step: int) -> None:
         )
 
 
+class _Losses:
+    """The losses of one micro-batch, with their graphs, and their backward.
+
+    Holds what every loss reads: the trainable model, the anchor, the method,
+    the encoded data and the mask generator (whose draws, in order, are part
+    of the run: the forget rows of a micro-batch are noised before its retain
+    rows, whichever path computes them).
+    """
+
+    def __init__(self, model, anchor, forget, retain, cfg: UnlearnConfig, family: Family, mask_token_id: int,
+                 pad_id: int, device, noise_generator: torch.Generator, retain_batches):
+        self.model, self.anchor, self.forget, self.retain = model, anchor, forget, retain
+        self.cfg, self.family, self.mask_token_id, self.pad_id = cfg, family, mask_token_id, pad_id
+        self.device, self.noise_generator, self.retain_batches = device, noise_generator, retain_batches
+        self.method = make_method(cfg)
+
+    def _noised(self, examples: Sequence[Example], rows: list[int]):
+        return noise_response(collate([examples[i] for i in rows], self.pad_id).to(self.device),
+                              self.mask_token_id, self.noise_generator)
+
+    def _anchor_view(self, forget_batch):
+        """What the method's loss reads of the anchor (None for methods without one)."""
+        if not self.method.needs_anchor:
+            return None
+        with torch.no_grad():
+            anchor_logits = model_logits(self.anchor, self.method.anchor_input(forget_batch, self.mask_token_id),
+                                         forget_batch.attention_mask, self.family)
+            # Keep only what the loss reads: the full-vocabulary logits
+            # would otherwise live through the next forward and backward
+            # (0.5 GB for LLaDA at 4 x 256 tokens).
+            return self.method.anchor_view(anchor_logits, forget_batch, self.family)
+
+    def _retain_from_logits(self, logits: torch.Tensor, retain_batch) -> torch.Tensor:
+        return mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
+                         retain_batch.mask_prob, self.family.retain_weighting, retain_batch.attention_mask)
+
+    def forget_loss(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of forget rows: for MDU, pull the conditional prediction
+        toward the anchor's prompt-masked prediction at every masked response
+        position; the baselines (and fine-tuning) plug in their own anchor
+        input and loss. Returns the loss and the masked count."""
+        forget_batch = self._noised(self.forget, rows)
+        anchor_view = self._anchor_view(forget_batch)
+        conditional_logits = model_logits(self.model, forget_batch.input_ids, forget_batch.attention_mask,
+                                          self.family)
+        forget_loss = self.method.loss(conditional_logits, anchor_view, forget_batch, self.family)
+        del anchor_view, conditional_logits
+        return forget_loss, forget_batch.masked.sum()
+
+    def retain_loss(self, rows: list[int]) -> torch.Tensor:
+        """The MDLM loss of retain rows, so that utility stays."""
+        retain_batch = self._noised(self.retain, rows)
+        logits = model_logits(self.model, retain_batch.input_ids, retain_batch.attention_mask, self.family)
+        retain_loss = self._retain_from_logits(logits, retain_batch)
+        del logits
+        return retain_loss
+
+    def in_one_forward(self, rows: list[int], drawn: list[int]):
+        """Forget and retain losses from one forward over both kinds of row,
+        for --optimizer-in-backward. With a forward each, every parameter
+        would be reached twice in the one backward, and autograd holds the
+        first contribution for every parameter until the second arrives: a
+        whole gradient's memory again (16 GB on LLaDA-8B, measured).
+        Returns (forget loss or None, masked count, retain loss or None)."""
+        forget_batch = self._noised(self.forget, rows) if rows else None
+        retain_batch = self._noised(self.retain, drawn) if drawn else None
+        anchor_view = self._anchor_view(forget_batch) if rows else None
+        if forget_batch is not None and retain_batch is not None:
+            both = stack_rows(forget_batch, retain_batch, self.pad_id)
+        else:
+            both = forget_batch if forget_batch is not None else retain_batch
+        logits = model_logits(self.model, both.input_ids, both.attention_mask, self.family)
+        forget_loss = retain_loss = None
+        masked = torch.zeros((), device=self.device, dtype=torch.long)
+        if forget_batch is not None:
+            forget_loss = self.method.loss(logits[:len(rows), :forget_batch.input_ids.shape[1]], anchor_view,
+                                           forget_batch, self.family)
+            masked = forget_batch.masked.sum()
+        if retain_batch is not None:
+            retain_loss = self._retain_from_logits(logits[len(rows):, :retain_batch.input_ids.shape[1]],
+                                                   retain_batch)
+        return forget_loss, masked, retain_loss
+
+    def backward(self, micro_batches: list[list[int]], accelerator, step: int) -> "_StepSums":
+        """This rank's micro-batches of one step: each one's losses and
+        backward (scaled so the step's gradient is the mean over them), with
+        the sums the log reports."""
+        cfg, n_forget = self.cfg, len(self.forget)
+        in_backward = cfg.optimizer_in_backward
+        joint = bool(self.retain) and cfg.alpha > 0 and cfg.batch_accounting == "joint"
+        use_retain = bool(self.retain) and cfg.alpha > 0
+        sums = _StepSums.zeros(self.device)
+        for micro_rows in micro_batches:
+            rows = [i for i in micro_rows if i < n_forget]
+            drawn = [i - n_forget for i in micro_rows if i >= n_forget]
+            if joint or in_backward:
+                # One backward per micro-batch, whatever mix of rows it
+                # holds: every rank must run as many as the others (each
+                # is a collective under DDP and FSDP), and in backward
+                # every parameter steps during it, so it must hold the
+                # whole step's loss.
+                if in_backward and not joint and use_retain:
+                    drawn = next(self.retain_batches)
+                if in_backward:
+                    forget_loss, masked, retain_loss = self.in_one_forward(rows, drawn)
+                    # Checked before backward: during it, the weights move.
+                    if forget_loss is not None:
+                        _check_finite(forget_loss.item(), "forget", step)
+                    if retain_loss is not None:
+                        _check_finite(retain_loss.item(), "retain", step)
+                else:
+                    forget_loss, masked = self.forget_loss(rows) if rows else (None, None)
+                    retain_loss = self.retain_loss(drawn) if drawn else None
+                total = None
+                if forget_loss is not None:
+                    total = forget_loss
+                    sums.add_forget(forget_loss, masked)
+                if retain_loss is not None:
+                    total = cfg.alpha * retain_loss if total is None else total + cfg.alpha * retain_loss
+                    sums.add_retain(retain_loss, drawn)
+                accelerator.backward(total / len(micro_batches))
+                continue
+            # Separate: a forget micro-batch, then a retain one, each
+            # freed by its own backward before the next forward.
+            forget_loss, masked = self.forget_loss(rows)
+            accelerator.backward(forget_loss / len(micro_batches))
+            sums.add_forget(forget_loss, masked)
+            del forget_loss
+            if use_retain:
+                drawn = next(self.retain_batches)
+                retain_loss = self.retain_loss(drawn)
+                accelerator.backward(cfg.alpha * retain_loss / len(micro_batches))
+                sums.add_retain(retain_loss, drawn)
+                del retain_loss
+        return sums
+
+
+@dataclass
+class _StepSums:
+    """One rank's running sums over a step's micro-batches."""
+
+    forget_total: torch.Tensor
+    forget_micro: torch.Tensor   # micro-batches that held forget rows (all of them, unless joint)
+    retain_total: torch.Tensor
+    retain_micro: torch.Tensor
+    masked_positions: torch.Tensor
+    retain_rows: list[int]
+
+    @classmethod
+    def zeros(cls, device) -> "_StepSums":
+        return cls(*(torch.zeros((), device=device) for _ in range(5)), retain_rows=[])
+
+    def add_forget(self, loss: torch.Tensor, masked: torch.Tensor) -> None:
+        self.forget_total += loss.detach()
+        self.forget_micro += 1
+        self.masked_positions += masked
+
+    def add_retain(self, loss: torch.Tensor, rows: list[int]) -> None:
+        self.retain_total += loss.detach()
+        self.retain_micro += 1
+        self.retain_rows += rows
+
+
+def _build_optimizer(model, cfg: UnlearnConfig, plan_length: int, optimizer_name: Optional[str]):
+    """The optimizer over the trainable weights, its record, and the schedule."""
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    weight_dtype = trainable_params[0].dtype
+    optimizer, choice = optimizers.build(
+        optimizer_name or optimizers.resolve(cfg.optimizer, weight_dtype, cfg.optimizer_in_backward),
+        trainable_params, cfg.lr, cfg.weight_decay, weight_dtype, cfg.optimizer_in_backward)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_schedule(math.ceil(cfg.warmup_ratio * plan_length), plan_length))
+    return optimizer, choice, scheduler
+
+
+def _restore(resume_from: TrainingState, model, optimizer, scheduler, noise_generator: torch.Generator,
+             sharded: bool, rank: int, processes: int, state_dir: Optional[Path]) -> None:
+    """Everything that decides the next step: weights, optimizer, schedule,
+    and this rank's random states (the sharded weights and optimizer are
+    restored after the wrap, by `_restore_sharded`)."""
+    if resume_from.sharded != sharded:
+        raise MduError("the saved state comes from a run " + ("under" if resume_from.sharded else "without")
+                       + " FSDP; resume it with the same kind of launch")
+    try:
+        if not sharded:
+            trainable = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in resume_from.trainable.items():
+                    trainable[name].copy_(tensor)
+            optimizers.load_state_dict(optimizer, resume_from.optimizer)
+        scheduler.load_state_dict(resume_from.scheduler)
+        if len(resume_from.generators["noise"]) != processes:
+            raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
+                           f"resume with the same number (this run has {processes})")
+        noise_generator.set_state(resume_from.generators["noise"][rank])
+        torch.set_rng_state(resume_from.torch_rng[rank])
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
+        # Only an altered state gets here: the fingerprint matched the options.
+        raise MduError(f"{state_dir}: the saved state does not fit this model ({type(err).__name__}); run "
+                       "without --resume and with --overwrite to start over") from None
+
+
+def _restore_sharded(resume_from: TrainingState, model, optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    # Every rank read the whole state; each keeps its own shards of it.
+    set_model_state_dict(model, resume_from.trainable, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, resume_from.optimizer, options=StateDictOptions(full_state_dict=True))
+
+
+def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: UnlearnConfig, step: int) -> tuple[float, float]:
+    """Clip and step (or, in backward, read the norm of the step already
+    taken), then move the schedule on. Returns (learning rate used, gradient norm)."""
+    lr = float(scheduler.get_last_lr()[0])  # torchao keeps it as a tensor
+    if stepper is not None:
+        grad_norm = stepper.grad_norm()  # the step has been taken, parameter by parameter
+        if not math.isfinite(grad_norm):
+            raise MduError(f"the gradient is not finite at step {step} and was applied; nothing was "
+                           "written. Lower --lr, or train in --dtype fp32")
+    else:
+        # --max-grad-norm 0: the norm is measured (and logged), nothing is clipped.
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):
+            raise MduError(f"the gradient is not finite at step {step}; nothing was written. "
+                           "Lower --lr, or train in --dtype fp32")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return lr, grad_norm
+
+
 def train(
     model,
     anchor,
@@ -182,7 +413,13 @@ def train(
     optimizer_name: Optional[str] = None,
 ) -> TrainResult:
     """Unlearn `forget` from `model` (trainable) with the configured method,
-    against `anchor` (the frozen starting model; None for methods without one)."""
+    against `anchor` (the frozen starting model; None for methods without one).
+
+    In order: the plan of steps and the random streams; the optimizer and the
+    schedule; the restored state (with --resume); accelerate's wrap; then per
+    step, every micro-batch's losses and backward (`_Losses.backward`), the
+    update (`_apply_update`), the log entry, and the periodic save or a
+    requested stop."""
     rank, processes = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     # The forget order is shared (each rank takes its own micro-batches of it);
@@ -194,72 +431,38 @@ def train(
     use_retain = bool(retain) and cfg.alpha > 0
     joint = use_retain and cfg.batch_accounting == "joint"
     n_forget = len(forget)
-
-    method = make_method(cfg)
     plan = plan_steps(n_forget, cfg, order_generator, processes, n_retain=len(retain))
     # Separate accounting draws retain rows from their own endless stream; joint
     # accounting finds them in the plan, beside the forget rows.
     retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain and not joint else None
 
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    weight_dtype = trainable_params[0].dtype
-    in_backward = cfg.optimizer_in_backward
-    optimizer, optimizer_choice = optimizers.build(
-        optimizer_name or optimizers.resolve(cfg.optimizer, weight_dtype, in_backward),
-        trainable_params, cfg.lr, cfg.weight_decay, weight_dtype, in_backward)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_schedule(math.ceil(cfg.warmup_ratio * len(plan)), len(plan)))
+    optimizer, optimizer_choice, scheduler = _build_optimizer(model, cfg, len(plan), optimizer_name)
     result = TrainResult(steps=len(plan), optimizer=optimizer_choice.record())
     done = 0
     # Under FSDP each rank holds shards of the weights and of the optimizer:
     # the saved state goes through torch's full state dicts instead.
     sharded = accelerator.distributed_type.name == "FSDP"
     if resume_from is not None:
-        if resume_from.sharded != sharded:
-            raise MduError("the saved state comes from a run " + ("under" if resume_from.sharded else "without")
-                           + " FSDP; resume it with the same kind of launch")
-        # Everything that decides the next step: weights, optimizer, schedule,
-        # the noise generator and the retain stream (replayed: it is indices only).
-        try:
-            if not sharded:
-                trainable = dict(model.named_parameters())
-                with torch.no_grad():
-                    for name, tensor in resume_from.trainable.items():
-                        trainable[name].copy_(tensor)
-                optimizers.load_state_dict(optimizer, resume_from.optimizer)
-            scheduler.load_state_dict(resume_from.scheduler)
-            if len(resume_from.generators["noise"]) != processes:
-                raise MduError(f"the saved state comes from {len(resume_from.generators['noise'])} process(es); "
-                               f"resume with the same number (this run has {processes})")
-            noise_generator.set_state(resume_from.generators["noise"][rank])
-            torch.set_rng_state(resume_from.torch_rng[rank])
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as err:
-            # Only an altered state gets here: the fingerprint matched the options.
-            raise MduError(f"{state_dir}: the saved state does not fit this model ({type(err).__name__}); run "
-                           "without --resume and with --overwrite to start over") from None
+        _restore(resume_from, model, optimizer, scheduler, noise_generator, sharded, rank, processes, state_dir)
         done = resume_from.step
         result.history = list(resume_from.history)
-        if retain_batches is not None:
+        if retain_batches is not None:  # replayed: the stream is indices only
             for _ in range(sum(len(step[rank::processes]) for step in plan[:done])):
                 next(retain_batches)
     # The scheduler stays outside prepare(): accelerate would step it once per
     # process, while the plan already counts global steps.
     raw_optimizer = optimizer
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None and sharded:
+        _restore_sharded(resume_from, model, optimizer)
     # Stepping inside backward: each parameter's hook applies the optimizer
     # and frees its gradient; the loop then only steps the schedule.
-    stepper = optimizers.StepInBackward(model, raw_optimizer) if in_backward else None
-    if resume_from is not None and sharded:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
-
-        # Every rank read the whole state; each keeps its own shards of it.
-        set_model_state_dict(model, resume_from.trainable, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(model, optimizer, resume_from.optimizer,
-                                 options=StateDictOptions(full_state_dict=True))
+    stepper = optimizers.StepInBackward(model, raw_optimizer) if cfg.optimizer_in_backward else None
     model.train()
     if anchor is not None:
         anchor.eval()
+    losses = _Losses(model, anchor, forget, retain, cfg, family, mask_token_id, pad_id, device, noise_generator,
+                     retain_batches)
 
     # Random states as of the last completed step: an interrupt mid-step must
     # not save the draws of the step it abandoned.
@@ -291,77 +494,11 @@ def train(
             torch_rng=[s["torch"] for s in states], sharded=sharded,
         ), state_key)
 
-    def _noised(examples: Sequence[Example], rows: list[int]):
-        return noise_response(collate([examples[i] for i in rows], pad_id).to(device), mask_token_id,
-                              noise_generator)
-
-    def _anchor_view(forget_batch):
-        """What the method's loss reads of the anchor (None for methods without one)."""
-        if not method.needs_anchor:
-            return None
-        with torch.no_grad():
-            anchor_logits = model_logits(anchor, method.anchor_input(forget_batch, mask_token_id),
-                                         forget_batch.attention_mask, family)
-            # Keep only what the loss reads: the full-vocabulary logits
-            # would otherwise live through the next forward and backward
-            # (0.5 GB for LLaDA at 4 x 256 tokens).
-            return method.anchor_view(anchor_logits, forget_batch, family)
-
-    def _retain_from_logits(logits: torch.Tensor, retain_batch) -> torch.Tensor:
-        return mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
-                         retain_batch.mask_prob, family.retain_weighting, retain_batch.attention_mask)
-
-    def _forget_loss(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss of forget rows, with its graph: for MDU, pull the
-        conditional prediction toward the anchor's prompt-masked prediction at
-        every masked response position; the baselines (and fine-tuning) plug in
-        their own anchor input and loss. Returns the loss and the masked count."""
-        forget_batch = _noised(forget, rows)
-        anchor_view = _anchor_view(forget_batch)
-        conditional_logits = model_logits(model, forget_batch.input_ids, forget_batch.attention_mask, family)
-        forget_loss = method.loss(conditional_logits, anchor_view, forget_batch, family)
-        del anchor_view, conditional_logits
-        return forget_loss, forget_batch.masked.sum()
-
-    def _retain_loss(rows: list[int]) -> torch.Tensor:
-        """The MDLM loss of retain rows, with its graph, so that utility stays."""
-        retain_batch = _noised(retain, rows)
-        logits = model_logits(model, retain_batch.input_ids, retain_batch.attention_mask, family)
-        retain_loss = _retain_from_logits(logits, retain_batch)
-        del logits
-        return retain_loss
-
-    def _losses_in_one_forward(rows: list[int], drawn: list[int]):
-        """Forget and retain losses from one forward over both kinds of row,
-        for --optimizer-in-backward. With a forward each, every parameter
-        would be reached twice in the one backward, and autograd holds the
-        first contribution for every parameter until the second arrives: a
-        whole gradient's memory again (16 GB on LLaDA-8B, measured). Masks are
-        drawn forget first, then retain, as the two-forward path draws them.
-        Returns (forget loss or None, masked count, retain loss or None)."""
-        forget_batch = _noised(forget, rows) if rows else None
-        retain_batch = _noised(retain, drawn) if drawn else None
-        anchor_view = _anchor_view(forget_batch) if rows else None
-        if forget_batch is not None and retain_batch is not None:
-            both = stack_rows(forget_batch, retain_batch, pad_id)
-        else:
-            both = forget_batch if forget_batch is not None else retain_batch
-        logits = model_logits(model, both.input_ids, both.attention_mask, family)
-        forget_loss = retain_loss = None
-        masked = torch.zeros((), device=device, dtype=torch.long)
-        if forget_batch is not None:
-            forget_loss = method.loss(logits[:len(rows), :forget_batch.input_ids.shape[1]], anchor_view,
-                                      forget_batch, family)
-            masked = forget_batch.masked.sum()
-        if retain_batch is not None:
-            retain_loss = _retain_from_logits(logits[len(rows):, :retain_batch.input_ids.shape[1]], retain_batch)
-        return forget_loss, masked, retain_loss
-
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
     if log_file:
         log_file.writelines(json.dumps(entry) + "\n" for entry in result.history)
-    bar = tqdm(total=len(plan), initial=done, desc=f"mdu {'finetune' if cfg.method == 'finetune' else 'unlearn'}", unit="step", disable=not show_progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(plan), initial=done, desc=f"mdu {'finetune' if cfg.method == 'finetune' else 'unlearn'}",
+               unit="step", disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
     stop = StopRequest(announce=accelerator.is_main_process)
     trackers = bool(accelerator.log_with)
@@ -382,91 +519,19 @@ def train(
         for step, micro_batches in enumerate(plan, start=1):
             if step <= done:
                 continue
-            mine = micro_batches[rank::processes]
-            forget_total = torch.zeros((), device=device)
-            retain_total = torch.zeros((), device=device)
-            # How many micro-batches held each kind of row (all of them, unless joint).
-            forget_micro = torch.zeros((), device=device)
-            retain_micro = torch.zeros((), device=device)
-            masked_positions = torch.zeros((), device=device)
-            retain_rows: list[int] = []
-            for micro_rows in mine:
-                rows = [i for i in micro_rows if i < n_forget]
-                drawn = [i - n_forget for i in micro_rows if i >= n_forget]
-                if joint or in_backward:
-                    # One backward per micro-batch, whatever mix of rows it
-                    # holds: every rank must run as many as the others (each
-                    # is a collective under DDP and FSDP), and in backward
-                    # every parameter steps during it, so it must hold the
-                    # whole step's loss.
-                    if in_backward and not joint and use_retain:
-                        drawn = next(retain_batches)
-                    if in_backward:
-                        forget_loss, masked, retain_loss = _losses_in_one_forward(rows, drawn)
-                    else:
-                        forget_loss, masked = _forget_loss(rows) if rows else (None, None)
-                        retain_loss = _retain_loss(drawn) if drawn else None
-                    if in_backward:
-                        # Checked before backward: during it, the weights move.
-                        if forget_loss is not None:
-                            _check_finite(forget_loss.item(), "forget", step)
-                        if retain_loss is not None:
-                            _check_finite(retain_loss.item(), "retain", step)
-                    total = None
-                    if forget_loss is not None:
-                        total = forget_loss
-                        forget_total += forget_loss.detach()
-                        forget_micro += 1
-                        masked_positions += masked
-                    if retain_loss is not None:
-                        total = cfg.alpha * retain_loss if total is None else total + cfg.alpha * retain_loss
-                        retain_rows += drawn
-                        retain_total += retain_loss.detach()
-                        retain_micro += 1
-                    accelerator.backward(total / len(mine))
-                    continue
-                # Separate: a forget micro-batch, then a retain one, each
-                # freed by its own backward before the next forward.
-                forget_loss, masked = _forget_loss(rows)
-                accelerator.backward(forget_loss / len(mine))
-                forget_total += forget_loss.detach()
-                forget_micro += 1
-                masked_positions += masked
-                del forget_loss
-                if use_retain:
-                    drawn = next(retain_batches)
-                    retain_loss = _retain_loss(drawn)
-                    accelerator.backward(cfg.alpha * retain_loss / len(mine))
-                    retain_rows += drawn
-                    retain_total += retain_loss.detach()
-                    retain_micro += 1
-                    del retain_loss
+            sums = losses.backward(micro_batches[rank::processes], accelerator, step)
 
             # Every rank sees the same averaged losses, so a NaN stops all of
             # them together, before the optimizer could apply it.
             # Means over the step's micro-batches of all ranks; with joint
             # accounting a step can hold no forget (or no retain) row at all.
-            sums = accelerator.reduce(torch.stack([forget_total, forget_micro, retain_total, retain_micro]),
-                                      reduction="sum").tolist()
-            forget_mean, forget_seen = sums[0] / max(1.0, sums[1]), sums[1] > 0
-            retain_mean = sums[2] / max(1.0, sums[3])
+            totals = accelerator.reduce(torch.stack([sums.forget_total, sums.forget_micro, sums.retain_total,
+                                                     sums.retain_micro]), reduction="sum").tolist()
+            forget_mean, forget_seen = totals[0] / max(1.0, totals[1]), totals[1] > 0
+            retain_mean = totals[2] / max(1.0, totals[3])
             _check_finite(forget_mean, "forget", step)
             _check_finite(retain_mean, "retain", step)
-            lr = float(scheduler.get_last_lr()[0])  # torchao keeps it as a tensor
-            if stepper is not None:
-                grad_norm = stepper.grad_norm()  # the step has been taken, parameter by parameter
-                if not math.isfinite(grad_norm):
-                    raise MduError(f"the gradient is not finite at step {step} and was applied; nothing was "
-                                   "written. Lower --lr, or train in --dtype fp32")
-            else:
-                # --max-grad-norm 0: the norm is measured (and logged), nothing is clipped.
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf))
-                if not math.isfinite(grad_norm):
-                    raise MduError(f"the gradient is not finite at step {step}; nothing was written. "
-                                   "Lower --lr, or train in --dtype fp32")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            lr, grad_norm = _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg, step)
 
             entry = {
                 "step": step,
@@ -474,10 +539,10 @@ def train(
                 "retain_loss": retain_mean if use_retain else None,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "masked_positions": int(accelerator.reduce(masked_positions, reduction="sum").item()),
+                "masked_positions": int(accelerator.reduce(sums.masked_positions, reduction="sum").item()),
                 "forget_rows": sum(1 for rows in micro_batches for i in rows if i < n_forget),
                 # Indices, never content: which retain rows each process drew.
-                "retain_rows": gather_object([retain_rows]) if processes > 1 else [retain_rows],
+                "retain_rows": gather_object([sums.retain_rows]) if processes > 1 else [sums.retain_rows],
                 "elapsed_s": round(time.perf_counter() - start, 3),
             }
             entry["loss"] = (entry["forget_loss"] or 0.0) + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)

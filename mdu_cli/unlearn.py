@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 
 from mdu_cli import __version__
-from mdu_cli.checkpoint import write_adapter, write_model
-from mdu_cli.checkpointing import enable_gradient_checkpointing
+from mdu_cli.output_writer import write_adapter, write_model
+from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
 from mdu_cli.config import UnlearnConfig
 from mdu_cli.data import load_dataset
 from mdu_cli.delta_report import compare, compare_adapter, is_adapter_dir, top_layers
@@ -93,7 +93,7 @@ def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, 
     """(device, dtype name, weight dtype, accelerate mixed precision).
 
     bf16 keeps the weights themselves in bf16, which is what makes full MDU on
-    an 8B model fit (METHOD.md section 3). fp16 weights do not train stably, so
+    an 8B model fit (docs/method.md section 3). fp16 weights do not train stably, so
     fp16 means fp32 weights under fp16 autocast with loss scaling (CUDA only).
     """
     device = resolve_device(cfg.device)
@@ -343,27 +343,64 @@ def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool
 
 def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], started: float, show_progress: bool,
                      keep_model: bool) -> UnlearnResult:
-    """Load the weights, train, and write the output into `staging` (main
-    process), then publish it."""
-    cfg, source, out, family, trust = run.cfg, run.source, run.out, run.family, run.trust
-    forget, retain, weight_dtype, device = run.forget, run.retain, run.weight_dtype, run.device
-    fetch_weights(source)
+    """The expensive half of a run, in four phases: load the weights (and the
+    anchor), train, gather the trained weights, and on the main process write
+    the output into `staging` and publish it."""
+    cfg, out = run.cfg, run.out
+    fetch_weights(run.source)
     if cfg.lora:
-        check_targets(cfg.lora_targets, open_directory(source.path, source.name).tensors)
+        check_targets(cfg.lora_targets, open_directory(run.source.path, run.source.name).tensors)
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=run.mixed_precision,
+    accelerator = Accelerator(cpu=run.device == "cpu", mixed_precision=run.mixed_precision,
                               log_with=run.trackers or None, project_dir=run.logging_dir)
-    is_main = accelerator.is_main_process
     if run.trackers:
         accelerator.init_trackers(f"mdu-{command_name(cfg)}", config=tracker_config(cfg.to_dict()))
-    if accelerator.num_processes > 1 and not is_main:
+    if accelerator.num_processes > 1 and not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
+    try:
+        model, anchor = _load_for_training(run, accelerator)
+        result: TrainResult = train(
+            model, anchor, run.forget, run.retain, cfg, run.family, run.mask_token_id, pad_token_id(run.tokenizer),
+            accelerator, log_path=staging / "train_log.jsonl" if accelerator.is_main_process else None,
+            show_progress=show_progress and accelerator.is_main_process,
+            state_dir=run.state_dir, state_key=run.state_key,
+            resume_from=resume_from,
+            optimizer_name=run.optimizer,
+            probe=Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
+                        cfg.eval_records, run.tokenizer, run.family, run.mask_token_id, cfg.seed)
+            if cfg.eval_every else None,
+        )
+        model, full_state = _gather_trained(model, run, accelerator)
+        if not accelerator.is_main_process:
+            return UnlearnResult(out_dir=out, record=None)
+        if not keep_model:
+            del anchor  # before writing: the writer may need the memory
+            anchor = None
+        model, record = _write_output(model, full_state, run, result, staging, started, show_progress)
+        check_out_dir(out, cfg.overwrite, base_dir=run.source.path, protected=run.inputs)
+        publish(staging, out)
+        shutil.rmtree(run.state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
+    finally:
+        # Close the process group before this rank leaves: the other ranks
+        # return while the main process is still writing, and an interpreter
+        # that exits with gloo's threads alive can abort ("terminate called
+        # without an active exception", 1 launch in 25 here).
+        accelerator.end_training()
+    return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None, anchor=anchor)
+
+
+def _load_for_training(run: PreparedRun, accelerator):
+    """The trainable model on its device, and the anchor the method reads:
+    a frozen copy (on the device, in host memory with --anchor-offload, or
+    sharded under FSDP), the model itself with the adapter off (LoRA), or
+    None (methods without one)."""
+    cfg, source, trust, weight_dtype = run.cfg, run.source, run.trust, run.weight_dtype
     needs_anchor = make_method(cfg).needs_anchor
     sharded = accelerator.distributed_type.name == "FSDP"
     if sharded and cfg.anchor_offload:  # before any weight loads
         raise ConfigError("--anchor-offload does not combine with FSDP, which already shards the anchor")
-    if device == "cuda":
+    if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model = load_model(source, trust, weight_dtype)
     if not sharded:
@@ -389,96 +426,94 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
     if cfg.method == "finetune":
-        log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(forget), family.name,
-                 run.mask_token_id, device, run.dtype_name)
+        log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(run.forget),
+                 run.family.name, run.mask_token_id, run.device, run.dtype_name)
     else:
-        log.info("Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s", len(forget), len(retain),
-                 source.name, family.name, run.mask_token_id, device, run.dtype_name)
+        log.info("Unlearning %d records (%d retain) from %s [%s, mask id %d] on %s in %s", len(run.forget),
+                 len(run.retain), source.name, run.family.name, run.mask_token_id, run.device, run.dtype_name)
+    return model, anchor
 
-    try:
-        result: TrainResult = train(
-            model, anchor, forget, retain, cfg, family, run.mask_token_id, pad_token_id(run.tokenizer),
-            accelerator, log_path=staging / "train_log.jsonl" if is_main else None,
-            show_progress=show_progress and is_main,
-            state_dir=run.state_dir, state_key=run.state_key,
-            resume_from=resume_from,
-            optimizer_name=run.optimizer,
-            probe=Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
-                        cfg.eval_records, run.tokenizer, family, run.mask_token_id, cfg.seed)
-            if cfg.eval_every else None,
-        )
-        accelerator.wait_for_everyone()
-        # Under FSDP each rank holds a shard: gathering the full weights takes
-        # every rank, so it happens before the non-main ranks leave.
-        full_state = accelerator.get_state_dict(model) if sharded else None
-        if not is_main:
-            return UnlearnResult(out_dir=out, record=None)
-        if not keep_model:
-            del anchor  # before writing: the writer may need the memory
-            anchor = None
-        model = accelerator.unwrap_model(model)
-        if sharded and cfg.lora:
-            # peft merges and saves tensor by tensor, which sharded weights
-            # cannot do on one rank: rebuild the adapted model unsharded on the
-            # host from the gathered weights.
-            model = apply_lora(load_model(source, trust, weight_dtype), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                               cfg.lora_targets)
-            model.load_state_dict(full_state)
-            full_state = None
-        model.eval()
-        if cfg.save_adapter:
-            write_adapter(model, source, staging)
-        else:
-            if cfg.lora:
-                model = model.merge_and_unload()  # full weights, loadable exactly like the base
-            write_model(model, source.path, staging, cfg.shard_size_bytes, state_dict=full_state)
-        delta = write_delta_report(source, staging, out, show_progress)
-        changed = sum(1 for tensor in delta["tensors"] if tensor["frac_changed"] > 0)
-        if changed == 0:
-            # An unchanged model written as "unlearned" would be worse than no
-            # output: someone could publish it believing the data forgotten.
-            raise MduError(f"no weight changed in {result.steps} steps (the updates rounded away, or every gradient "
-                           "was zero); nothing was written. Raise --lr or --max-steps, or train in --dtype fp32")
-        record = {
-            "tool": "mdu",
-            "version": __version__,
-            "command": command_name(cfg),
-            "method": cfg.method,
-            "config": cfg.to_dict(),
-            "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
-                           "license": read_license(source.path)},
-            "family": family.name,
-            "mask_token_id": run.mask_token_id,
-            "data": {"forget": run.forget_data.summary(),
-                     "retain": run.retain_data.summary() if run.retain_data else None},
-            "truncated_responses": {"forget": sum(e.truncated for e in forget),
-                                    "retain": sum(e.truncated for e in retain)},
-            "seed": cfg.seed,
-            "optimizer": result.optimizer,
-            "device": device,
-            "dtype": run.dtype_name,
-            "steps": result.steps,
-            "wall_time_s": round(time.perf_counter() - started, 3),
-            "peak_memory_bytes": _peak_memory_bytes(device),
-            "losses": {"forget": result.first_last("forget_loss"), "retain": result.first_last("retain_loss")},
-            "delta": {"rel_l2": delta["total"]["rel_l2"], "tensors_changed": changed,
-                      "tensors_compared": len(delta["tensors"]),
-                      "top_layers": [{"layer": x["layer"], "rel_l2": x["rel_l2"]} for x in top_layers(delta)]},
-            "environment": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": __import__("transformers").__version__,
-            },
-        }
-        (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        (staging / CARD_NAME).write_text(render_card(staging, title=out.name), encoding="utf-8")
-        check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=run.inputs)
-        publish(staging, out)
-        shutil.rmtree(run.state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
-    finally:
-        # Close the process group before this rank leaves: the other ranks
-        # return while the main process is still writing, and an interpreter
-        # that exits with gloo's threads alive can abort ("terminate called
-        # without an active exception", 1 launch in 25 here).
-        accelerator.end_training()
-    return UnlearnResult(out_dir=out, record=record, model=model if keep_model else None, anchor=anchor)
+
+def _gather_trained(model, run: PreparedRun, accelerator):
+    """The trained model as one process can write it, and under FSDP the
+    gathered full weights (None otherwise). Collective: every rank calls it."""
+    cfg = run.cfg
+    sharded = accelerator.distributed_type.name == "FSDP"
+    accelerator.wait_for_everyone()
+    # Under FSDP each rank holds a shard: gathering the full weights takes
+    # every rank, so it happens before the non-main ranks leave.
+    full_state = accelerator.get_state_dict(model) if sharded else None
+    if not accelerator.is_main_process:
+        return None, None
+    model = accelerator.unwrap_model(model)
+    if sharded and cfg.lora:
+        # peft merges and saves tensor by tensor, which sharded weights
+        # cannot do on one rank: rebuild the adapted model unsharded on the
+        # host from the gathered weights.
+        model = apply_lora(load_model(run.source, run.trust, run.weight_dtype), cfg.lora_r, cfg.lora_alpha,
+                           cfg.lora_dropout, cfg.lora_targets)
+        model.load_state_dict(full_state)
+        full_state = None
+    model.eval()
+    return model, full_state
+
+
+def _write_output(model, full_state, run: PreparedRun, result: TrainResult, staging: Path, started: float,
+                  show_progress: bool):
+    """Weights (or the adapter), the delta report, mdu_run.json and the card,
+    into `staging`. Refuses an output in which no weight moved. Returns the
+    model as written (a LoRA model merged) and the record."""
+    cfg, source = run.cfg, run.source
+    if cfg.save_adapter:
+        write_adapter(model, source, staging)
+    else:
+        if cfg.lora:
+            model = model.merge_and_unload()  # full weights, loadable exactly like the base
+        write_model(model, source.path, staging, cfg.shard_size_bytes, state_dict=full_state)
+    delta = write_delta_report(source, staging, run.out, show_progress)
+    changed = sum(1 for tensor in delta["tensors"] if tensor["frac_changed"] > 0)
+    if changed == 0:
+        # An unchanged model written as "unlearned" would be worse than no
+        # output: someone could publish it believing the data forgotten.
+        raise MduError(f"no weight changed in {result.steps} steps (the updates rounded away, or every gradient "
+                       "was zero); nothing was written. Raise --lr or --max-steps, or train in --dtype fp32")
+    record = _run_record(run, result, delta, changed, started)
+    (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (staging / CARD_NAME).write_text(render_card(staging, title=run.out.name), encoding="utf-8")
+    return model, record
+
+
+def _run_record(run: PreparedRun, result: TrainResult, delta: dict, changed: int, started: float) -> dict:
+    """mdu_run.json: what produced the output, enough to reproduce it."""
+    cfg, source = run.cfg, run.source
+    return {
+        "tool": "mdu",
+        "version": __version__,
+        "command": command_name(cfg),
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
+                       "license": read_license(source.path)},
+        "family": run.family.name,
+        "mask_token_id": run.mask_token_id,
+        "data": {"forget": run.forget_data.summary(),
+                 "retain": run.retain_data.summary() if run.retain_data else None},
+        "truncated_responses": {"forget": sum(e.truncated for e in run.forget),
+                                "retain": sum(e.truncated for e in run.retain)},
+        "seed": cfg.seed,
+        "optimizer": result.optimizer,
+        "device": run.device,
+        "dtype": run.dtype_name,
+        "steps": result.steps,
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "peak_memory_bytes": _peak_memory_bytes(run.device),
+        "losses": {"forget": result.first_last("forget_loss"), "retain": result.first_last("retain_loss")},
+        "delta": {"rel_l2": delta["total"]["rel_l2"], "tensors_changed": changed,
+                  "tensors_compared": len(delta["tensors"]),
+                  "top_layers": [{"layer": x["layer"], "rel_l2": x["rel_l2"]} for x in top_layers(delta)]},
+        "environment": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+    }

@@ -27,9 +27,9 @@ def _probabilities(report: dict, key: str) -> tuple[float, float]:
 
 
 def test_mdu_forgets_the_demo_authors_and_keeps_the_others(tmp_path):
-    """The README's promise, through the CLI: forget-set probability falls below
+    """The documented promise (docs/unlearn.md), through the CLI: forget-set probability falls below
     half of the base's while the retain set keeps at least 80% of its own.
-    Measured at seed 42 with this budget (README's table): forget 0.17 of a
+    Measured at seed 42 with this budget (the table in docs/unlearn.md): forget 0.17 of a
     0.995 base, retain 0.91 of a 0.994 base."""
     out = tmp_path / "demo-mdu"
     result = CliRunner().invoke(cli, ["unlearn", "--config", str(EXAMPLES / "demo" / "run.yaml"), "--out", str(out),

@@ -1,7 +1,7 @@
 """The losses against independent float64 computations.
 
 The reference values are computed position by position with numpy in float64
-from the definitions in METHOD.md, not with the functions under test.
+from the definitions in docs/method.md, not with the functions under test.
 """
 
 import math

@@ -190,7 +190,7 @@ def test_no_full_set_of_gradients_exists_in_backward(llada_dir):
     parameter's gradient arrives, no other parameter holds one, and after
     backward none does; every parameter stepped exactly once per backward,
     gradient checkpointing (recomputation inside backward) included."""
-    from mdu_cli.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
     from mdu_cli.loading import load_model, resolve_source
 
     model = load_model(resolve_source(str(llada_dir)), True, torch.bfloat16)

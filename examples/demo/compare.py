@@ -1,5 +1,5 @@
 """Compare MDU (tau 0, 1, 2) with the GA and NPO baselines on the demo, at one
-training budget, and print the README's table.
+training budget, and print the table of docs/unlearn.md.
 
     python examples/demo/compare.py
 

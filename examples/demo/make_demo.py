@@ -5,7 +5,7 @@ diffusion LM trained on it from scratch, on the CPU, in a few minutes.
 
 Every person, place and book here is made up (TOFU in miniature). The model is
 a native transformers ModernBERT masked-LM trained with the MDLM fine-tuning
-loss of METHOD.md section 1, using mdu's own masking and loss code, so the
+loss of docs/method.md section 1, using mdu's own masking and loss code, so the
 committed checkpoint is exactly the kind of model `mdu unlearn` works on.
 Everything is seeded: the same machine gives the same files.
 """

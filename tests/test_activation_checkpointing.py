@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from mdu_cli.checkpointing import enable_gradient_checkpointing, transformer_blocks
+from mdu_cli.activation_checkpointing import enable_gradient_checkpointing, transformer_blocks
 from mdu_cli.config import build_config
 from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
