@@ -394,6 +394,35 @@ def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: Unlear
     return lr, grad_norm
 
 
+def _save(step: int, random_states: dict, model, optimizer, scheduler, accelerator, sharded: bool,
+          state_dir: Optional[Path], state_key: str, history: list[dict]) -> None:
+    """The resumable state after `step`. Collective: every rank hands its
+    random states to the main process, which alone writes (the weights and
+    optimizer are the same on all; under FSDP their shards are gathered)."""
+    states = [random_states]
+    if accelerator.num_processes > 1:
+        states = gather_object([random_states])
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+
+        # Collective: the shards are gathered to the main process (on the
+        # host); frozen weights are left out, so a LoRA state stays small.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        trainable = {name: t.contiguous() for name, t in get_model_state_dict(model, options=options).items()}
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if state_dir is None or not accelerator.is_main_process:
+        return
+    if not sharded:
+        trainable = trainable_state(accelerator.unwrap_model(model))
+        optimizer_state = optimizers.state_dict(optimizer)
+    save_state(state_dir, TrainingState(
+        step=step, history=history, trainable=trainable, optimizer=optimizer_state,
+        scheduler=scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
+        torch_rng=[s["torch"] for s in states], sharded=sharded,
+    ), state_key)
+
+
 def train(
     model,
     anchor,
@@ -469,30 +498,8 @@ def train(
     random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
 
     def save(step: int) -> None:
-        """Collective: every rank hands its random states to the main process,
-        which alone writes (the weights and optimizer are the same on all)."""
-        states = [random_states]
-        if processes > 1:
-            states = gather_object([random_states])
-        if sharded:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
-
-            # Collective: the shards are gathered to the main process (on the
-            # host); frozen weights are left out, so a LoRA state stays small.
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-            trainable = {name: t.contiguous() for name, t in get_model_state_dict(model, options=options).items()}
-            optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-        if state_dir is None or not accelerator.is_main_process:
-            return
-        if not sharded:
-            trainable = trainable_state(accelerator.unwrap_model(model))
-            optimizer_state = optimizers.state_dict(optimizer)
-        save_state(state_dir, TrainingState(
-            step=step, history=result.history, trainable=trainable, optimizer=optimizer_state,
-            scheduler=scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
-            torch_rng=[s["torch"] for s in states], sharded=sharded,
-        ), state_key)
+        _save(step, random_states, model, optimizer, scheduler, accelerator, sharded, state_dir, state_key,
+              result.history)
 
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
     if log_file:
@@ -544,8 +551,8 @@ def train(
                 # Indices, never content: which retain rows each process drew.
                 "retain_rows": gather_object([sums.retain_rows]) if processes > 1 else [sums.retain_rows],
                 "elapsed_s": round(time.perf_counter() - start, 3),
+                "loss": (forget_mean if forget_seen else 0.0) + (cfg.alpha * retain_mean if use_retain else 0.0),
             }
-            entry["loss"] = (entry["forget_loss"] or 0.0) + (cfg.alpha * entry["retain_loss"] if use_retain else 0.0)
             if probe is not None and (step % cfg.eval_every == 0 or step == len(plan)):
                 entry["eval"] = probe(model, device)
             record(entry)
