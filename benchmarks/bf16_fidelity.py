@@ -50,14 +50,12 @@ def _scaled_start(model) -> dict[str, torch.Tensor]:
 
 
 def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, args) -> dict:
-    from mdu_cli.families import FAMILIES, model_logits
+    from mdu_cli.families import FAMILIES
     from mdu_cli.loading import load_model, resolve_source
-    from mdu_cli.masking import anchor_input_ids, noise_response
-    from mdu_cli.objectives import mdu_forget_loss
     from mdu_cli.optimizers import build, state_bytes
     from mdu_cli.train import lr_schedule
     from mdu_cli.unlearn import frozen_copy
-    from step_cost import make_batches
+    from step_cost import make_batches, mdu_loss
 
     source = resolve_source(str(model_dir))
     model = load_model(source, True, torch.float32)
@@ -75,13 +73,7 @@ def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, 
     noise = torch.Generator().manual_seed(1)
     model.train()
     for _ in range(args.steps):
-        noised = noise_response(forget, mask_id, noise)
-        with torch.no_grad():
-            anchor_view = model_logits(anchor, anchor_input_ids(noised, mask_id), noised.attention_mask,
-                                       family)[noised.masked]
-        logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
-        loss = mdu_forget_loss(logits, anchor_view, noised.masked, tau=1.0)
-        loss.backward()
+        mdu_loss(model, anchor, forget, mask_id, family, noise).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

@@ -42,7 +42,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
     from mdu_cli.families import model_logits
     from mdu_cli.unlearn import frozen_copy
-    from step_cost import _proc_status_mb, make_batches
+    from step_cost import _proc_status_mb, make_batches, mdlm_batch_loss, mdu_loss
 
     torch.manual_seed(0)
     baseline = _proc_status_mb("VmRSS")
@@ -74,11 +74,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     noise = torch.Generator().manual_seed(1)
 
     def mdlm(batch):
-        noised = noise_response(batch, mask_id, noise)
-        logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
-        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
-        del logits
-        return loss
+        return mdlm_batch_loss(model, batch, mask_id, family, noise)
 
     def mdu_in_backward():
         """The step --optimizer-in-backward takes: forget and retain rows in
@@ -104,14 +100,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
         if mode == "lora_finetune":
             mdlm(forget).backward()
         else:
-            noised = noise_response(forget, mask_id, noise)
-            with torch.no_grad():
-                anchor_view = model_logits(anchor, anchor_input_ids(noised, mask_id), noised.attention_mask,
-                                           family)[noised.masked]
-            logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
-            loss = mdu_forget_loss(logits, anchor_view, noised.masked, tau=1.0)
-            del logits, anchor_view
-            loss.backward()
+            mdu_loss(model, anchor, forget, mask_id, family, noise).backward()
         mdlm(retain).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

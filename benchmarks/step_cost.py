@@ -76,6 +76,33 @@ def add_shape_arguments(parser, layers: int, d_model: int, vocab: int, batch: in
     parser.add_argument("--prompt", type=int, default=prompt)
 
 
+def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator) -> torch.Tensor:
+    """The MDU forget loss (tau 1) of one batch, with its graph, as the
+    training loop computes it: only the masked positions of the anchor's
+    no-grad logits are kept."""
+    from mdu_cli.families import model_logits
+    from mdu_cli.masking import anchor_input_ids, noise_response
+    from mdu_cli.objectives import mdu_forget_loss
+
+    noised = noise_response(batch, mask_id, noise)
+    with torch.no_grad():
+        anchor_view = model_logits(anchor, anchor_input_ids(noised, mask_id), noised.attention_mask,
+                                   family)[noised.masked]
+    logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
+    return mdu_forget_loss(logits, anchor_view, noised.masked, tau=1.0)
+
+
+def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) -> torch.Tensor:
+    """The MDLM (retain / fine-tuning) loss of one batch, with its graph."""
+    from mdu_cli.families import model_logits
+    from mdu_cli.masking import noise_response
+    from mdu_cli.objectives import mdlm_loss
+
+    noised = noise_response(batch, mask_id, noise)
+    logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
+    return mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
+
+
 def make_batches(vocab: int, batch: int, seq: int, prompt: int):
     from mdu_cli.tokenization import Example, collate
 
@@ -110,29 +137,10 @@ class Stepper:
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def _mdlm(self, batch):
-        from mdu_cli.masking import noise_response
-        from mdu_cli.objectives import mdlm_loss
-        from mdu_cli.families import model_logits
-
-        noised = noise_response(batch, self.mask_id, self.noise)
-        logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
-        loss = mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
-        del logits
-        loss.backward()
+        mdlm_batch_loss(self.model, batch, self.mask_id, self.family, self.noise).backward()
 
     def mdu_step(self):
-        from mdu_cli.masking import anchor_input_ids, noise_response
-        from mdu_cli.objectives import mdu_forget_loss
-        from mdu_cli.families import model_logits
-
-        noised = noise_response(self.forget, self.mask_id, self.noise)
-        with torch.no_grad():  # as the training loop does: keep the masked positions only
-            anchor_logits = model_logits(self.anchor, anchor_input_ids(noised, self.mask_id),
-                                         noised.attention_mask, self.family)[noised.masked]
-        logits = model_logits(self.model, noised.input_ids, noised.attention_mask, self.family)
-        loss = mdu_forget_loss(logits, anchor_logits, noised.masked, tau=1.0)
-        del logits, anchor_logits
-        loss.backward()
+        mdu_loss(self.model, self.anchor, self.forget, self.mask_id, self.family, self.noise).backward()
         self._mdlm(self.retain)
         self._finish()
 
