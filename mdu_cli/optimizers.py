@@ -66,11 +66,8 @@ def resolve(requested: str, weight_dtype: torch.dtype, in_backward: bool = False
     time; on fp32 weights it has nothing to compensate and is plain AdamW."""
     if requested not in OPTIMIZERS:
         raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)} (got {requested!r})")
-    if in_backward:
-        if requested not in ("auto", IN_BACKWARD):
-            raise ConfigError(f"--optimizer-in-backward steps with {IN_BACKWARD} (torch-optimi); "
-                              f"drop --optimizer {requested} or --optimizer-in-backward")
-        return IN_BACKWARD
+    if requested == "auto" and in_backward:
+        return IN_BACKWARD  # any other choice with in_backward is refused by the config, and by build()
     if requested == "auto":
         return DEFAULT_BF16 if weight_dtype == torch.bfloat16 else "adamw"
     return requested
@@ -158,7 +155,9 @@ class StepInBackward:
         optimi.prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=True)
 
     def _measure(self, param: torch.Tensor) -> None:
-        square = param.grad.detach().float().pow(2).sum()
+        # The norm in the gradient's dtype, as clip_grad_norm_ takes it: an
+        # fp32 copy of LLaDA's embedding gradient would add 2 GB at its step.
+        square = torch.linalg.vector_norm(param.grad.detach()).float().pow(2)
         self._squares = square if self._squares is None else self._squares + square
 
     def grad_norm(self) -> float:

@@ -18,6 +18,10 @@ def test_auto_takes_adamw_for_fp32_and_the_kahan_adamw_for_bf16():
     assert optimizers.resolve("auto", torch.float32) == "adamw"
     assert optimizers.resolve("auto", torch.bfloat16) == "adamw-kahan" == optimizers.DEFAULT_BF16
     assert optimizers.resolve("adamw", torch.bfloat16) == "adamw"
+    # Stepping inside backward takes torch-optimi's AdamW whatever the dtype; nothing else can.
+    assert optimizers.resolve("auto", torch.float32, in_backward=True) == "adamw-kahan" == optimizers.IN_BACKWARD
+    with pytest.raises(ConfigError, match="--optimizer-in-backward needs --optimizer adamw-kahan"):
+        optimizers.build("adamw", [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0, torch.float32, in_backward=True)
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw-kahan"])
