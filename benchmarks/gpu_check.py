@@ -74,18 +74,16 @@ def build(directory: Path, shape: dict, device: str):
 
 
 def host_copy(model, config, device: str):
-    """The anchor in host memory, as --anchor-offload keeps it: built empty,
-    filled tensor by tensor from the model, offloaded with accelerate."""
-    from accelerate import cpu_offload
+    """The anchor in host memory, as --anchor-offload keeps it (mdu's own
+    offload_copy); the empty shell stands in for the second load from disk,
+    since nothing is on disk here (the fixture has no buffers to fill)."""
     from transformers import AutoModel
 
+    from mdu_cli.unlearn import offload_copy
+
     with torch.device("meta"):
-        anchor = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
-    anchor = anchor.to_empty(device="cpu")
-    with torch.no_grad():
-        anchor.load_state_dict({name: t.detach().to("cpu") for name, t in model.state_dict().items()})
-    anchor.requires_grad_(False).eval()
-    return cpu_offload(anchor, execution_device=torch.device(device))
+        shell = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
+    return offload_copy(shell.to_empty(device="cpu"), model, device)
 
 
 def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):

@@ -25,6 +25,7 @@ from mdu_cli.data import Dataset, Record, load_dataset
 from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.inference import LoadedModel, prepare_inference
 from mdu_cli.output_location import check_report_file
+from mdu_cli.report_format import text_table
 from mdu_cli.generation_settings import DEFAULT_GENERATION, generation_kwargs, resolve_generation
 from mdu_cli.sampling import generate
 from mdu_cli.families import model_logits
@@ -257,8 +258,7 @@ def format_eval(report: dict) -> str:
             else:
                 row.append(f"{values[metric]:.4f}")
             rows.append(row)
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows)
+    return text_table(header, rows)
 
 
 def format_tofu(report: dict) -> str:
@@ -272,6 +272,4 @@ def format_tofu(report: dict) -> str:
     metrics = ("probability", "probability_normalised", "rouge_l", "truth_ratio_closer_to_1", "truth_score")
     rows = [[split] + [number(values.get(m)) for m in metrics] for split, values in report["splits"].items()]
     header = ["split", "prob.", "prob. normalised", "ROUGE-L", "TR closer to 1", "TR score (1-R)+"]
-    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows)]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header] + rows]
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + text_table(header, rows)

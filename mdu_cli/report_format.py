@@ -28,7 +28,8 @@ def _rows(entries: list[dict], key: str) -> list[list[str]]:
     return [[str(entry[key])] + [_cell(c, entry[c]) for c in STAT_COLUMNS] for entry in entries]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns two spaces apart, no trailing blanks."""
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
@@ -51,13 +52,13 @@ def format_table(report: dict, top: int = 10) -> str:
     header = [HEADERS[c] for c in STAT_COLUMNS]
     parts = ["\n".join(_summary_lines(report))]
     if report["layers"]:
-        parts.append("per layer\n" + _table(["layer"] + header, _rows(report["layers"], "layer")))
+        parts.append("per layer\n" + text_table(["layer"] + header, _rows(report["layers"], "layer")))
     if report["modules"]:
-        parts.append("per module kind\n" + _table(["module"] + header, _rows(report["modules"], "module")))
+        parts.append("per module kind\n" + text_table(["module"] + header, _rows(report["modules"], "module")))
     by_name = {t["name"]: t for t in report["tensors"]}
     ranked = [by_name[t["name"]] for t in report["top"][:top]]
     if ranked:
-        parts.append(f"top {len(ranked)} tensors by rel_l2\n" + _table(["tensor"] + header, _rows(ranked, "name")))
+        parts.append(f"top {len(ranked)} tensors by rel_l2\n" + text_table(["tensor"] + header, _rows(ranked, "name")))
     for key, title in (("only_in_base", "only in base"), ("only_in_other", "only in other")):
         if report[key]:
             parts.append(f"{title}: " + ", ".join(e["name"] for e in report[key]))

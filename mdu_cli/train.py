@@ -176,7 +176,10 @@ class _Losses:
                  pad_id: int, device, noise_generator: torch.Generator, retain_batches):
         self.model, self.anchor, self.forget, self.retain = model, anchor, forget, retain
         self.cfg, self.family, self.mask_token_id, self.pad_id = cfg, family, mask_token_id, pad_id
+        # retain_batches: the endless stream of separate accounting, None
+        # when retain rows come in the plan (joint) or not at all.
         self.device, self.noise_generator, self.retain_batches = device, noise_generator, retain_batches
+        self.joint = bool(retain) and cfg.alpha > 0 and cfg.batch_accounting == "joint"
         self.method = make_method(cfg)
 
     def _noised(self, examples: Sequence[Example], rows: list[int]):
@@ -252,21 +255,19 @@ class _Losses:
         the sums the log reports."""
         cfg, n_forget = self.cfg, len(self.forget)
         in_backward = cfg.optimizer_in_backward
-        joint = bool(self.retain) and cfg.alpha > 0 and cfg.batch_accounting == "joint"
-        use_retain = bool(self.retain) and cfg.alpha > 0
         sums = _StepSums.zeros(self.device)
         for micro_rows in micro_batches:
             rows = [i for i in micro_rows if i < n_forget]
             drawn = [i - n_forget for i in micro_rows if i >= n_forget]
-            if joint or in_backward:
+            if self.joint or in_backward:
                 # One backward per micro-batch, whatever mix of rows it
                 # holds: every rank must run as many as the others (each
                 # is a collective under DDP and FSDP), and in backward
                 # every parameter steps during it, so it must hold the
                 # whole step's loss.
-                if in_backward and not joint and use_retain:
-                    drawn = next(self.retain_batches)
                 if in_backward:
+                    if self.retain_batches is not None:
+                        drawn = next(self.retain_batches)
                     forget_loss, masked, retain_loss = self.in_one_forward(rows, drawn)
                     # Checked before backward: during it, the weights move.
                     if forget_loss is not None:
@@ -291,7 +292,7 @@ class _Losses:
             accelerator.backward(forget_loss / len(micro_batches))
             sums.add_forget(forget_loss, masked)
             del forget_loss
-            if use_retain:
+            if self.retain_batches is not None:
                 drawn = next(self.retain_batches)
                 retain_loss = self.retain_loss(drawn)
                 accelerator.backward(cfg.alpha * retain_loss / len(micro_batches))

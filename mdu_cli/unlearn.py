@@ -126,13 +126,19 @@ def host_anchor(model, source, trust: bool, weight_dtype, device):
     given the starting weights tensor by tensor (so the device never holds a
     second copy, even for a moment), then offloaded with accelerate's
     cpu_offload, which moves each block's weights to `device` for its forward."""
+    return offload_copy(load_model(source, trust, weight_dtype), model, device)
+
+
+def offload_copy(shell, model, device):
+    """`shell` (a host-memory instance of the model's class) given the model's
+    current weights tensor by tensor, frozen, and offloaded with accelerate's
+    cpu_offload, which moves each block to `device` for its forward only."""
     from accelerate import cpu_offload
 
-    anchor = load_model(source, trust, weight_dtype)
     with torch.no_grad():
-        anchor.load_state_dict({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()})
-    anchor.requires_grad_(False).eval()
-    return cpu_offload(anchor, execution_device=torch.device(device))
+        shell.load_state_dict({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()})
+    shell.requires_grad_(False).eval()
+    return cpu_offload(shell, execution_device=torch.device(device))
 
 
 def broadcast_from_main(module, accelerator) -> None:
