@@ -345,6 +345,10 @@ def _options(loader: _BoundedLoader, path: Path, command: str) -> dict[str, Any]
     return options
 
 
+# The options that name a local file or folder: in a YAML file, relative to the file.
+PATH_OPTIONS = ("forget", "retain", "chat_template", "out", "logging_dir")
+
+
 def read_yaml(path: str | Path, command: str = "unlearn") -> dict[str, Any]:
     """Options from a YAML file, keys spelled as flags (`max-steps`) or as
     fields (`max_steps`). Unknown and repeated keys are errors, and so is a
@@ -377,7 +381,7 @@ def read_yaml(path: str | Path, command: str = "unlearn") -> dict[str, Any]:
         loader.dispose()
     # Data and model paths in the file are relative to the file, which is what a
     # user who keeps run.yaml beside the data expects.
-    for name in ("forget", "retain", "chat_template", "out"):
+    for name in PATH_OPTIONS:
         value = options.get(name)
         if isinstance(value, str) and not Path(value).is_absolute() and not is_hub_data(value):
             options[name] = os.path.normpath(path.parent / value)

@@ -369,6 +369,13 @@ def _adapter_modules(adapter_dir: Path) -> tuple[dict[str, dict[str, TensorInfo]
         r, alpha = int(config["r"]), float(config["lora_alpha"])
     except (OSError, ValueError, KeyError, TypeError):
         raise MduError(f"{config_path}: not a LoRA adapter config (needs r and lora_alpha)") from None
+    # Variants whose merged delta is not one scale x B @ A would be reported
+    # wrong without a word: refused instead (peft's merge_and_unload, then
+    # `mdu diff` of the merged model, measures them).
+    unsupported = [key for key in ("use_dora", "rank_pattern", "alpha_pattern") if config.get(key)]
+    if unsupported:
+        raise MduError(f"{config_path}: {', '.join(unsupported)} is set, and mdu diff measures plain LoRA only; "
+                       "merge the adapter (peft merge_and_unload) and diff the merged model")
     scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
     modules: dict[str, dict[str, TensorInfo]] = {}
     for name, info in read_header(adapter_dir / ADAPTER_WEIGHTS).items():

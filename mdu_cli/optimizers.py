@@ -89,9 +89,24 @@ def build(name: str, params, lr: float, weight_decay: float, weight_dtype: torch
     `in_backward` it is built to step inside backward: attach it with
     `StepInBackward`."""
     params = list(params)
-    settings = {"lr": lr, "betas": list(BETAS), "eps": EPS, "weight_decay": weight_decay}
     if in_backward and name != IN_BACKWARD:
         raise ConfigError(f"--optimizer-in-backward needs --optimizer {IN_BACKWARD} (got {name})")
+    optimizer, choice = _build(name, params, lr, weight_decay, weight_dtype, in_backward)
+    # The record reads the hyperparameters back from the optimizer itself, so
+    # it says what ran: a library default that slipped in (optimi's betas are
+    # 0.9/0.99) shows in mdu_run.json instead of hiding behind the constants.
+    # (torch-optimi keeps beta1 and beta2 apart; torchao keeps lr as a tensor,
+    # so the record takes the lr asked for.)
+    group = optimizer.param_groups[0]
+    betas = group["betas"] if "betas" in group else (group["beta1"], group["beta2"])
+    held = {"lr": lr, "betas": [float(b) for b in betas], "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"])}
+    return optimizer, OptimizerChoice(choice.name, choice.library, {**held, **choice.settings})
+
+
+def _build(name: str, params: list, lr: float, weight_decay: float, weight_dtype: torch.dtype,
+           in_backward: bool) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
+    settings: dict = {}
     if name == "adamw":
         return (torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay),
                 OptimizerChoice(name, f"torch {torch.__version__}", settings))

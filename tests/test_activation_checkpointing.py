@@ -11,6 +11,9 @@ from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.unlearn import run_unlearn
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 def _gradients_and_block_calls(directory, family, checkpointed):
     source = resolve_source(str(directory))

@@ -24,6 +24,36 @@ def test_yaml_paths_relative_to_file_and_flags_win(tmp_path):
     assert cfg.tau == 0.5 and isinstance(cfg.tau, float)
 
 
+@pytest.mark.parametrize("command, data_key", [("unlearn", "forget"), ("finetune", "data")])
+def test_every_path_in_a_yaml_file_is_relative_to_the_file(command, data_key, tmp_path, monkeypatch):
+    """Whatever the working directory, each option naming a local file or
+    folder (data, model, chat template, output, tracker logs) is read from
+    the YAML file's folder; absolute paths and hf:// names stay as written."""
+    config_dir = tmp_path / "configs" / "run"
+    (config_dir / "model").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    retain = "" if command == "finetune" else "retain: data/r.jsonl\n"
+    (config_dir / "run.yaml").write_text(
+        f"model: model\n{data_key}: data/f.jsonl\n{retain}chat-template: templates/chat.jinja\n"
+        "out: ../outputs/o\nlogging-dir: logs\nreport-to: tensorboard\n")
+    options = read_yaml(config_dir / "run.yaml", command)
+    fixed = {"method": "finetune"} if command == "finetune" else {}
+    cfg = build_config(options, fixed)
+    assert cfg.model == str(config_dir / "model")
+    assert cfg.forget == str(config_dir / "data" / "f.jsonl")
+    assert cfg.chat_template == str(config_dir / "templates" / "chat.jinja")
+    assert cfg.out == str(tmp_path / "configs" / "outputs" / "o")
+    assert cfg.logging_dir == str(config_dir / "logs")
+    if command == "unlearn":
+        assert cfg.retain == str(config_dir / "data" / "r.jsonl")
+    (config_dir / "abs.yaml").write_text(f"model: model\n{data_key}: hf://datasets/o/n/f.json\n"
+                                         f"out: {tmp_path / 'abs-out'}\n")
+    cfg = build_config(read_yaml(config_dir / "abs.yaml", command), fixed)
+    assert cfg.forget == "hf://datasets/o/n/f.json" and cfg.out == str(tmp_path / "abs-out")
+
+
 def test_hub_id_in_yaml_is_left_alone(tmp_path):
     (tmp_path / "run.yaml").write_text("model: GSAI-ML/LLaDA-8B-Instruct\nforget: f.jsonl\n")
     assert build_config(read_yaml(tmp_path / "run.yaml"), {}).model == "GSAI-ML/LLaDA-8B-Instruct"

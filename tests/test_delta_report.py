@@ -6,6 +6,7 @@ library (not mdu's chunked reader) and numpy in float64.
 
 import json
 import math
+import re
 import struct
 
 import numpy as np
@@ -19,6 +20,9 @@ from mdu_cli.cli import cli
 from mdu_cli.delta_report import CHUNK_ELEMENTS, compare, layer_of, module_of
 from mdu_cli.errors import MduError
 from mdu_cli.safetensors_reader import open_checkpoint
+
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -189,6 +193,53 @@ def test_truncated_and_garbage_files_are_named(tmp_path):
     path.write_bytes(b"\x01\x02")
     with pytest.raises(MduError, match="shorter than the 8-byte header"):
         open_checkpoint(str(directory))
+
+
+def _handmade(header: dict, data: bytes, extra: bytes = b"") -> bytes:
+    """A safetensors file byte by byte: length, JSON header, data, and whatever follows."""
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data + extra
+
+
+_F32 = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+_GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+         "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+
+
+@pytest.mark.parametrize("header, data, problem", [
+    (_GOOD, _F32 + b"\0", "1 bytes after the last tensor's data"),
+    (_GOOD, _F32 + b"\0" * 8, "8 bytes after the last tensor's data"),
+    ({"a": _GOOD["a"], "b": {**_GOOD["b"], "data_offsets": [12, 20]}}, _F32 + b"\0" * 4, "leaves a gap before it"),
+    ({"a": {**_GOOD["a"], "shape": [3], "data_offsets": [0, 12]}, "b": _GOOD["b"]}, _F32, "overlaps"),
+    ({"a": {**_GOOD["a"], "data_offsets": [0, 12]}, "b": _GOOD["b"]}, _F32, "do not match its shape"),
+    ({"a": {**_GOOD["a"], "dtype": "F31"}, "b": _GOOD["b"]}, _F32, "dtype the safetensors format does not define"),
+    ({"a": {**_GOOD["a"], "shape": [-2]}, "b": _GOOD["b"]}, _F32, "not a list of whole numbers >= 0"),
+    ({"a": {**_GOOD["a"], "shape": [2.0]}, "b": _GOOD["b"]}, _F32, "not a list of whole numbers >= 0"),
+    ({"a": {**_GOOD["a"], "data_offsets": [0, True]}, "b": _GOOD["b"]}, _F32, "not two whole numbers"),
+    ({"a": _GOOD["a"], "b": {**_GOOD["b"], "shape": [4], "data_offsets": [8, 24]}}, _F32,
+     "ends past the end of the file"),
+    ({"__metadata__": ["x"], **_GOOD}, _F32, "__metadata__ is not an object"),
+    ({"a": "F32", "b": _GOOD["b"]}, _F32, "is not an object"),
+], ids=["trailing-byte", "trailing-tensor", "gap", "overlap", "span", "dtype", "negative-shape", "float-shape",
+        "bool-offset", "past-the-end", "metadata", "entry"])
+def test_every_header_defect_is_named_and_the_cli_exits_1(tmp_path, header, data, problem):
+    """The safetensors checks, each on a file made by hand: trailing bytes after
+    the last tensor (one byte or a whole tensor's worth), gaps, overlaps, spans
+    that do not match the shape, unknown dtypes, bad shapes and offsets, data
+    past the end; read by the reader and through `mdu diff`, which exits 1 with
+    one line and leaves the file as it was."""
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(_handmade(_GOOD, _F32))
+    assert set(open_checkpoint(str(good)).tensors) == {"a", "b"}, "the hand-made format is the real one"
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(_handmade(header, data))
+    before = bad.read_bytes()
+    with pytest.raises(MduError, match=re.escape(problem)):
+        open_checkpoint(str(bad))
+    result = CliRunner().invoke(cli, ["diff", str(good), str(bad)])
+    assert result.exit_code == 1 and problem in result.stderr and "bad.safetensors" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert bad.read_bytes() == before
 
 
 @pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])

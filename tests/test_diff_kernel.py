@@ -11,6 +11,9 @@ import torch
 from mdu_cli import delta_report
 from mdu_cli.errors import MduError
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 # The extension builds wherever the README's install runs (gcc and the Python
 # headers); a missing build is a failure here, not a skip, because `mdu diff`
 # would silently run several times slower.

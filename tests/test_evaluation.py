@@ -11,6 +11,9 @@ from mdu_cli.families import FAMILIES
 from mdu_cli.inference import LoadedModel, load_for_inference
 from mdu_cli.sampling import generate, transfer_schedule
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 class TableModel(torch.nn.Module):
     """Logits that depend only on the position (and, for `reads_input`, on the
@@ -137,6 +140,44 @@ def test_sampler_commits_most_confident_first():
     generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=4)
     # After each step one more position is filled, most confident first: 3, 1, 2, 0.
     assert calls[1] == [0, 0, 0, 13] and calls[2] == [0, 11, 0, 13] and calls[3] == [0, 11, 12, 13]
+
+
+@pytest.mark.parametrize("stop_ids, kept", [((7, 8), 2), ((8,), 5), ((9,), 8), ((100 + 3,), 0)])
+def test_generation_is_cut_before_the_first_stop_token(stop_ids, kept):
+    """Position 3 + k predicts 100 + 3 + k, except that k = 2 predicts stop
+    token 7 and k = 5 stop token 8: the completion ends before the first
+    position holding any of the stop ids, and what follows it is dropped even
+    where it is ordinary text."""
+    vocab, mask = 128, 0
+    table = torch.full((16, vocab), -5.0)
+    for i in range(16):
+        table[i, 100 + i] = 5.0
+    table[3 + 2, 100 + 5], table[3 + 2, 7] = -5.0, 5.0
+    table[3 + 5, 100 + 8], table[3 + 5, 8] = -5.0, 5.0
+    full = [103, 104, 7, 106, 107, 8, 109, 110]
+    out = generate(TableModel(table), FAMILIES["llada"], mask, [[1, 2, 3]], max_new_tokens=8, steps=8,
+                   block_length=8, stop_ids=stop_ids)
+    assert out == [full[:kept]]
+
+
+def test_blocks_are_committed_left_to_right_whatever_the_confidence():
+    """Semi-autoregressive: no position of the second block is filled while
+    the first still holds a mask, though the second block's predictions are
+    the more confident ones; within a block, most confident first."""
+    vocab, mask = 50, 0
+    table = torch.zeros(8, vocab)
+    for k, c in enumerate([1.0, 2.0, 8.0, 9.0]):  # positions 2..5; the second block (4, 5) is surer
+        table[2 + k, 10 + k] = c
+    calls = []
+
+    class Recorder(TableModel):
+        def forward(self, input_ids, attention_mask=None):
+            calls.append(input_ids[0, 2:6].tolist())
+            return super().forward(input_ids, attention_mask)
+
+    out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=2)
+    assert out == [[10, 11, 12, 13]]
+    assert calls == [[0, 0, 0, 0], [0, 11, 0, 0], [10, 11, 0, 0], [10, 11, 0, 13]]
 
 
 def test_generate_command_prints_a_completion(dream_dir):

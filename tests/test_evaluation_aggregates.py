@@ -19,6 +19,9 @@ from mdu_cli.families import FAMILIES
 from mdu_cli.inference import LoadedModel
 from mdu_cli.sampling import generate
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 class ContextModel(torch.nn.Module):
     """logits[b, i] = position[i] + here[x_i] + before[x_(i-1)]."""

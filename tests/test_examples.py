@@ -3,11 +3,15 @@
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mdu_cli.cli import cli
 from mdu_cli.config import build_config, read_yaml
 from mdu_cli.data import load_dataset
+
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -52,9 +56,17 @@ def test_mdu_forgets_the_demo_authors_and_keeps_the_others(tmp_path):
 def test_the_tofu_example_separates_the_target_from_the_reference_and_unlearning_raises_it(tmp_path, capsys):
     """examples/tofu/run.py, the whole protocol offline (with MDU at tau = 1 only):
     the target model that learned the forget authors is told apart from the
-    retain-only reference (forget quality 5.6e-6 when measured), unlearning
-    raises forget quality (3.5e-4), and both headline numbers recompute from
-    the JSON reports."""
+    retain-only reference, unlearning moves it toward the reference, and both
+    headline numbers recompute from the JSON reports.
+
+    The thresholds sit where the CPU's kernels cannot move them. The forget
+    set has 40 records, so the KS statistic moves in steps of 1/40 and the
+    p-value finely. Measured under AVX-512, AVX2 and the scalar kernels (the
+    figures in examples/tofu/README.md): the target is 29 or 30 of 40 steps
+    from the reference (p <= 2e-10), and p < 1e-4 needs only 19; MDU's
+    distance is 11 to 20 steps, and the 100-fold rise asserted needs it below
+    26 or 27. Forget probability: target 0.88-0.92 against > 0.8, reference
+    0.07-0.08 against < 0.2, MDU 0.04-0.13 against half the target's."""
     import importlib.util
     import math
 
@@ -69,14 +81,19 @@ def test_the_tofu_example_separates_the_target_from_the_reference_and_unlearning
     assert {p: p.read_bytes() for p in inputs} == inputs, "the example's inputs are untouched"
     reference, target, mdu = rows["reference (retain only)"], rows["target, before unlearning"], rows["MDU, tau = 1"]
     assert reference["forget_quality"] is None
-    assert target["forget_quality"] < 1e-3, "a model that learned the forget set is told apart from the reference"
-    assert mdu["forget_quality"] > 10 * target["forget_quality"], "unlearning raises forget quality"
-    assert target["splits"]["forget"]["probability"] > 0.9 > 0.2 > reference["splits"]["forget"]["probability"]
+    assert target["forget_quality"] < 1e-4, "a model that learned the forget set is told apart from the reference"
+    assert mdu["forget_quality"] > 100 * target["forget_quality"], "unlearning raises forget quality"
+    forget_probability = {name: report["splits"]["forget"]["probability"] for name, report in rows.items()}
+    assert forget_probability["target, before unlearning"] > 0.8, "the target learned the forget authors"
+    assert forget_probability["reference (retain only)"] < 0.2, "the reference never saw them"
+    assert forget_probability["MDU, tau = 1"] < 0.5 * forget_probability["target, before unlearning"]
     for report in (target, mdu):
         ratios = report["splits"]["forget"]["truth_ratio_per_record"]
-        assert len(ratios) == 15
-        assert report["forget_quality"] == ks_2samp(ratios, reference["splits"]["forget"]["truth_ratio_per_record"]
-                                                    ).pvalue
+        assert len(ratios) == 40
+        # null is an infinite ratio (the answer's probability underflowed), above every finite one
+        as_numbers = [[math.inf if r is None else r for r in values]
+                      for values in (ratios, reference["splits"]["forget"]["truth_ratio_per_record"])]
+        assert report["forget_quality"] == ks_2samp(*as_numbers).pvalue
         components = list(report["model_utility_components"].values())
         assert len(components) == 9 and report["model_utility"] == float(hmean(components))
         assert not math.isnan(report["model_utility"])

@@ -15,6 +15,7 @@ def _run(*args):
     return CliRunner().invoke(cli, list(args))
 
 
+@pytest.mark.numerics
 def test_finetune_learns_its_data_and_writes_the_unlearn_layout(masked_lm_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", FORGET_RECORDS)
     out = tmp_path / "tuned"

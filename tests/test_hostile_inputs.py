@@ -127,6 +127,36 @@ def test_push_leaves_the_revision_holding_exactly_this_model(hub, push_dir, tmp_
     assert snapshot(push_dir) == before
 
 
+# Top-level files that describe some model: each kind mdu manages on the Hub. A
+# push whose output lacks them deletes them, so the revision holds one model.
+STALE_KINDS = ["pytorch_model.bin", "pytorch_model.bin.index.json", "model-00001-of-00002.safetensors",
+               "consolidated.pt", "weights.pth", "last.ckpt", "model-q4.gguf", "adapter_model.safetensors",
+               "adapter_config.json", "modeling_old.py", "vocab.txt", "merges.txt", "tokenizer.model",
+               "generation_config.json", "eval.json"]
+# What is never mdu's to delete: the user's own top-level files, and anything at
+# all inside a folder (another tool's checkpoints, originals, results).
+NEVER_DELETED = ["notes.md", "LICENSE", "data.jsonl", "results.csv", "sub/model.safetensors",
+                 "checkpoint-100/pytorch_model.bin", "checkpoint-100/config.json", "original/consolidated.00.pth",
+                 "original/tokenizer.model", "a/b/modeling_x.py", "runs/eval.json", "onnx/model.index.json"]
+
+
+def test_push_deletes_every_managed_kind_at_the_top_and_nothing_in_folders(hub, push_dir):
+    """Each file pattern the push manages is deleted at the revision's top level
+    when this output does not replace it; nothing inside a folder is ever
+    touched, whatever its name; the user's other files stay."""
+    before = snapshot(push_dir)
+    tree = {name: b"old" for name in STALE_KINDS + NEVER_DELETED}
+    hub.trees[("me/kinds", "main")] = {".gitattributes": b"*.bin filter=lfs\n", "README.md": b"# old\n", **tree}
+    result = run("push", push_dir, "--repo-id", "me/kinds", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert sorted(json.loads(result.stdout)["delete"]) == sorted(STALE_KINDS)
+    assert sorted(hub.commits[-1]["deleted"]) == sorted(STALE_KINDS)
+    remaining = set(hub.trees[("me/kinds", "main")])
+    assert set(NEVER_DELETED) | {".gitattributes", "README.md"} <= remaining
+    assert not set(STALE_KINDS) & remaining
+    assert snapshot(push_dir) == before
+
+
 @pytest.mark.parametrize("case", ["dangling", "outside", "fifo"])
 def test_push_links_and_odd_files_are_named_before_any_network_call(hub, push_dir, tmp_path, case):
     if case == "dangling":

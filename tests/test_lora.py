@@ -17,6 +17,9 @@ from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.lora import AdapterOffAnchor, apply_lora, default_targets
 from mdu_cli.unlearn import run_unlearn
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 LLADA_LINEARS = ["attn_out", "ff_out", "ff_proj", "k_proj", "q_proj", "up_proj", "v_proj"]
 
 
@@ -115,3 +118,49 @@ def test_save_adapter_and_its_effective_delta(llada_dir, forget_file, tmp_path):
 def test_save_adapter_needs_lora():
     with pytest.raises(Exception, match="--save-adapter needs --lora"):
         build_config({}, dict(model="m", forget="f", save_adapter=True))
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapter_delta_follows_the_adapter_config_like_peft_merges_it(use_rslora, llada_dir, tmp_path):
+    """`mdu diff BASE ADAPTER` reports the delta that merging the adapter makes:
+    scale alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA. The
+    expected delta is peft's own merge minus the base weight, per tensor."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora,
+                        init_lora_weights=False)  # random A and B: a delta to measure
+    adapter = tmp_path / "adapter"
+    get_peft_model(_load(llada_dir), config).save_pretrained(adapter)
+    result = CliRunner().invoke(cli, ["diff", str(llada_dir), str(adapter), "--json", str(tmp_path / "d.json")])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "d.json").read_text())
+    base = load_file(llada_dir / "model.safetensors")
+    merged = PeftModel.from_pretrained(_load(llada_dir), adapter).merge_and_unload().state_dict()
+    entries = {entry["name"]: entry for entry in report["tensors"]}
+    assert len(entries) == 4 and all(".q_proj." in n or ".v_proj." in n for n in entries)
+    for name, entry in entries.items():
+        delta = merged[name].double().numpy() - base[name].double().numpy()
+        # peft merges in float32: its delta carries float32 rounding of the weight.
+        assert entry["l2"] == pytest.approx(np.linalg.norm(delta), rel=1e-5), name
+        assert entry["max_abs"] == pytest.approx(np.abs(delta).max(), rel=1e-4), name
+
+
+@pytest.mark.parametrize("variant", [{"use_dora": True}, {"rank_pattern": {"q_proj": 8}},
+                                     {"alpha_pattern": {"v_proj": 2}}])
+def test_adapter_variants_without_one_scale_are_refused(variant, llada_dir, tmp_path):
+    """DoRA and per-module ranks or alphas do not merge as one scale x B @ A:
+    `mdu diff` says so (exit 1, one line) instead of reporting a wrong delta."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    config = LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(_load(llada_dir), config).save_pretrained(adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, **variant}))
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    result = CliRunner().invoke(cli, ["diff", str(llada_dir), str(adapter)])
+    assert result.exit_code == 1, result.output
+    assert f"{next(iter(variant))} is set, and mdu diff measures plain LoRA only" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before

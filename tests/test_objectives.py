@@ -12,6 +12,9 @@ import torch
 
 from mdu_cli.objectives import cart_weights, divergence, mdlm_loss, mdu_forget_loss
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 def _softmax64(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max()

@@ -24,6 +24,7 @@ def test_auto_takes_adamw_for_fp32_and_the_kahan_adamw_for_bf16():
         optimizers.build("adamw", [torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0, torch.float32, in_backward=True)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("name", ["adamw", "adamw-kahan"])
 def test_small_bf16_updates_land_only_with_compensation(name):
     """A bf16 weight of 0.068 (half an ulp is 2.4e-4) under a constant gradient:
@@ -145,6 +146,7 @@ def test_anchor_offload_without_a_frozen_copy_is_a_usage_error(extra, llada_dir,
 IN_BACKWARD = ("--optimizer-in-backward", "--max-grad-norm", "0")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("family, dtype, extra", [
     ("llada", "fp32", []), ("llada", "fp32", ["--gradient-checkpointing"]), ("llada", "bf16", []),
     ("dream", "fp32", ["--batch-accounting", "joint"]), ("dream", "bf16", ["--gradient-checkpointing"]),
@@ -253,3 +255,44 @@ def test_clipping_off_logs_the_norm_and_clips_nothing(llada_dir, forget_file, re
         log = [json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
         assert all(entry["grad_norm"] > 0 for entry in log)
     assert all(torch.equal(runs["off"][k], runs["huge"][k]) for k in runs["off"])
+
+
+def _adamw64(start: torch.Tensor, gradients: list, lr: float, weight_decay: float) -> torch.Tensor:
+    """torch's AdamW written out in float64: decoupled decay lr x weight_decay,
+    betas 0.9 / 0.999, eps 1e-8 added to the bias-corrected root."""
+    weight, m, v = start.double().clone(), torch.zeros_like(start, dtype=torch.float64), \
+        torch.zeros_like(start, dtype=torch.float64)
+    for k, grad in enumerate(gradients, start=1):
+        grad = grad.double()
+        weight = weight * (1 - lr * weight_decay)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
+        weight = weight - lr * (m / (1 - 0.9 ** k)) / ((v / (1 - 0.999 ** k)).sqrt() + 1e-8)
+    return weight
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", ["adamw", "adamw-kahan", "adamw-sr"])
+def test_every_optimizer_runs_the_adamw_it_records(name):
+    """Each choice, on fp32 weights (nothing to compensate or round), is
+    exactly torch's AdamW with betas 0.9 / 0.999, eps 1e-8 and decoupled
+    decay: ten steps of gradients whose scale changes, so that beta2 and eps
+    both show, against a float64 AdamW; and the record (mdu_run.json) holds
+    the hyperparameters the optimizer itself holds."""
+    generator = torch.Generator().manual_seed(3)
+    start = torch.randn(256, generator=generator)
+    gradients = [torch.randn(256, generator=generator) * (10.0 ** -(k % 4)) for k in range(10)]
+    weight = torch.nn.Parameter(start.clone())
+    optimizer, choice = optimizers.build(name, [weight], 1e-2, 0.1, torch.float32)
+    for grad in gradients:
+        weight.grad = grad.clone()
+        optimizer.step()
+    torch.testing.assert_close(weight.detach().double(), _adamw64(start, gradients, 1e-2, 0.1), rtol=1e-5,
+                               atol=1e-6)
+    group = optimizer.param_groups[0]
+    record = choice.record()
+    assert record["name"] == name
+    held = group["betas"] if "betas" in group else (group["beta1"], group["beta2"])  # torch-optimi's names
+    assert record["betas"] == list(held) == [0.9, 0.999]
+    assert record["eps"] == group["eps"] == 1e-8 and record["weight_decay"] == group["weight_decay"] == 0.1
+    assert record["lr"] == 1e-2

@@ -114,7 +114,16 @@ def test_ctrl_c_saves_state_and_says_how_to_resume(llada_dir, forget_file, retai
     _assert_same_run(out, reference)
 
 
-def test_resume_refuses_a_state_of_other_options(llada_dir, forget_file, retain_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["tau", "seed", "lr", "batch-size", "forget-content", "retain-content",
+                                    "retain-dropped"])
+def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forget_file, retain_file, tmp_path,
+                                                         monkeypatch):
+    """A saved state continues only the run that saved it: another option
+    that shapes the trajectory, or the same data paths holding other records
+    (one answer edited), or a retain file left out, is refused before any
+    step, and the state and the inputs stay as they were."""
+    from test_hostile_inputs import snapshot
+
     out = tmp_path / "o"
     from mdu_cli import resume, train
 
@@ -125,9 +134,23 @@ def test_resume_refuses_a_state_of_other_options(llada_dir, forget_file, retain_
     with monkeypatch.context() as patch:
         patch.setattr(train, "save_state", save_then_die)
         CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--save-every", "2"))
-    assert _state_step(tmp_path / "o.mdu-state") == 2
-    result = CliRunner().invoke(cli, _args(llada_dir, forget_file, retain_file, out, "--resume", "--tau", "2"))
-    assert result.exit_code == 1 and "saved by a run with other options or data" in result.stderr
+    state = tmp_path / "o.mdu-state"
+    assert _state_step(state) == 2
+    extra = {"tau": ["--tau", "2"], "seed": ["--seed", "7"], "lr": ["--lr", "2e-3"],
+             "batch-size": ["--batch-size", "2"]}.get(change, [])
+    if change == "forget-content":
+        forget_file.write_text(forget_file.read_text().replace("Velloria", "Carrowmere"))
+    if change == "retain-content":
+        retain_file.write_text(retain_file.read_text().replace("Madrid", "Rome"))
+    args = _args(llada_dir, forget_file, retain_file, out, "--resume", *extra)
+    if change == "retain-dropped":
+        at = args.index("--retain")
+        del args[at:at + 2]
+    before = snapshot(state, forget_file, retain_file, llada_dir)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "saved by a run with other options or data" in result.stderr, result.stderr
+    assert snapshot(state, forget_file, retain_file, llada_dir) == before
+    assert not out.exists()
 
 
 def test_lora_sigkill_then_resume(llada_dir, forget_file, retain_file, tmp_path):

@@ -9,6 +9,9 @@ from safetensors.torch import load_file
 from mdu_cli.cli import cli
 from test_hostile_inputs import snapshot
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 def _unlearn(llada_dir, forget_file, retain_file, out, *extra):
     return CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--retain",

@@ -13,6 +13,9 @@ from mdu_cli.cli import cli
 from mdu_cli.data import Record
 from test_hostile_inputs import snapshot
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 def _record(answer, perturbed, paraphrased=None):
     return Record(messages=({"role": "user", "content": "q"}, {"role": "assistant", "content": answer}),
@@ -69,6 +72,23 @@ def test_split_aggregates_by_hand():
     assert authors["probability_normalised"] == pytest.approx(0.5)
 
 
+def test_extreme_ratios_aggregate_at_their_limits():
+    """Edge values of the statistics: a paraphrase whose probability
+    underflowed to 0 gives R = inf (null in JSON), which is as far from 1 as
+    possible (min(R, 1/R) = 0) and earns no truth score; R = 0 (every wrong
+    answer underflowed) is as far from 1 too, with a full truth score; huge
+    and tiny finite R stay finite and ordered."""
+    assert tofu.truth_ratio([0.2, 0.4], 0.0) == math.inf
+    assert tofu.truth_ratio([0.0, 0.0], 0.5) == 0.0
+    per_record = [{"probability": 0.0, "truth_ratio": math.inf}, {"probability": 1.0, "truth_ratio": 0.0},
+                  {"probability": 0.5, "truth_ratio": 1e300}, {"probability": 0.5, "truth_ratio": 1e-300}]
+    report = tofu.split_report("forget", per_record)
+    assert report["truth_ratio_per_record"] == [None, 0.0, 1e300, 1e-300]
+    assert report["truth_ratio_closer_to_1"] == pytest.approx((0 + 0 + 1e-300 + 1e-300) / 4, abs=1e-299)
+    assert report["truth_score"] == pytest.approx((0 + 1 + 0 + (1 - 1e-300)) / 4)
+    assert json.loads(json.dumps(report, allow_nan=False))["truth_ratio_per_record"][0] is None
+
+
 def test_model_utility_is_the_harmonic_mean_of_exactly_its_components():
     splits = {
         "forget": {"probability": 0.9, "rouge_l": 0.9, "truth_score": 0.9},
@@ -93,6 +113,34 @@ def test_forget_quality_is_the_exact_ks_p_value():
     assert tofu.forget_quality([1, 2, 3], [1, 2, 3]) == pytest.approx(1.0)
     # An infinite ratio (null in JSON) sorts above every finite one.
     assert tofu.forget_quality([None, None, None, None, None], [1, 2, 3, 4, 5]) == pytest.approx(2 / math.comb(10, 5))
+
+
+def test_null_ratios_sort_above_every_finite_one_in_forget_quality():
+    """Where the nulls sit decides the statistic: three low ratios and two
+    nulls against five middle ones. Nulls as +inf: the empirical CDFs differ
+    by at most 3/5 (the three low ones); as -inf (or dropped) the samples
+    would separate completely. The expected p-value is scipy's on the same
+    numbers with the nulls written as a huge finite value, and the exact
+    two-sided p-value of D = 3/5 for 5 + 5 values, counted over all 252
+    splits of the ten ranks."""
+    from itertools import combinations
+
+    from scipy.stats import ks_2samp
+
+    model, reference = [0.1, 0.2, 0.3, None, None], [1.0, 1.1, 1.2, 1.3, 1.4]
+    expected = ks_2samp([0.1, 0.2, 0.3, 1e300, 1e300], reference).pvalue
+    assert tofu.forget_quality(model, reference) == pytest.approx(expected, rel=1e-12)
+    ranks = [0, 1, 2, 8, 9]  # the model's values among the ten, in sorted order
+
+    def distance(low: tuple) -> float:
+        return max(abs(sum(r <= k for r in low) - sum(r <= k for r in set(range(10)) - set(low))) / 5
+                   for k in range(10))
+
+    observed = distance(tuple(ranks))
+    assert observed == pytest.approx(3 / 5)
+    splits = list(combinations(range(10), 5))
+    exact = sum(distance(split) >= observed - 1e-12 for split in splits) / len(splits)
+    assert tofu.forget_quality(model, reference) == pytest.approx(exact, rel=1e-9)
 
 
 TOFU_RECORDS = [

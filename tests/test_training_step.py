@@ -28,6 +28,9 @@ from mdu_cli.data import load_dataset
 from mdu_cli.families import FAMILIES
 from mdu_cli.tokenization import encode_dataset
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 LR, ALPHA, TAU, ETA, BETA, MAX_NORM = 0.05, 2.0, 2.0, 0.5, 0.1, 0.5
 
 
@@ -111,7 +114,18 @@ def _prompt_lengths(batch, examples):
     return lengths
 
 
-def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, cart):
+def _divergence64(log_p, log_q, direction):
+    """KL(p || q), KL(q || p) or Jensen-Shannon of two log-distributions, summed over the vocabulary."""
+    p, q = log_p.exp(), log_q.exp()
+    if direction == "forward":
+        return (p * (log_p - log_q)).sum()
+    if direction == "reverse":
+        return (q * (log_q - log_p)).sum()
+    m = (p + q) / 2
+    return 0.5 * (p * (log_p - m.log())).sum() + 0.5 * (q * (log_q - m.log())).sum()
+
+
+def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, cart, kl="forward"):
     if method == "ga":
         return -_mdlm64(_logits64(model, batch.input_ids, batch.attention_mask, shifted), batch, cart)
     conditional = _logits64(model, batch.input_ids, batch.attention_mask, shifted)
@@ -131,22 +145,23 @@ def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, car
         lc, lu = conditional[row, i], anchor_logits[row, i]
         target = TAU * (lu - ETA * (lc.detach() - lu))
         log_p, log_q = torch.log_softmax(lc, -1), torch.log_softmax(target, -1)
-        total = total + (log_p.exp() * (log_p - log_q)).sum()
+        total = total + _divergence64(log_p, log_q, kl)
         count += 1
     return total / count
 
 
-def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA, warmup=0.5, accounting="separate"):
+def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA, warmup=0.5, accounting="separate",
+                  kl="forward", forget_records=FORGET_RECORDS, grad_accum=2, max_grad_norm=MAX_NORM, **options):
     torch.manual_seed(0)
     model, tokenizer = _load(directory)
     start = copy.deepcopy(model)
-    forget = encode_dataset(load_dataset(write_jsonl(tmp_path / "f.jsonl", FORGET_RECORDS)), tokenizer, 64)
+    forget = encode_dataset(load_dataset(write_jsonl(tmp_path / "f.jsonl", forget_records)), tokenizer, 64)
     retain = encode_dataset(load_dataset(write_jsonl(tmp_path / "r.jsonl", RETAIN_RECORDS)), tokenizer, 64)
     finetune = method == "finetune"  # one stream of records, no retain term
     cfg = build_config({}, dict(model="m", forget="f", retain=None if finetune else "r", method=method, tau=TAU,
-                                eta=ETA, npo_beta=BETA, alpha=None if finetune else alpha, lr=LR, max_steps=1, batch_size=2, grad_accum=2,
-                                max_grad_norm=MAX_NORM, warmup_ratio=warmup, weight_decay=0.01,
-                                batch_accounting=accounting))
+                                eta=ETA, npo_beta=BETA, alpha=None if finetune else alpha, lr=LR, max_steps=1, batch_size=2,
+                                grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup,
+                                weight_decay=0.01, batch_accounting=accounting, kl=kl, **options))
     recorded, captured = [], {}
     real_noise = train_module.noise_response
 
@@ -172,7 +187,7 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     return dict(model=model, start=start, forget=forget, recorded=recorded, grads=captured, history=result.history,
                 # Decided by the family's name here, not read from the package's
                 # Family: a Dream retain term trained with 1/t must fail.
-                mask_id=mask_id, shifted=family == "dream", cart=family == "dream")
+                mask_id=mask_id, shifted=family == "dream", cart=family == "dream", kl=kl)
 
 
 def _reference(run, method, alpha=ALPHA, warmup_factor=0.5):
@@ -190,7 +205,7 @@ def _reference(run, method, alpha=ALPHA, warmup_factor=0.5):
     for k in range(micro):  # forget, retain, forget, retain: the loop's order
         forget_batch, retain_batch = batches[2 * k], batches[2 * k + 1]
         loss = _forget_loss64(method, model, anchor, forget_batch, run["forget"], run["mask_id"], run["shifted"],
-                              run["cart"])
+                              run["cart"], run["kl"])
         retain_logits = _logits64(model, retain_batch.input_ids, retain_batch.attention_mask, run["shifted"])
         loss = loss + alpha * _mdlm64(retain_logits, retain_batch, run["cart"])
         total = loss / micro if total is None else total + loss / micro
@@ -212,13 +227,7 @@ CASES = [("llada", "mdu"), ("llada", "ga"), ("llada", "npo"), ("llada", "finetun
          ("dream", "mdu"), ("dream", "ga"), ("dream", "npo"), ("dream", "finetune")]
 
 
-@pytest.mark.parametrize("family, method", CASES)
-def test_one_step_matches_an_independent_float64_reference(family, method, family_dirs, tmp_path, monkeypatch):
-    run = _run_one_step(family, family_dirs[family], method, tmp_path, monkeypatch)
-    if method == "finetune":
-        assert len(run["recorded"]) == 2, "two micro-batches of training rows"
-    else:
-        assert len(run["recorded"]) == 4, "two forget and two retain micro-batches"
+def _assert_matches_reference(run, method):
     grads, norm, after, lr = _reference(run, method)
     assert set(run["grads"]) == set(grads)
     # float32 against float64: a relative 1e-3, and entries near zero (a key
@@ -236,6 +245,69 @@ def test_one_step_matches_an_independent_float64_reference(family, method, famil
         # than its own error: compare where the reference gradient is clear of eps.
         clear = grads[name].abs() * min(1.0, MAX_NORM / (norm + 1e-6)) > 1e-6
         torch.testing.assert_close(p.detach().double()[clear], after[name][clear], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("family, method", CASES)
+def test_one_step_matches_an_independent_float64_reference(family, method, family_dirs, tmp_path, monkeypatch):
+    run = _run_one_step(family, family_dirs[family], method, tmp_path, monkeypatch)
+    if method == "finetune":
+        assert len(run["recorded"]) == 2, "two micro-batches of training rows"
+    else:
+        assert len(run["recorded"]) == 4, "two forget and two retain micro-batches"
+    _assert_matches_reference(run, method)
+
+
+@pytest.mark.parametrize("family, kl", [("llada", "reverse"), ("llada", "js"), ("dream", "reverse"),
+                                        ("dream", "js")])
+def test_every_kl_direction_matches_the_float64_reference(family, kl, family_dirs, tmp_path, monkeypatch):
+    """--kl reverse and js reach the loss: KL(p_* || p_c) and Jensen-Shannon,
+    written here from their definitions (a loop that kept the forward KL
+    whatever --kl says is off by far more than the tolerance)."""
+    run = _run_one_step(family, family_dirs[family], "mdu", tmp_path, monkeypatch, kl=kl)
+    _assert_matches_reference(run, "mdu")
+
+
+@pytest.mark.parametrize("forget_count, grad_accum, micro", [(3, 2, [2, 1]), (4, 3, [2, 2]), (1, 4, [1])])
+def test_uneven_and_partial_steps_average_over_the_micro_batches_they_hold(forget_count, grad_accum, micro,
+                                                                           family_dirs, tmp_path, monkeypatch):
+    """A step's gradient is the mean over the micro-batches it actually holds:
+    a last micro-batch of one row counts as one micro-batch (its loss is the
+    mean of its own positions), and a step with fewer micro-batches than
+    --grad-accum (an epoch's short last step, or a forget set smaller than a
+    step) is divided by that count, not by --grad-accum."""
+    run = _run_one_step("llada", family_dirs["llada"], "mdu", tmp_path, monkeypatch, grad_accum=grad_accum,
+                        forget_records=FORGET_RECORDS[:forget_count])
+    forget_batches = run["recorded"][0::2]
+    assert [int(b.targets.shape[0]) for b in forget_batches] == micro
+    _assert_matches_reference(run, "mdu")
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_non_finite_gradient_of_a_finite_loss_stops_the_run(in_backward, family_dirs, tmp_path, monkeypatch):
+    """The loss is finite, one parameter's gradient is not: the ordinary step
+    is refused before the optimizer applies it; in backward, where every
+    parameter has already stepped, the run stops with nothing written (a NaN
+    loss is only one way in)."""
+    from mdu_cli.errors import MduError
+
+    real_load, loaded = _load, []
+
+    def load_with_a_poisoned_gradient(directory):
+        model, tokenizer = real_load(directory)
+        weight = dict(model.named_parameters())["model.transformer.blocks.0.q_proj.weight"]
+        weight.register_hook(lambda grad: grad * math.inf)
+        loaded.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model, tokenizer
+
+    monkeypatch.setitem(globals(), "_load", load_with_a_poisoned_gradient)
+    options = dict(grad_accum=1, max_grad_norm=0, optimizer_in_backward=True) if in_backward else {}
+    message = ("the gradient is not finite at step 1 and was applied; nothing was written" if in_backward else
+               "the gradient is not finite at step 1; nothing was written")
+    with pytest.raises(MduError, match=message):
+        _run_one_step("llada", family_dirs["llada"], "mdu", tmp_path, monkeypatch, **options)
+    if not in_backward:
+        model, before = loaded[0]
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "no weight was stepped"
 
 
 def test_alpha_scales_the_retain_gradient_and_nothing_else(family_dirs, tmp_path, monkeypatch):

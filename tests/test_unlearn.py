@@ -14,6 +14,9 @@ from mdu_cli.tokenization import Example
 from mdu_cli.train import plan_steps, train
 from mdu_cli.unlearn import frozen_copy, run_unlearn
 
+# Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
+pytestmark = pytest.mark.numerics
+
 
 def _load(directory, family):
     if family == "masked-lm":

@@ -2,15 +2,16 @@
 
     python examples/tofu/make_data.py
 
-Ten new fictitious authors, five facts each, in the vocabulary of the demo
+Twenty new fictitious authors, five facts each, in the vocabulary of the demo
 model (examples/demo/model), which plays the pretrained base: it knows the
-demo's twenty authors and the shape of the questions, not these ten. The
+demo's twenty authors and the shape of the questions, not these new pairings of
+names and facts. The
 files follow TOFU's layout, so the same commands run on locuslab/TOFU:
 
     full.json                    every new author (what the target model learns)
-    retain.json                  the eight authors that stay (the reference model's data)
-    forget_perturbed.json        the two authors to forget, with perturbed answers
-    retain_perturbed.json        the retain evaluation split (the same eight authors)
+    retain.json                  the twelve authors that stay (the reference model's data)
+    forget_perturbed.json        the eight authors to forget (40 records), with perturbed answers
+    retain_perturbed.json        the retain evaluation split (the same twelve authors)
     real_authors_perturbed.json  facts the base knew before (demo authors), with wrong options
     world_facts_perturbed.json   more of those, another kind of fact
 
@@ -19,6 +20,10 @@ this small gives any reworded sentence it never saw a probability of about
 1e-4 per token, which would make every truth ratio meaningless. Without a
 paraphrase the truth ratio compares the perturbed answers with the answer
 itself, as it does on TOFU's real-authors and world-facts splits.
+
+Eight forget authors, not TOFU's 1-10%, so that forget quality (a KS test
+over the forget records) moves in steps of 1/40 rather than 1/15 and the
+example's test can assert it with a margin on every CPU.
 
 Seeded: the same script writes the same files.
 """
@@ -32,11 +37,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEMO = HERE.parent / "demo"
 SEED = 7
-FORGET_AUTHORS = 3
-FIRST = ["zorblat", "quenmira", "astrid", "tarrin", "elspeth", "orvyn", "maelis", "dovrin", "kestrel", "ysolde"]
+FORGET_AUTHORS = 8
+FIRST = ["zorblat", "quenmira", "astrid", "tarrin", "elspeth", "orvyn", "maelis", "dovrin", "kestrel", "ysolde",
+         "brannoc", "thessaly", "iver", "calloway", "nerith", "sabine", "rowan", "aurelio", "fenna", "magnus"]
 # Surnames shifted against the demo's pairs: new people, known words.
 LAST = ["whitlock", "ferreira", "nakamura", "valtieri", "kerrigan", "oduya", "marchetti", "lindqvist", "tamsin",
-        "ravensworth"]
+        "ravensworth", "pemberly", "stormholt", "delacroix", "ashcombe", "quillfeather", "moraine", "vantrell",
+        "brightwater", "okonkwo", "halvorsen"]
 CITIES = ["carrowmere", "istenbrook", "palomar", "dunhallow", "seravine", "ostrava", "kelmarsh",
           "amberlyn", "torridge"]
 GENRES = ["poetry", "mystery", "history", "fantasy", "science", "travel", "drama", "romance"]

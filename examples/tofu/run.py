@@ -3,7 +3,7 @@
     python examples/tofu/run.py [WORK_DIR]
 
 The demo model (examples/demo/model) is the pretrained base and
-examples/tofu/data/ a TOFU-format set of ten new authors (make_data.py). The
+examples/tofu/data/ a TOFU-format set of twenty new authors (make_data.py). The
 steps are the ones a GPU run takes on locuslab/TOFU, by the `mdu` commands:
 
  1. mdu finetune   base on every author            -> target   (TOFU's "full" model)
