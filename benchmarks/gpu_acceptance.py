@@ -56,6 +56,7 @@ RETAIN = [
     {"question": "Name three colors.", "answer": "Red, blue and green.",
      "perturbed_answer": ["Cat, dog and bird.", "One, two and three."]},
 ]
+# --grad-accum 1: what --optimizer-in-backward needs, so every run takes the same steps.
 TRAIN = ["--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--max-length", "64"]
 EVAL = ["--mc-samples", "8", "--max-new-tokens", "8", "--steps", "8", "--block-length", "8"]
 
@@ -235,9 +236,8 @@ def run_all(run: Acceptance, with_8b: bool) -> int:
             check=trained_output(device, "bf16", {"name": "adamw-kahan", "kahan_sum": True,
                                                   "triton": device == "cuda"}))
     run.mdu("unlearn llada bf16 in backward, checkpointed, anchor offloaded", "unlearn", "--model", llada,
-            "--forget", forget, "--retain", retain, "--out", work / "llada-in-backward", "--max-steps", "3",
-            "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--max-length", "64", *on, "--dtype", "bf16",
-            "--optimizer-in-backward", "--gradient-checkpointing", "--anchor-offload", "--max-grad-norm", "0",
+            "--forget", forget, "--retain", retain, "--out", work / "llada-in-backward", *TRAIN, *on, "--dtype",
+            "bf16", "--optimizer-in-backward", "--gradient-checkpointing", "--anchor-offload", "--max-grad-norm", "0",
             "--json", check=trained_output(device, "bf16", {"name": "adamw-kahan", "in_backward": True}))
     run.mdu("finetune llada", "finetune", "--model", llada, "--data", retain, "--out", work / "llada-tuned",
             *TRAIN, *on, "--json", check=trained_output(device))

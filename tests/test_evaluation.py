@@ -31,6 +31,19 @@ class TableModel(torch.nn.Module):
         return type("Output", (), {"logits": logits})()
 
 
+class RecordingTableModel(TableModel):
+    """A TableModel that records, at every forward, the first row's tokens in
+    `columns`: what the sampler had committed before each step."""
+
+    def __init__(self, table: torch.Tensor, columns: slice):
+        super().__init__(table)
+        self.columns, self.calls = columns, []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls.append(input_ids[0, self.columns].tolist())
+        return super().forward(input_ids, attention_mask)
+
+
 def _loaded(model, family="llada", mask=0):
     return LoadedModel(model=model, tokenizer=None, family=FAMILIES[family], mask_token_id=mask, source=None,
                        device=torch.device("cpu"))
@@ -130,14 +143,9 @@ def test_sampler_commits_most_confident_first():
     confidences = [1.0, 6.0, 3.0, 9.0]  # per generated position
     for k, c in enumerate(confidences):
         table[2 + k, 10 + k] = c
-    calls = []
-
-    class Recorder(TableModel):
-        def forward(self, input_ids, attention_mask=None):
-            calls.append(input_ids[0, 2:6].tolist())
-            return super().forward(input_ids, attention_mask)
-
-    generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=4)
+    recorder = RecordingTableModel(table, slice(2, 6))
+    calls = recorder.calls
+    generate(recorder, FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=4)
     # After each step one more position is filled, most confident first: 3, 1, 2, 0.
     assert calls[1] == [0, 0, 0, 13] and calls[2] == [0, 11, 0, 13] and calls[3] == [0, 11, 12, 13]
 
@@ -168,14 +176,9 @@ def test_blocks_are_committed_left_to_right_whatever_the_confidence():
     table = torch.zeros(8, vocab)
     for k, c in enumerate([1.0, 2.0, 8.0, 9.0]):  # positions 2..5; the second block (4, 5) is surer
         table[2 + k, 10 + k] = c
-    calls = []
-
-    class Recorder(TableModel):
-        def forward(self, input_ids, attention_mask=None):
-            calls.append(input_ids[0, 2:6].tolist())
-            return super().forward(input_ids, attention_mask)
-
-    out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=2)
+    recorder = RecordingTableModel(table, slice(2, 6))
+    calls = recorder.calls
+    out = generate(recorder, FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=4, steps=4, block_length=2)
     assert out == [[10, 11, 12, 13]]
     assert calls == [[0, 0, 0, 0], [0, 11, 0, 0], [10, 11, 0, 0], [10, 11, 0, 13]]
 
@@ -224,14 +227,9 @@ def test_commit_order_uses_the_probability_of_the_prediction_itself():
     table[3, 12] = 1.5
     probs = torch.softmax(torch.cat([table[2:4, 1:]], dim=0), dim=-1).max(-1).values
     assert probs[1] > probs[0], "the premise: position 3 is the more confident"
-    calls = []
-
-    class Recorder(TableModel):
-        def forward(self, input_ids, attention_mask=None):
-            calls.append(input_ids[0, 2:4].tolist())
-            return super().forward(input_ids, attention_mask)
-
-    out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2, block_length=2)
+    recorder = RecordingTableModel(table, slice(2, 4))
+    calls = recorder.calls
+    out = generate(recorder, FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2, block_length=2)
     assert calls[1] == [0, 12], "the clear winner first"
     assert out == [[10, 12]]
 
@@ -247,14 +245,9 @@ def test_entropy_ordering_commits_the_most_peaked_prediction_first():
     table[3, 12], table[3, 13] = 0.0, -1e-3  # 12 wins the argmax, by a hair
     first = {}
     for ordering in ("confidence", "entropy"):
-        calls = []
-
-        class Recorder(TableModel):
-            def forward(self, input_ids, attention_mask=None):
-                calls.append(input_ids[0, 2:4].tolist())
-                return super().forward(input_ids, attention_mask)
-
-        out = generate(Recorder(table), FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2,
+        recorder = RecordingTableModel(table, slice(2, 4))
+        calls = recorder.calls
+        out = generate(recorder, FAMILIES["llada"], mask, [[1, 2]], max_new_tokens=2, steps=2,
                        block_length=2, ordering=ordering)
         assert out == [[10, 12]]
         first[ordering] = calls[1]

@@ -16,6 +16,7 @@ from mdu_cli.families import FAMILIES, model_logits
 from mdu_cli.loading import load_model, resolve_source
 from mdu_cli.lora import AdapterOffAnchor, apply_lora, default_targets
 from mdu_cli.unlearn import run_unlearn
+from test_hostile_inputs import no_weight_loads  # noqa: F401 (a fixture)
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -164,3 +165,42 @@ def test_adapter_variants_without_one_scale_are_refused(variant, llada_dir, tmp_
     assert f"{next(iter(variant))} is set, and mdu diff measures plain LoRA only" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+
+
+def test_every_lora_option_reaches_the_adapter(llada_dir, forget_file, tmp_path):
+    """--lora-r, --lora-alpha, --lora-dropout and --lora-targets, read back from
+    the saved adapter (peft's own config file and the tensors it wrote): only
+    the named layers carry A and B, of rank r."""
+    from safetensors import safe_open
+
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file),
+                                      "--out", str(out), "--lora", "--lora-r", "2", "--lora-alpha", "3",
+                                      "--lora-dropout", "0.25", "--lora-targets", "q_proj,v_proj", "--save-adapter",
+                                      "--max-steps", "1", "--lr", "1e-2"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (2, 3, 0.25)
+    with safe_open(out / "adapter_model.safetensors", "pt") as weights:
+        names = list(weights.keys())
+        shapes = {name: tuple(weights.get_slice(name).get_shape()) for name in names}
+    layers = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names}
+    assert layers == {"q_proj", "v_proj"}, layers
+    assert len(names) == 2 * 2 * 2, "A and B of two layers in each of two blocks"
+    assert all(shape[0] == 2 for name, shape in shapes.items() if ".lora_A" in name)
+    assert all(shape[1] == 2 for name, shape in shapes.items() if ".lora_B" in name)
+    record = json.loads((out / "mdu_run.json").read_text())
+    assert record["config"]["lora_targets"] == "q_proj,v_proj" and record["config"]["lora_dropout"] == 0.25
+
+
+def test_lora_targets_naming_no_layer_are_refused_before_loading(llada_dir, forget_file, tmp_path,
+                                                                 no_weight_loads):
+    from test_hostile_inputs import snapshot
+
+    before = snapshot(forget_file, llada_dir)
+    result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",
+                                      str(tmp_path / "o"), "--lora", "--lora-targets", "q_proj,nope"])
+    assert result.exit_code == 1, result.output
+    assert "--lora-targets nope: no such layer inside the blocks of this model; it has" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(forget_file, llada_dir) == before and not (tmp_path / "o").exists()

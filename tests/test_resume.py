@@ -153,6 +153,46 @@ def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forg
     assert not out.exists()
 
 
+def test_a_state_of_another_launch_or_shape_is_refused_by_restore(llada_dir, tmp_path):
+    """What the fingerprint cannot see, restoring refuses: a state saved by
+    another number of processes, one saved under FSDP resumed without it (or
+    the other way round), and an altered state whose tensors do not fit the
+    model, each with a one-line MduError and the model's weights untouched."""
+    import copy
+
+    from mdu_cli.config import build_config
+    from mdu_cli.errors import MduError
+    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.resume import TrainingState
+    from mdu_cli.train import _build_optimizer, _restore
+
+    model = load_model(resolve_source(str(llada_dir)), True, torch.float32)
+    before = copy.deepcopy(model.state_dict())
+    cfg = build_config({}, dict(model="m", forget="f", max_steps=4, lr=1e-3))
+    optimizer, _, scheduler = _build_optimizer(model, cfg, 4, None)
+    generator = torch.Generator().manual_seed(0)
+    trainable = {name: p.detach().clone() for name, p in model.named_parameters()}
+    state = TrainingState(step=2, history=[], trainable=trainable, optimizer=optimizer.state_dict(),
+                          scheduler=scheduler.state_dict(), generators={"noise": [generator.get_state()]},
+                          torch_rng=[torch.get_rng_state()])
+
+    def refused(state, message, **launch):
+        launch = {"sharded": False, "rank": 0, "processes": 1, **launch}
+        with pytest.raises(MduError, match=message):
+            _restore(state, model, optimizer, scheduler, generator, state_dir=tmp_path / "o.mdu-state", **launch)
+
+    refused(state, r"comes from 1 process\(es\); resume with the same number \(this run has 2\)", processes=2,
+            rank=1)
+    refused(state, "saved state comes from a run without FSDP; resume it with the same kind of launch", sharded=True)
+    refused(TrainingState(**{**state.__dict__, "sharded": True}), "comes from a run under FSDP")
+    wrong_shape = {name: torch.zeros(3) for name in trainable}
+    refused(TrainingState(**{**state.__dict__, "trainable": wrong_shape}), "the saved state does not fit this model")
+    unknown = {"no.such.weight": torch.zeros(3)}
+    refused(TrainingState(**{**state.__dict__, "trainable": unknown}), "the saved state does not fit this model")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "nothing was copied in before the refusal"
+
+
 def test_lora_sigkill_then_resume(llada_dir, forget_file, retain_file, tmp_path):
     lora = ["--lora", "--lora-r", "4", "--save-adapter"]
     straight = tmp_path / "straight"

@@ -447,3 +447,23 @@ def test_joint_accounting_without_a_retain_file_is_a_usage_error(llada_dir, forg
                                       str(tmp_path / "out"), "--batch-accounting", "joint"])
     assert result.exit_code == 2 and "--batch-accounting joint mixes forget and retain rows" in result.stderr
     assert snapshot(forget_file) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n, batch_size", [(5, 2), (3, 4), (4, 4), (7, 3)])
+def test_the_retain_stream_is_successive_shuffled_passes(n, batch_size):
+    """Separate accounting draws retain rows from an endless stream: read in
+    order, it is one shuffled pass over the n rows after another (each row once
+    a pass), cut into micro-batches of --batch-size, or of n when the retain set
+    is smaller than a batch (then each micro-batch is a whole pass, no row twice)."""
+    from mdu_cli.train import cycle_batches
+
+    stream = cycle_batches(n, batch_size, torch.Generator().manual_seed(0))
+    batches = [next(stream) for _ in range(12)]
+    size = min(batch_size, n)
+    assert all(len(b) == size for b in batches)
+    if size == n:
+        assert all(sorted(b) == list(range(n)) for b in batches)
+    flat = [i for b in batches for i in b]
+    passes = [flat[k:k + n] for k in range(0, len(flat) - n + 1, n)]
+    assert all(sorted(p) == list(range(n)) for p in passes), passes
+    assert len({tuple(p) for p in passes}) > 1, "each pass is shuffled anew"
