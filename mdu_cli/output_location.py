@@ -6,7 +6,9 @@
   (`.NAME.old-XXXX`), then deleted.
 - `--overwrite` may delete the old output and nothing else: no input (data
   file, config file, chat template, base model, the state being resumed) may
-  be that output or lie inside it.
+  be that output or lie inside it, and the directory must be recognisably an
+  mdu output: its run record (mdu_run.json) and nothing that mdu does not
+  write (`OUTPUT_FILES`). Neither may it be the working directory or hold it.
 - One run at a time per output: a lock file beside it (`.NAME.lock`), held
   with `flock` for the whole run. The holder removes what killed runs left
   (staging, renamed-aside outputs, half-written states).
@@ -25,9 +27,20 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from mdu_cli.errors import MduError
+from mdu_cli.output_writer import TOKENIZER_FILES
 
 # A resumable state sits beside its output as OUT.mdu-state (see resume.py).
 STATE_SUFFIX = ".mdu-state"
+RUN_RECORD = "mdu_run.json"
+# Every name mdu writes into an output (unlearn, finetune, and eval's eval.json):
+# all that --overwrite may delete. A directory holding anything else is not
+# mdu's to replace.
+OUTPUT_FILES = (
+    "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
+    "README.md", RUN_RECORD, "train_log.jsonl", "delta_report.json", "delta_report.md", "eval.json",
+)
+# What a resumable state directory holds (resume.save_state).
+STATE_FILES = ("progress.json", "trainable.safetensors", "training.pt")
 # Room kept free beyond the expected size: metadata, tokenizer, report, card.
 SPACE_MARGIN_BYTES = 64 * 1024 * 1024
 
@@ -57,9 +70,12 @@ def check_out_dir(out: Path, overwrite: bool, base_dir: Optional[Path] = None,
     if out.name.endswith(STATE_SUFFIX) and out.is_dir() and any(out.iterdir()):
         raise MduError(f"--out {out} is where mdu keeps the resumable state of a run (resumed with --resume); "
                        "choose another directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise MduError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another directory")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if non_empty and not overwrite:
+        raise MduError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another directory")
+    if out.exists() and is_within(Path.cwd(), out):
+        raise MduError(f"--out {out} is, or holds, the working directory, which replacing the output would "
+                       "delete; choose another --out")
     # Checked with or without --overwrite: a publish replaces the directory
     # either way, and an input inside it would go with it.
     for path in ([base_dir] if base_dir else []) + list(protected):
@@ -69,6 +85,39 @@ def check_out_dir(out: Path, overwrite: bool, base_dir: Optional[Path] = None,
         if out.exists() and (is_within(path, out) or entry == folder or folder in entry.parents):
             raise MduError(f"--out {out} holds the input {path}, which replacing the output would delete; "
                            "choose another --out")
+    if non_empty:
+        if not (out / RUN_RECORD).is_file() or (out / RUN_RECORD).is_symlink():
+            raise MduError(f"--out {out} is not an mdu output (it has no {RUN_RECORD}), and --overwrite replaces "
+                           "only a previous mdu output; choose another --out, or empty it yourself")
+        foreign = foreign_entries(out, OUTPUT_FILES)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise MduError(f"--out {out} holds what mdu did not write ({shown}), which --overwrite would delete; "
+                           "move it out, or choose another --out")
+
+
+def foreign_entries(directory: Path, names: Iterable[str]) -> list[str]:
+    """The entries of `directory` that are not plain files matching `names`:
+    subfolders (shown with a trailing /), links and anything else."""
+    import fnmatch
+
+    names = tuple(names)
+    foreign = []
+    for entry in sorted(directory.iterdir()):
+        if entry.is_symlink() or not entry.is_file():
+            foreign.append(entry.name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+        elif not any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in names):
+            foreign.append(entry.name)
+    return foreign
+
+
+def remove_state(state_dir: Path) -> bool:
+    """Delete a finished run's resumable state, when it is one: mdu's files and
+    nothing else (a directory of the user's that happens to carry the name stays)."""
+    if not state_dir.is_dir() or state_dir.is_symlink() or foreign_entries(state_dir, STATE_FILES):
+        return False
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return True
 
 
 def check_report_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:

@@ -40,7 +40,7 @@ from mdu_cli.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
                              resolve_device, resolve_source)
 from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
-                                     publish, remove_leftovers)
+                                     publish, remove_leftovers, remove_state)
 from mdu_cli.run_monitor import Probe, parse_trackers, tracker_config
 from mdu_cli.resume import fingerprint, load_state, state_dir_for
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
@@ -386,7 +386,7 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         model, record = _write_output(model, full_state, run, result, staging, started, show_progress)
         check_out_dir(out, cfg.overwrite, base_dir=run.source.path, protected=run.inputs)
         publish(staging, out)
-        shutil.rmtree(run.state_dir, ignore_errors=True)  # the output is complete: nothing left to resume
+        remove_state(run.state_dir)  # the output is complete: nothing left to resume
     finally:
         # Close the process group before this rank leaves: the other ranks
         # return while the main process is still writing, and an interpreter

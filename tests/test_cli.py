@@ -148,9 +148,14 @@ def test_non_empty_out_needs_overwrite(llada_dir, forget_file, tmp_path):
     result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 1)
     assert_clean_failure(result, 1, "is not empty", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
-    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 1, "--overwrite")
+    # --overwrite replaces an mdu output, never a directory of the user's (tests/test_hostile_inputs.py).
+    (out / "keep.txt").unlink()
+    assert run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 1).exit_code == 0
+    first = (out / "mdu_run.json").read_text()
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 1, "--overwrite",
+                 "--seed", 7)
     assert result.exit_code == 0, result.stderr
-    assert not (out / "keep.txt").exists() and (out / "mdu_run.json").exists()
+    assert (out / "mdu_run.json").read_text() != first, "the previous output was replaced"
 
 
 def test_overwrite_refuses_to_delete_the_data(llada_dir, tmp_path):

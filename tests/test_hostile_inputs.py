@@ -347,6 +347,70 @@ def test_overwrite_never_deletes_an_input(victim, llada_dir, tmp_path, no_weight
     assert snapshot(tmp_path) == before
 
 
+# ---- what --overwrite may delete (issue 20, class 1) ------------------------------------------------------------
+
+@pytest.mark.parametrize("case, message", [
+    ("user-folder", "is not an mdu output (it has no mdu_run.json)"),
+    ("run-record-only-by-name", "holds what mdu did not write (photos/, taxes.txt)"),
+    ("mdu-output-plus-a-file", "holds what mdu did not write (taxes.txt)"),
+    ("mdu-output-plus-a-folder", "holds what mdu did not write (checkpoints/)"),
+    ("mdu-output-plus-a-link", "holds what mdu did not write (model-link.safetensors)"),
+    ("working-directory", "is, or holds, the working directory"),
+    ("parent-of-working-directory", "is, or holds, the working directory"),
+])
+def test_overwrite_replaces_nothing_but_an_mdu_output(case, message, unlearned, llada_dir, forget_file, tmp_path,
+                                                      monkeypatch, no_weight_loads):
+    """--overwrite deletes a previous mdu output and nothing else: a folder
+    without the run record, or one holding anything mdu does not write (a
+    file, a subfolder, a link), or the working directory itself, is refused
+    before any weight loads, and the whole tree is byte-identical after."""
+    out = tmp_path / "out"
+    if case == "user-folder" or case == "run-record-only-by-name":
+        out.mkdir()
+        (out / "taxes.txt").write_text("2025")
+        (out / "photos").mkdir()
+        (out / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+        if case == "run-record-only-by-name":
+            (out / "mdu_run.json").write_text("{}")
+    else:
+        shutil.copytree(unlearned, out)
+    if case == "mdu-output-plus-a-file":
+        (out / "taxes.txt").write_text("2025")
+    if case == "mdu-output-plus-a-folder":
+        (out / "checkpoints").mkdir()
+        (out / "checkpoints" / "step-100.safetensors").write_bytes(b"x")
+    if case == "mdu-output-plus-a-link":
+        (tmp_path / "elsewhere.safetensors").write_bytes(b"x")
+        (out / "model-link.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    if case == "working-directory":
+        monkeypatch.chdir(out)
+    if case == "parent-of-working-directory":
+        (out / "notebooks").mkdir()
+        monkeypatch.chdir(out / "notebooks")
+    before = snapshot(tmp_path)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--overwrite")
+    assert_one_line_error(result, 1, message)
+    assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_an_mdu_output_and_leaves_a_foreign_state_folder(unlearned, llada_dir, forget_file,
+                                                                            tmp_path):
+    """The positive side: a previous output (with the eval.json `mdu eval`
+    wrote into it) is replaced; a folder named like the run's resumable state
+    but holding the user's files is not mdu's, and stays after the run."""
+    out = tmp_path / "out"
+    shutil.copytree(unlearned, out)
+    (out / "eval.json").write_text("{}")
+    state = tmp_path / "out.mdu-state"
+    state.mkdir()
+    (state / "notes.txt").write_text("mine")
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--overwrite",
+                 "--max-steps", 1)
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "eval.json").exists(), "the old output went as a whole"
+    assert (state / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("overwrite: \"false\"\n", "run.yaml:3: overwrite must be true or false"),
     ("tau: [1, 2]\n", "run.yaml:3: tau must be a single number, got a list"),
