@@ -27,6 +27,7 @@ from mdu_cli.output_writer import TOKENIZER_FILES
 from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
 from mdu_cli.output_location import is_within
+from mdu_cli.publication import check_published, encoded, local_names, public_paperwork
 from mdu_cli.safetensors_reader import Checkpoint, open_directory
 
 # The model and its paperwork. Anything else in the directory stays behind.
@@ -54,6 +55,8 @@ class UploadPlan:
     delete: list[str] = field(default_factory=list)    # revision files removed in the same commit (known at push)
     card: str = "keep"                                 # "write" or "keep"
     card_text: Optional[str] = None                    # the card to upload, when card == "write"
+    # The paperwork sent from memory with local paths taken out (publication.py): name -> bytes.
+    from_memory: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"upload": self.upload, "skip": self.skip, "delete": self.delete}
@@ -161,14 +164,21 @@ def _readable_file(path: Path, relative: str, directory: Optional[Path] = None) 
 
 
 def plan_upload(directory: Path, weights: Checkpoint, regenerate_card: bool = False,
-                repo_id: Optional[str] = None) -> UploadPlan:
+                repo_id: Optional[str] = None, include_local_paths: bool = False) -> UploadPlan:
     """Which files go up and which stay behind, with the reason; every file to
     upload is checked readable here, before any network call. `weights` is
-    what `check_output_dir` found."""
+    what `check_output_dir` found. Unless `include_local_paths`, the run's
+    paperwork goes up without local paths, and nothing that goes up may name
+    one (publication.py)."""
     directory = Path(directory)
     plan = UploadPlan(card=card_action(directory, regenerate_card))
+    published, forbidden = None, set()
+    if not include_local_paths:
+        published, found = public_paperwork(directory)
+        forbidden = local_names(found, directory)
+        plan.from_memory = {name: encoded(document) for name, document in published.items()}
     if plan.card == "write":
-        plan.card_text = render_card(directory, repo_id)
+        plan.card_text = render_card(directory, repo_id, documents=published)
     entries = _walk(directory)
     if plan.card == "write":
         entries.setdefault(CARD_NAME, directory / CARD_NAME)
@@ -177,6 +187,10 @@ def plan_upload(directory: Path, weights: Checkpoint, regenerate_card: bool = Fa
         reason = _skip_reason(relative)
         if reason is None and relative == CARD_NAME and plan.card == "write":
             plan.upload.append({"path": relative, "size": len(plan.card_text.encode("utf-8"))})
+            continue
+        if reason is None and relative in plan.from_memory:
+            _readable_file(path, relative, directory)
+            plan.upload.append({"path": relative, "size": len(plan.from_memory[relative]), "local_paths": "removed"})
             continue
         if reason is None:
             size, target = _readable_file(path, relative, directory)
@@ -191,7 +205,25 @@ def plan_upload(directory: Path, weights: Checkpoint, regenerate_card: bool = Fa
             size = 0
         plan.skip.append({"path": relative, "size": size, "reason": reason})
     _check_weights_planned(directory, weights, plan)
+    if forbidden:
+        check_published(_published_texts(directory, plan), forbidden)
     return plan
+
+
+def _published_texts(directory: Path, plan: UploadPlan) -> dict[str, str]:
+    """Everything the plan sends but the weights, as text: what a local name must not be in."""
+    texts = {}
+    for entry in plan.upload:
+        name = entry["path"]
+        if name.endswith(".safetensors"):
+            continue
+        if name == CARD_NAME and plan.card == "write":
+            texts[name] = plan.card_text
+        elif name in plan.from_memory:
+            texts[name] = plan.from_memory[name].decode("utf-8")
+        else:
+            texts[name] = (directory / name).read_bytes().decode("utf-8", errors="replace")
+    return texts
 
 
 def _check_weights_planned(directory: Path, weights: Checkpoint, plan: UploadPlan) -> None:
@@ -287,7 +319,7 @@ def validate_repo_id(repo_id: str) -> Optional[str]:
 def push(directory: Path, repo_id: str, *, private: bool = False, revision: Optional[str] = None,
          create_pr: bool = False, commit_message: Optional[str] = None, token: Optional[str] = None,
          regenerate_card: bool = False, endpoint: Optional[str] = None,
-         timeout: Optional[float] = None) -> PushResult:
+         timeout: Optional[float] = None, include_local_paths: bool = False) -> PushResult:
     """Create the repo if needed, then one commit: the planned files, and the
     deletion of the revision's stale model files."""
     problem = validate_repo_id(repo_id)
@@ -297,7 +329,7 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
         raise MduError("HF_HUB_OFFLINE is set, and mdu push needs the network; unset it (or use --dry-run)")
     directory = Path(directory)
     run, weights = check_output_dir(directory)
-    plan = plan_upload(directory, weights, regenerate_card, repo_id)
+    plan = plan_upload(directory, weights, regenerate_card, repo_id, include_local_paths)
     token = _token(token)
     if not run["base_model"].get("is_hub"):
         log.info("Notice: the base was a local checkpoint, so the card names no base_model")
@@ -310,12 +342,15 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
     additions = []
     for entry in plan.upload:
         # The card is sent from memory: the local directory is an input, never rewritten.
-        content = plan.card_text.encode("utf-8") if entry["path"] == CARD_NAME and plan.card == "write" \
-            else str(directory / entry["path"])
+        if entry["path"] == CARD_NAME and plan.card == "write":
+            content = plan.card_text.encode("utf-8")
+        else:
+            content = plan.from_memory.get(entry["path"], str(directory / entry["path"]))
         additions.append(CommitOperationAdd(path_in_repo=entry["path"], path_or_fileobj=content))
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
-    message = commit_message or f"Upload {run['base_model'].get('id')} unlearned with mdu " \
-                                f"(tau={run['config'].get('tau')})"
+    base = run["base_model"].get("id") if run["base_model"].get("is_hub") or include_local_paths \
+        else "a local checkpoint"
+    message = commit_message or f"Upload {base} unlearned with mdu (tau={run['config'].get('tau')})"
     try:
         repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         if revision and not create_pr:

@@ -75,12 +75,14 @@ def _loading_snippet(run: dict, model_ref: str) -> str:
     remote = run["family"] in REMOTE_CODE_FAMILIES
     if run["config"].get("save_adapter"):
         auto = "AutoModel" if remote else "AutoModelForMaskedLM"
+        # A local base is named by no path of the user's: the reader has their own copy.
+        base_ref = run["base_model"]["id"] if run["base_model"].get("is_hub") else "path/to/the/base/model"
         trust = ", trust_remote_code=True" if remote else ""
         return (
             "This repository holds a LoRA adapter; load the base, then the adapter:\n\n"
             "```python\n"
             f"from peft import PeftModel\nfrom transformers import {auto}\n\n"
-            f'base = {auto}.from_pretrained("{run["base_model"]["id"]}"{trust})\n'
+            f'base = {auto}.from_pretrained("{base_ref}"{trust})\n'
             f'model = PeftModel.from_pretrained(base, "{model_ref}").merge_and_unload()\n'
             "```"
         )
@@ -166,21 +168,27 @@ def _eval_section(evaluation: dict) -> list[str]:
     return lines + [""]
 
 
-def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[str] = None) -> str:
+def render_card(out_dir: Path, repo_id: Optional[str] = None, title: Optional[str] = None,
+                documents: Optional[dict] = None) -> str:
+    """The card of an output; `documents` ({file name: parsed JSON}) stands in
+    for the files on disk (a push renders from the copies it publishes)."""
     try:
-        return _render_card(Path(out_dir), repo_id, title)
+        return _render_card(Path(out_dir), repo_id, title, documents)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         # Only a hand-edited or damaged run record gets here.
         raise MduError(f"{out_dir}: mdu_run.json, delta_report.json or eval.json lacks a field the card needs, or "
                        "holds a value of the wrong type; restore the files `mdu unlearn` wrote") from None
 
 
-def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str]) -> str:
-    run = _load_json(out_dir / "mdu_run.json")
+def _render_card(out_dir: Path, repo_id: Optional[str], title: Optional[str], documents: Optional[dict]) -> str:
+    def document(name: str) -> Optional[dict]:
+        return documents.get(name) if documents is not None else _load_json(out_dir / name)
+
+    run = document("mdu_run.json")
     if run is None:
         raise MduError(f"{out_dir}: no mdu_run.json; the card is made from an `mdu unlearn` output")
-    delta = _load_json(out_dir / "delta_report.json")
-    evaluation = _load_json(out_dir / "eval.json")
+    delta = document("delta_report.json")
+    evaluation = document("eval.json")
     cfg, base = run["config"], run["base_model"]
     base_ref = f"[{base['id']}](https://huggingface.co/{base['id']})" if base.get("is_hub") else "A local checkpoint"
     title = repo_id.split("/")[-1] if repo_id else title or out_dir.name

@@ -347,6 +347,104 @@ def test_overwrite_never_deletes_an_input(victim, llada_dir, tmp_path, no_weight
     assert snapshot(tmp_path) == before
 
 
+# ---- what is published (issue 20, class 3) ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def private_output(tmp_path_factory, llada_dir):
+    """An output whose every local name is private: the forget file is named
+    after the person, under the user's folders, with eval.json (TOFU-style
+    reference included) written by `mdu eval`; and an adapter output of the
+    same local base."""
+    from mdu_cli.config import build_config
+    from mdu_cli.unlearn import run_unlearn
+
+    home = tmp_path_factory.mktemp("home-of-jdoe")
+    data = home / "cases" / "john-doe"
+    data.mkdir(parents=True)
+    forget = data / "forget-john-doe.jsonl"
+    forget.write_text(json.dumps({"question": "Where does Astrid Halvorsen live?",
+                                  "answer": "Astrid Halvorsen lives in Velloria."}) + "\n")
+    base = home / "models" / "tiny-llada-base"
+    shutil.copytree(llada_dir, base)
+    outputs = {}
+    for kind, extra in (("full", {}), ("adapter", {"lora": True, "lora_r": 2, "save_adapter": True})):
+        out = home / "outputs" / f"llada-forgot-john-doe-{kind}"
+        run_unlearn(build_config({}, dict(model=str(base), forget=str(forget), out=str(out), max_steps=1, **extra)),
+                    show_progress=False)
+        outputs[kind] = out
+    evaluation = json.loads((outputs["full"] / "mdu_run.json").read_text())["data"]
+    (outputs["full"] / "eval.json").write_text(json.dumps({"benchmark": "tofu",
+        "model": str(outputs["full"]), "data": evaluation, "reference": {"path": str(data / "reference-john.json"),
+                                                                         "model": str(home / "ref-john-doe")},
+        "splits": {"forget": {"probability": 0.1}}, "forget_quality": 0.5, "model_utility": 0.4,
+        "model_utility_components": {"retain.probability": 0.4}}))
+    return home, outputs
+
+
+def _leaks(blob: bytes, home: Path) -> list[str]:
+    text = blob.decode("utf-8", errors="replace")
+    return [word for word in (str(home), "john-doe", "forget-john-doe.jsonl", "/tmp/") if word in text]
+
+
+@pytest.mark.parametrize("kind", ["full", "adapter"])
+def test_push_publishes_no_local_path_or_file_name(kind, hub, private_output):
+    """What goes up says what the model is and how it was made (hashes, options,
+    the loss curve, the evaluation), never where the user keeps things: no
+    path, no data file's name (the person being forgotten), in any file or the
+    commit message; the local directory is untouched."""
+    home, outputs = private_output
+    out = outputs[kind]
+    before = snapshot(out)
+    result = run("push", out, "--repo-id", "me/forgot", "--json")
+    assert result.exit_code == 0, result.stderr
+    files = hub.committed_files()
+    for name, blob in files.items():
+        assert not _leaks(blob, home), (name, _leaks(blob, home))
+    assert not _leaks(json.dumps(hub.commits[-1]["header"]).encode(), home), hub.commits[-1]["header"]
+    published = json.loads(files["mdu_run.json"])
+    local = json.loads((out / "mdu_run.json").read_text())
+    assert published["data"]["forget"]["sha256"] == local["data"]["forget"]["sha256"], "the hash still identifies"
+    assert published["data"]["forget"]["path"] == "(local)" and published["config"]["forget"] == "(local)"
+    assert published["config"]["tau"] == local["config"]["tau"] and published["losses"] == local["losses"]
+    if kind == "adapter":
+        assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "(local)"
+        assert "path/to/the/base/model" in files["README.md"].decode()
+    else:
+        assert json.loads(files["eval.json"])["reference"] == {"path": "(local)", "model": "(local)"}
+        assert "| reference model | (local) |" in files["README.md"].decode()
+    assert snapshot(out) == before, "the local record keeps its paths"
+
+
+def test_local_paths_go_up_only_when_asked(hub, private_output):
+    home, outputs = private_output
+    result = run("push", outputs["full"], "--repo-id", "me/forgot", "--include-local-paths")
+    assert result.exit_code == 0, result.stderr
+    files = hub.committed_files()
+    assert files["mdu_run.json"] == (outputs["full"] / "mdu_run.json").read_bytes()
+    assert "forget-john-doe.jsonl" in files["mdu_run.json"].decode()
+
+
+@pytest.mark.parametrize("where", ["README.md", "tokenizer_config.json"])
+def test_a_local_name_anywhere_in_what_goes_up_refuses_the_push(where, hub, private_output, tmp_path):
+    """The last check reads every text that would go up: a card the user wrote,
+    or a file copied from the base, that names the forget file or a local
+    path refuses the push before any network call, in one line that names the
+    file; --dry-run refuses alike."""
+    home, outputs = private_output
+    out = tmp_path / "out"
+    shutil.copytree(outputs["full"], out)
+    if where == "README.md":
+        (out / "README.md").write_text("# My model\nForgot what is in forget-john-doe.jsonl.\n")
+    else:
+        settings = json.loads((out / where).read_text())
+        (out / where).write_text(json.dumps({**settings, "name_or_path": str(home / "models" / "tiny-llada-base")}))
+    before = snapshot(out)
+    for extra in ([], ["--dry-run"]):
+        result = run("push", out, "--repo-id", "me/forgot", *extra)
+        assert_one_line_error(result, 1, f"{where} would publish the local name", "--include-local-paths")
+    assert hub.requests == [] and snapshot(out) == before
+
+
 # ---- what --overwrite may delete (issue 20, class 1) ------------------------------------------------------------
 
 @pytest.mark.parametrize("case, message", [

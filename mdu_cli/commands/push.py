@@ -33,19 +33,23 @@ Examples:
 @click.option("--commit-message", help="Commit message.  [default: names the base and tau]")
 @click.option("--token", help="Hub token; default: HF_TOKEN or the `hf auth login` cache. Never printed.")
 @click.option("--regenerate-card", is_flag=True, help="Replace a README.md you wrote with the generated card.")
+@click.option("--include-local-paths", is_flag=True,
+              help="Publish mdu_run.json, the delta report and eval.json as they are, with the local paths and "
+                   "file names they record (by default these are taken out, and a push that would still publish "
+                   "one is refused).")
 @click.option("--dry-run", is_flag=True, help="Print the upload plan and touch no network.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the Hub to connect or answer each request.  [default: MDU_HUB_TIMEOUT or 60]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as one JSON document.")
-def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card, dry_run, timeout,
-         as_json) -> None:
+def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card,
+         include_local_paths, dry_run, timeout, as_json) -> None:
     """Upload an `mdu unlearn` output DIRECTORY to the Hugging Face Hub.
 
     Only the model and its paperwork go up: weights and index, config,
     generation config, tokenizer files, remote-code .py files, the model card
     (README.md, regenerated from mdu_run.json, the delta report and eval.json),
-    mdu_run.json and the delta report. Data files, logs and hidden files stay
-    behind. The same commit deletes the revision's model files (weights, index,
+    mdu_run.json and the delta report, these with every local path and file
+    name taken out. Data files, logs and hidden files stay behind. The same commit deletes the revision's model files (weights, index,
     adapter, config, code, tokenizer, reports) that this output does not have,
     so the revision holds exactly this model. Nothing in DIRECTORY is changed.
     Re-running the same command resumes an interrupted upload.
@@ -60,13 +64,15 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
         raise click.BadParameter(problem, param_hint="--repo-id")
     if dry_run:
         _, weights = check_output_dir(directory)
-        plan = plan_upload(directory, weights, regenerate_card, repo_id)
+        plan = plan_upload(directory, weights, regenerate_card, repo_id, include_local_paths)
         if as_json:
             click.echo(json.dumps(plan.as_dict(), indent=2))
             return
         click.echo(f"Would upload to {repo_id}" + (" (private)" if private else "") + ":")
         for entry in plan.upload:
             note = "  (card, regenerated)" if entry["path"] == "README.md" and plan.card == "write" else ""
+            if entry.get("local_paths") == "removed":
+                note = "  (local paths taken out)"
             if "link_to" in entry:
                 note = f"  (read through the link to {printable(entry['link_to'])})"
             click.echo(f"  {human_size(entry['size']):>9}  {printable(entry['path'])}{note}")
@@ -78,7 +84,8 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
         return
 
     result = run_push(directory, repo_id, private=private, revision=revision, create_pr=create_pr,
-                      commit_message=commit_message, token=token, regenerate_card=regenerate_card, timeout=timeout)
+                      commit_message=commit_message, token=token, regenerate_card=regenerate_card, timeout=timeout,
+                      include_local_paths=include_local_paths)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
