@@ -28,6 +28,7 @@ from mdu_cli.output_location import check_report_file
 from mdu_cli.report_format import text_table
 from mdu_cli.generation_settings import DEFAULT_GENERATION, generation_kwargs, resolve_generation
 from mdu_cli.sampling import generate
+from mdu_cli.tokenization import encode_text
 from mdu_cli.families import model_logits
 
 EVAL_FILE = "eval.json"
@@ -68,7 +69,7 @@ def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[i
 def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, samples: int,
                  generator: torch.Generator, batch_size: int = 32) -> float:
     """The estimator's mean score for one answer (its probability is exp(-score))."""
-    answer_ids = list(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    answer_ids = encode_text(loaded.tokenizer, answer)
     if not answer_ids:
         return float("nan")
     scores = answer_scores(loaded, prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator), batch_size)
@@ -117,7 +118,7 @@ def check_lengths(loaded: LoadedModel, records: list[Record], generation: dict) 
     for record in records:
         prompt = len(loaded.prompt_ids(record.prompt_messages, where=record.source))
         for answer in (record.response, *record.perturbed, *([record.paraphrased] if record.paraphrased else [])):
-            answer_tokens = len(loaded.tokenizer(answer, add_special_tokens=False)["input_ids"])
+            answer_tokens = len(encode_text(loaded.tokenizer, answer))
             loaded.check_length(prompt + answer_tokens, record.source, "the prompt with its answer")
         if new_tokens:
             loaded.check_length(prompt + new_tokens, record.source,

@@ -63,13 +63,13 @@ class Probe:
 
     def __init__(self, forget: Sequence, retain: Sequence, records: int, tokenizer, family, mask_token_id: int,
                  seed: int):
-        from mdu_cli.tokenization import encode_prompt
+        from mdu_cli.tokenization import encode_prompt, encode_text
 
         # Tokenised as `mdu eval` does (the answer's text, without the end of
         # turn), so that the probe's last value is what `mdu eval` reports.
         self.splits = {
             split: [(encode_prompt(tokenizer, r.prompt_messages, where=r.source),
-                     list(tokenizer(r.response, add_special_tokens=False)["input_ids"])) for r in records[:count]]
+                     encode_text(tokenizer, r.response)) for r in records[:count]]
             for split, records, count in (("forget", list(forget), records), ("retain", list(retain), records))
         }
         self.family, self.mask_token_id, self.seed = family, mask_token_id, seed

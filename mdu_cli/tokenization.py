@@ -6,11 +6,19 @@ own: the final assistant content plus the template's end-of-turn marker.
 Tokenising the two parts separately is what guarantees that no prompt token is
 ever counted as response, and that a trailing assistant header (the hub LLaDA
 template appends one even without `add_generation_prompt`) never is either.
+
+Record text is tokenised as text: a question or answer that contains the text
+of one of the tokenizer's control tokens (`[MASK]`, `<|mdm_mask|>`,
+`<|eot_id|>`, `<|start_header_id|>`, ...) gets the ordinary tokens of those
+characters, never the control token, so data can neither put mask tokens
+into the clean targets nor fake a turn of the chat template. Only the
+template's own markup becomes control tokens.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -58,6 +66,60 @@ def _is_special(tokenizer, token_id: int) -> bool:
     return bool(added is not None and getattr(added, "special", False))
 
 
+# Stands in for a control token's text inside record text while the chat
+# template renders: characters of a Unicode private-use plane that no template
+# transforms (trim and friends touch whitespace only).
+_CONTROL_OPEN, _CONTROL_CLOSE = "\U000f0000", "\U000f0001"
+_PLACEHOLDER = re.compile(f"{_CONTROL_OPEN}(\\d+){_CONTROL_CLOSE}")
+
+
+def control_texts(tokenizer) -> list[str]:
+    """The texts this tokenizer reads as control tokens (its special and
+    added special tokens), longest first so that no shorter one splits a
+    longer one."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    texts |= {token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+              if getattr(token, "special", False)}
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def _hide_controls(text: str, controls: list[str], hidden: list[str]) -> str:
+    """`text` with each control token's text replaced by a numbered placeholder
+    (appended to `hidden`), to be tokenised as plain text later."""
+    if not any(c in text for c in controls):
+        return text
+    pattern = re.compile("|".join(re.escape(c) for c in controls))
+
+    def placeholder(match: re.Match) -> str:
+        hidden.append(match.group(0))
+        return f"{_CONTROL_OPEN}{len(hidden) - 1}{_CONTROL_CLOSE}"
+
+    return pattern.sub(placeholder, text)
+
+
+def _ids(tokenizer, text: str, hidden: list[str]) -> list[int]:
+    """Token ids of `text`, each placeholder tokenised as the plain text it hides.
+    Without placeholders this is exactly the tokenizer's own call: text with no
+    control token's text in it tokenises as it always did."""
+    if not hidden:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+    ids: list[int] = []
+    parts = _PLACEHOLDER.split(text)
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if part:
+                ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+        else:
+            ids += tokenizer(hidden[int(part)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Record text (an answer) as token ids, control tokens' text as plain text."""
+    hidden: list[str] = []
+    return _ids(tokenizer, _hide_controls(text, control_texts(tokenizer), hidden), hidden)
+
+
 def end_of_turn_id(tokenizer) -> Optional[int]:
     """The token the chat template puts right after an assistant answer, if it is
     a special token (`<|eot_id|>` for LLaDA, `<|im_end|>` for Qwen/Dream).
@@ -93,9 +155,14 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
 
 
 def encode_prompt(tokenizer, prompt_messages: list[dict], where: str = "") -> list[int]:
-    text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True, where=where)
+    """The prompt's token ids: the chat template's markup as control tokens, the
+    turns' own text as text."""
+    controls, hidden = control_texts(tokenizer), []
+    messages = [{**m, "content": _hide_controls(m["content"], controls, hidden)}
+                if isinstance(m.get("content"), str) else m for m in prompt_messages]
+    text = render_chat(tokenizer, messages, add_generation_prompt=True, where=where)
     # The template already writes BOS and every special token as text.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return _ids(tokenizer, text, hidden)
 
 
 def encode_dataset(dataset: Dataset, tokenizer, max_length: int, positions: Optional[int] = None) -> list[Example]:
@@ -115,7 +182,7 @@ def encode_dataset(dataset: Dataset, tokenizer, max_length: int, positions: Opti
     examples, problems, cut = [], [], 0
     for record in dataset.records:
         prompt_ids = encode_prompt(tokenizer, record.prompt_messages, where=record.source)
-        response_ids = list(tokenizer(record.response, add_special_tokens=False)["input_ids"])
+        response_ids = encode_text(tokenizer, record.response)
         if eot is not None:
             response_ids.append(eot)
         if len(prompt_ids) >= max_length:
