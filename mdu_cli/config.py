@@ -126,6 +126,9 @@ class UnlearnConfig:
 
         if not self.model:
             raise bad("model", "is required: a local checkpoint directory or a Hub model id")
+        from mdu_cli.hub_session import check_revision
+
+        check_revision(self.revision, "--revision")
         if not self.forget:
             if self.method == "finetune":
                 raise ConfigError("--data is required: the JSONL or JSON file of records to train on")

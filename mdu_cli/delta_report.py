@@ -470,8 +470,11 @@ def check_report_outputs(base: str, other: str, outputs: dict[str, Optional[Path
 def diff(base: str, other: str, revision_base: Optional[str] = None, revision_other: Optional[str] = None,
          top: int = 20, show_progress: bool = True) -> dict:
     """`mdu diff` as a library call: open both sides, compare, return the report."""
+    from mdu_cli.hub_session import check_revision
     from mdu_cli.safetensors_reader import open_checkpoint
 
+    check_revision(revision_base, "--revision-base")
+    check_revision(revision_other, "--revision-other")
     if is_adapter_dir(other):
         return compare_adapter(open_checkpoint(base, revision_base), Path(other), other, top=top,
                                show_progress=show_progress)

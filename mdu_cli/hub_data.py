@@ -64,6 +64,11 @@ def parse(value: str) -> HubFile:
         path, revision = path.rsplit("@", 1)
     if revision is not None and not revision:
         raise ConfigError(f"{value}: the revision after '@' is empty; drop the '@' or name a branch, tag or commit")
+    if revision is not None and "@" in path:
+        raise ConfigError(f"{value}: two revisions ('@' twice); name one branch, tag or commit")
+    from mdu_cli.hub_session import check_revision
+
+    check_revision(revision, f"{value}: the revision")
     for part in (owner, name):
         if not _NAME.fullmatch(part) or ".." in part or len(part) > 96:
             raise ConfigError(f"{value}: {part!r} is not a valid Hub owner or repository name")
@@ -90,6 +95,10 @@ def fetch(value: str) -> HubFile:
         from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                            RepositoryNotFoundError, RevisionNotFoundError)
 
+        from mdu_cli.hub_session import unsafe_answer
+
+        if unsafe_answer(err) is not None:
+            raise MduError(f"{value}: {unsafe_answer(err)}") from None
         if is_timeout(err):
             raise MduError(f"{value}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
                            "MDU_HUB_TIMEOUT to wait longer") from None

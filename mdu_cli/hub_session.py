@@ -8,15 +8,24 @@ its own this one: `--timeout` where a command has it, else the environment
 variable MDU_HUB_TIMEOUT, else DEFAULT_TIMEOUT_S. It bounds the connection and
 each wait for data, not a whole upload: a large file that keeps moving is
 never cut off.
+
+The same sessions read every answer before the library does: the strings a
+server sends that huggingface_hub turns into cache paths (the ETag names a
+blob, X-Repo-Commit and a repo's `sha` name a snapshot folder, a sibling's
+`rfilename` a file in it) must be plain names, or the request fails with
+`UnsafeHubAnswer` before anything is written. Revisions the user gives are
+checked by `check_revision` before they reach the library, which writes them
+into `refs/<revision>`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Optional
 
-from mdu_cli.errors import ConfigError
+from mdu_cli.errors import ConfigError, MduError
 
 DEFAULT_TIMEOUT_S = 60.0
 TIMEOUT_VARIABLE = "MDU_HUB_TIMEOUT"
@@ -41,6 +50,79 @@ def hub_timeout(explicit: Optional[float] = None) -> float:
     return value
 
 
+class UnsafeHubAnswer(MduError):
+    """A Hub answer that would place a file outside the cache."""
+
+
+# An ETag names a blob file: hex digests and the like, optionally quoted or weak.
+_ETAG = re.compile(r'(?:W/)?"?[0-9A-Za-z_-]{1,128}"?')
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_API_INFO = re.compile(r"/api/(?:models|datasets|spaces)/[^?]+")
+
+
+def _plain_relative(path) -> bool:
+    return (isinstance(path, str) and bool(path) and "\\" not in path and not path.startswith("/")
+            and all(part not in ("", ".", "..") for part in path.split("/")))
+
+
+def check_answer(method: str, url: str, response) -> None:
+    """Refuse an answer whose path-making strings are not plain (see the module docstring)."""
+    from urllib.parse import urlparse
+
+    host = urlparse(url).netloc
+    for header in ("ETag", "X-Linked-Etag"):
+        value = response.headers.get(header)
+        if value is not None and not _ETAG.fullmatch(value.strip()):
+            raise UnsafeHubAnswer(f"the Hub at {host} answered with the {header} {value[:80]!r}, which would "
+                                  "name a file outside the cache; nothing was written. Check HF_ENDPOINT")
+    commit = response.headers.get("X-Repo-Commit")
+    if commit is not None and not _COMMIT.fullmatch(commit.strip()):
+        raise UnsafeHubAnswer(f"the Hub at {host} answered with the commit {commit[:80]!r}, which is not a commit "
+                              "hash; nothing was written. Check HF_ENDPOINT")
+    if method.upper() != "GET" or not _API_INFO.fullmatch(urlparse(url).path) or \
+            "json" not in response.headers.get("Content-Type", ""):
+        return
+    try:
+        info = response.json()
+    except ValueError:
+        return  # not JSON after all: the library reports it
+    if not isinstance(info, dict):
+        return
+    if "sha" in info and info["sha"] is not None and not (isinstance(info["sha"], str) and _COMMIT.fullmatch(info["sha"])):
+        raise UnsafeHubAnswer(f"the Hub at {host} named the commit {str(info['sha'])[:80]!r}, which is not a commit "
+                              "hash; nothing was written. Check HF_ENDPOINT")
+    for sibling in info.get("siblings") or []:
+        name = sibling.get("rfilename") if isinstance(sibling, dict) else None
+        if not _plain_relative(name):
+            raise UnsafeHubAnswer(f"the Hub at {host} listed a file {str(name)[:80]!r} that would lie outside the "
+                                  "repository's folder; nothing was written. Check HF_ENDPOINT")
+
+
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def check_revision(revision: Optional[str], where: str) -> None:
+    """A branch, tag or commit as git allows its name (the library writes it
+    into refs/<revision> in the cache): ConfigError otherwise."""
+    if revision is None:
+        return
+    problem = None
+    if not isinstance(revision, str) or not revision:
+        problem = "is empty"
+    elif len(revision) > 256:
+        problem = "is longer than 256 characters"
+    elif _REF_FORBIDDEN.search(revision):
+        problem = "holds a space, a control character or one of ~ ^ : ? * [ \\"
+    elif ".." in revision or "//" in revision or "@{" in revision:
+        problem = "holds '..', '//' or '@{'"
+    elif revision.startswith(("/", "-")) or revision.endswith(("/", ".", ".lock")):
+        problem = "starts with '/' or '-', or ends with '/', '.' or '.lock'"
+    elif any(part.startswith(".") for part in revision.split("/")):
+        problem = "has a part starting with '.'"
+    if problem:
+        raise ConfigError(f"{where} {revision!r} {problem}: not a branch, tag or commit name")
+
+
 def bound_hub_requests(explicit: Optional[float] = None) -> float:
     """Make every later Hub request of this process time out; returns the timeout."""
     global _installed
@@ -63,7 +145,9 @@ def bound_hub_requests(explicit: Optional[float] = None) -> float:
         def request(method, url, *args, **kwargs):
             if kwargs.get("timeout") is None and len(args) < 7:  # timeout is the 7th after the url
                 kwargs["timeout"] = timeout
-            return send(method, url, *args, **kwargs)
+            response = send(method, url, *args, **kwargs)
+            check_answer(method, url, response)
+            return response
 
         session.request = request
         return session
@@ -71,6 +155,16 @@ def bound_hub_requests(explicit: Optional[float] = None) -> float:
     configure_http_backend(backend_factory=factory)
     _installed = timeout
     return timeout
+
+
+def unsafe_answer(err: BaseException) -> Optional[UnsafeHubAnswer]:
+    """The UnsafeHubAnswer behind an error the Hub client raised, if there is one."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, UnsafeHubAnswer):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def is_timeout(err: BaseException) -> bool:

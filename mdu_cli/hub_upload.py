@@ -325,6 +325,9 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
     problem = validate_repo_id(repo_id)
     if problem:
         raise MduError(f"--repo-id {printable(repo_id)} {problem}")
+    from mdu_cli.hub_session import check_revision
+
+    check_revision(revision, "--revision")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY:
         raise MduError("HF_HUB_OFFLINE is set, and mdu push needs the network; unset it (or use --dry-run)")
     directory = Path(directory)

@@ -69,8 +69,10 @@ def _hub_error(name: str, err: Exception) -> MduError:
         RevisionNotFoundError,
     )
 
-    from mdu_cli.hub_session import hub_timeout, is_timeout
+    from mdu_cli.hub_session import hub_timeout, is_timeout, unsafe_answer
 
+    if unsafe_answer(err) is not None:
+        return MduError(f"{name}: {unsafe_answer(err)}")
     if is_timeout(err):
         return MduError(f"{name}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
                         "MDU_HUB_TIMEOUT to wait longer, and run the same command again")
@@ -92,8 +94,9 @@ def snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError
 
-    from mdu_cli.hub_session import bound_hub_requests
+    from mdu_cli.hub_session import bound_hub_requests, check_revision
 
+    check_revision(revision, "--revision")
     bound_hub_requests()
     try:
         return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))

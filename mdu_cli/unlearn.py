@@ -300,9 +300,11 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     if trackers:
         logging_dir = Path(os.path.abspath(Path(cfg.logging_dir).expanduser() if cfg.logging_dir
                                            else out.parent / f"{out.name}-logs"))
-        # The output is replaced as a whole when it is published: logs inside it would vanish.
+        # The output is replaced as a whole when it is published: logs inside it
+        # would vanish. Nor may they go into an input (the base model's folder
+        # included) or hold one.
         if is_within(logging_dir, out) or any(is_within(logging_dir, p) or is_within(p, logging_dir)
-                                              for p in inputs if not p.is_dir()):
+                                              for p in [*inputs, source.path]):
             raise ConfigError(f"--logging-dir {logging_dir} lies inside --out or holds an input; "
                               "put the tracker logs elsewhere")
         if logging_dir.exists() and not logging_dir.is_dir():

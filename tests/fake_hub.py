@@ -30,6 +30,8 @@ class FakeHub:
         self.trees: dict[tuple[str, str], dict[str, bytes]] = {}  # (repo, revision) -> files
         # Dataset repositories for downloads: (repo, revision) -> (commit, {path: bytes}).
         self.datasets: dict[tuple[str, str], tuple[str, dict[str, bytes]]] = {}
+        # Headers a hostile Hub puts on its file answers instead of the true ones.
+        self.hostile_headers: dict[str, str] = {}
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -100,9 +102,10 @@ class FakeHub:
 
                 body = files[path]
                 self.send_response(200)
-                self.send_header("X-Repo-Commit", commit)
-                self.send_header("ETag", f'"{hashlib.sha1(body).hexdigest()}"')
-                self.send_header("Content-Length", str(len(body)))
+                headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+                           "Content-Length": str(len(body)), **hub.hostile_headers}
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 if method == "GET":
                     self.wfile.write(body)

@@ -347,6 +347,65 @@ def test_overwrite_never_deletes_an_input(victim, llada_dir, tmp_path, no_weight
     assert snapshot(tmp_path) == before
 
 
+# ---- writing only where it may write (issue 20, class 2) --------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--forget", "hf://datasets/o/ok/f.jsonl@../../victim/f.jsonl"], "holds '..'"),
+    (["--forget", "hf://datasets/o/ok@../../../victim/f.jsonl"], "holds '..'"),
+    (["--forget", "hf://datasets/o/ok/f.jsonl@v1/x.jsonl@v2"], "two revisions"),
+    (["--revision", "../../victim"], "--revision '../../victim' holds '..'"),
+    (["--revision", "/etc/passwd"], "starts with '/'"),
+    (["--revision", "main\nx"], "control character"),
+])
+def test_revisions_that_would_name_a_path_are_usage_errors(args, message, llada_dir, forget_file, tmp_path, hf_home,
+                                                           no_weight_loads):
+    """huggingface_hub writes a revision into refs/<revision> in its cache: a
+    revision that is not a plain branch, tag or commit name is refused before
+    any request, and nothing is written anywhere (the cache included)."""
+    model = ["--model", "GSAI-ML/tiny" if args[0] == "--revision" else str(llada_dir)]
+    data = [] if args[0] == "--forget" else ["--forget", str(forget_file)]
+    before = snapshot(tmp_path), snapshot(hf_home)
+    result = run("unlearn", *model, *data, *args, "--out", tmp_path / "out")
+    assert_one_line_error(result, 2, message)
+    assert (snapshot(tmp_path), snapshot(hf_home)) == before
+
+
+def test_diff_revisions_are_checked_alike(tmp_path):
+    result = run("diff", "me/model", "me/model", "--revision-base", "v1/../../x")
+    assert_one_line_error(result, 2, "--revision-base 'v1/../../x' holds '..'")
+
+
+@pytest.mark.parametrize("header, value, message", [
+    ("ETag", '"../../../escape"', "answered with the ETag"),
+    ("ETag", '"x/../../y"', "answered with the ETag"),
+    ("X-Repo-Commit", "../../../escape", "answered with the commit"),
+])
+def test_a_hostile_hub_cannot_place_a_file_outside_the_cache(header, value, message, hub, llada_dir, tmp_path):
+    """A server behind HF_ENDPOINT answering with an ETag or a commit that is
+    a path: the answer is refused before huggingface_hub turns it into a
+    file name, and nothing is written outside the cache (or anywhere in it,
+    but the empty folders the client makes first)."""
+    hub.datasets[("o/ok", "main")] = ("a" * 40, {"f.jsonl": b'{"question": "q", "answer": "a"}\n'})
+    hub.hostile_headers[header] = value
+    root = tmp_path.parent
+    outside = sorted(str(p) for p in root.rglob("*") if "escape" in p.name)
+    result = run("unlearn", "--model", llada_dir, "--forget", "hf://datasets/o/ok/f.jsonl", "--out", tmp_path / "out")
+    assert_one_line_error(result, 1, message, "nothing was written", "HF_ENDPOINT")
+    assert sorted(str(p) for p in root.rglob("*") if "escape" in p.name) == outside
+    assert not [p for p in Path(hub.cache).rglob("*") if p.is_file()], "no file in the cache either"
+    assert not (tmp_path / "out").exists()
+
+
+def test_tracker_logs_never_go_into_an_input_directory(llada_dir, forget_file, tmp_path, no_weight_loads):
+    base = tmp_path / "base"
+    shutil.copytree(llada_dir, base)
+    before = snapshot(tmp_path)
+    result = run("unlearn", "--model", base, "--forget", forget_file, "--out", tmp_path / "out",
+                 "--report-to", "tensorboard", "--logging-dir", base / "runs")
+    assert_one_line_error(result, 2, "--logging-dir", "holds an input")
+    assert snapshot(tmp_path) == before
+
+
 # ---- record text is text (issue 20, class 4) --------------------------------------------------------------------
 
 CONTROL_TEXT = {
