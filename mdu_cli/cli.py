@@ -85,7 +85,21 @@ class MduGroup(click.Group):
         except Exception as err:
             if debug:
                 raise
+            known = _known_failure(err)
+            if known:
+                raise Failure([known], 1) from None
             raise Failure([f"unexpected {type(err).__name__}: {err} (set {DEBUG_VARIABLE}=1 for the traceback)"]) from None
+
+
+def _known_failure(err: Exception) -> str | None:
+    """Library failures a user's setting causes, said as what to do."""
+    level = os.environ.get("ATEN_CPU_CAPABILITY")
+    if isinstance(err, RuntimeError) and level and "only supported when avx512 is supported" in str(err):
+        # torch 2.13's bf16 attention on an AVX-512-BF16 CPU takes a packing
+        # path that a lowered kernel level then refuses.
+        return (f"torch's bf16 kernels on this CPU need its native kernel level, and ATEN_CPU_CAPABILITY={level} "
+                "lowers it; unset ATEN_CPU_CAPABILITY, or run with --dtype fp32")
+    return None
 
 
 class _StderrHandler(logging.Handler):

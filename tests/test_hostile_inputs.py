@@ -890,3 +890,20 @@ def test_push_of_a_hand_edited_run_record_is_named(hub, push_dir):
     result = run("push", push_dir, "--repo-id", "me/x")
     assert_one_line_error(result, 1, "lacks a field the card needs")
     assert hub.requests == [] and snapshot(push_dir) == before
+
+
+def test_a_lowered_cpu_kernel_level_that_breaks_bf16_attention_is_named(llada_dir, forget_file, tmp_path, monkeypatch):
+    """torch 2.13's bf16 attention stops under ATEN_CPU_CAPABILITY=avx2 on an
+    AVX-512-BF16 CPU ("pack_vnni2 is only supported when avx512 is supported"):
+    the user's setting is named with the fix, never "unexpected"."""
+    import mdu_cli.unlearn
+
+    def stops(*args, **kwargs):
+        raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+
+    monkeypatch.setattr(mdu_cli.unlearn, "run_unlearn", stops)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "out", "--dtype", "bf16")
+    assert_one_line_error(result, 1, "ATEN_CPU_CAPABILITY=avx2 lowers it; unset ATEN_CPU_CAPABILITY, or run with "
+                                     "--dtype fp32")
+    assert "unexpected" not in result.stderr
