@@ -139,7 +139,8 @@ class UnlearnConfig:
             value = getattr(self, name)
             if value is not None and value not in choices:
                 raise bad(name, f"must be one of {', '.join(choices)} (got {value!r})")
-        for name in ("tau", "eta", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "npo_beta"):
+        for name in ("tau", "eta", "alpha", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "npo_beta",
+                     "lora_alpha", "lora_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise bad(name, f"must be a finite number (got {value!r})")

@@ -75,7 +75,9 @@ def prepare_inference(name: str, revision: Optional[str] = None, family: Optiona
     trust = decide_remote_code(source, trust_remote_code)
     tokenizer = load_tokenizer(source, trust, chat_template)
     if not getattr(tokenizer, "chat_template", None):
-        raise MduError(f"{name}: the tokenizer has no chat template; pass --chat-template FILE")
+        raise MduError(f"{name}: the tokenizer has no chat template; put the Jinja template the model was trained "
+                       "with into the model directory as chat_template.jinja (an output of `mdu unlearn "
+                       "--chat-template` carries its own)")
     mask_token_id = resolve_mask_token_id(chosen, source.config, tokenizer, source.name)
     device = resolve_device(device)
     return LoadedModel(None, tokenizer, chosen, mask_token_id, source, torch.device(device), trust,

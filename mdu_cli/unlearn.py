@@ -478,6 +478,12 @@ def _write_output(model, full_state, run: PreparedRun, result: TrainResult, stag
         if cfg.lora:
             model = model.merge_and_unload()  # full weights, loadable exactly like the base
         write_model(model, source.path, staging, cfg.shard_size_bytes, state_dict=full_state)
+    if cfg.chat_template:
+        # The template the run trained with goes with the weights (transformers
+        # reads chat_template.jinja before tokenizer_config.json), so `mdu eval`,
+        # `mdu generate` and anyone loading the output format prompts the same way.
+        (staging / "chat_template.jinja").write_text(run.tokenizer.chat_template, encoding="utf-8")
+        (staging / "chat_template.json").unlink(missing_ok=True)
     delta = write_delta_report(source, staging, run.out, show_progress)
     changed = sum(1 for tensor in delta["tensors"] if tensor["frac_changed"] > 0)
     if changed == 0:

@@ -907,3 +907,84 @@ def test_a_lowered_cpu_kernel_level_that_breaks_bf16_attention_is_named(llada_di
     assert_one_line_error(result, 1, "ATEN_CPU_CAPABILITY=avx2 lowers it; unset ATEN_CPU_CAPABILITY, or run with "
                                      "--dtype fp32")
     assert "unexpected" not in result.stderr
+
+
+# ---- numbers that mislead instead of failing (issue 20, class 5) -----------------------------------------------
+
+@pytest.mark.parametrize("option", ["--lora-alpha", "--lora-dropout", "--lr", "--tau", "--eta", "--alpha",
+                                    "--weight-decay", "--warmup-ratio", "--max-grad-norm", "--npo-beta"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_option_must_be_finite(option, value, llada_dir, forget_file, retain_file, tmp_path,
+                                           no_weight_loads):
+    """nan compares false against every bound, so a range check alone lets it
+    through to surface as a NaN loss blamed on --lr: each float option is a
+    usage error first."""
+    before = snapshot(forget_file, retain_file)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--retain", retain_file, "--lora",
+                 "--out", tmp_path / "out", option, value)
+    assert_one_line_error(result, 2, option, "must be")
+    assert snapshot(forget_file, retain_file) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["generate", "M", "--prompt", "hi", "--temperature", "nan"],
+                                  ["push", "D", "--repo-id", "me/x", "--timeout", "nan"]])
+def test_nan_is_no_value_for_a_range_option(args, tmp_path):
+    result = run(*args)
+    assert result.exit_code == 2 and "'nan' is not a finite number" in result.stderr
+
+
+def test_diff_refuses_a_stale_single_file_beside_an_index(tmp_path):
+    """transformers loads model.safetensors before it reads an index: a
+    directory with both (the index not naming the single file) is refused,
+    since reporting the shards would describe weights nobody loads."""
+    from safetensors.torch import save_file
+
+    base, other = tmp_path / "base", tmp_path / "other"
+    for directory in (base, other):
+        directory.mkdir()
+    save_file({"w": torch.ones(4)}, base / "model.safetensors")
+    save_file({"w": torch.zeros(4)}, other / "model.safetensors")
+    save_file({"w": torch.full((4,), 2.0)}, other / "model-00001-of-00001.safetensors")
+    (other / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    before = snapshot(tmp_path)
+    result = run("diff", base, other)
+    assert_one_line_error(result, 1, "holds both model.safetensors and model.safetensors.index.json",
+                          "transformers loads model.safetensors")
+    assert snapshot(tmp_path) == before
+
+
+# ---- outputs the tool can read back (issue 20, class 8) ----------------------------------------------------------
+
+def test_an_output_trained_with_a_chat_template_carries_it(masked_lm_dir, forget_file, tmp_path):
+    """A base without a chat template, unlearned with --chat-template: the
+    output holds the template, and `mdu eval` and `mdu generate` read it back
+    and format prompts exactly as training did."""
+    from mdu_cli.inference import load_for_inference
+    from mdu_cli.tokenization import encode_prompt
+
+    from tiny_models import BERT_CHAT_TEMPLATE
+
+    base = tmp_path / "base"
+    shutil.copytree(masked_lm_dir, base)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (base / name).unlink(missing_ok=True)
+    settings = json.loads((base / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(settings))
+    template = tmp_path / "my-template.jinja"
+    template.write_text(BERT_CHAT_TEMPLATE.replace("assistant:", "answer:"))
+    result = run("eval", base, "--forget", forget_file, "--mc-samples", 2, "--max-new-tokens", 0)
+    assert_one_line_error(result, 1, "has no chat template", "chat_template.jinja")
+    out = tmp_path / "out"
+    result = run("unlearn", "--model", base, "--forget", forget_file, "--chat-template", template, "--out", out,
+                 "--max-steps", 1)
+    assert result.exit_code == 0, result.stderr
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+    messages = [{"role": "user", "content": "who wrote the book ?"}]
+    loaded = load_for_inference(str(out))
+    assert loaded.prompt_ids(messages) == encode_prompt(loaded.tokenizer, messages)
+    assert loaded.tokenizer.convert_tokens_to_ids("answer") in loaded.prompt_ids(messages)
+    result = run("eval", out, "--forget", forget_file, "--mc-samples", 2, "--max-new-tokens", 0, "--json")
+    assert result.exit_code == 0, result.stderr
+    result = run("generate", out, "--prompt", "who wrote the book ?", "--max-new-tokens", 2, "--steps", 2)
+    assert result.exit_code == 0, result.stderr

@@ -6,6 +6,8 @@ import json
 
 import click
 
+from mdu_cli.commands import FiniteFloatRange
+
 from mdu_cli.generation_settings import ORDERINGS, PRESETS, requested as _generation
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
@@ -109,7 +111,7 @@ def eval_command(model, forget, retain, benchmark, tofu_split, real_authors, wor
 @click.command("generate", epilog=GENERATE_EXAMPLES)
 @click.argument("model")
 @click.option("--prompt", required=True, help="The user turn; the chat template is applied.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--temperature", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @_generation_options
 def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, block_length, ordering, device,

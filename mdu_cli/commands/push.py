@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from mdu_cli.commands import FiniteFloatRange
+
 EXAMPLES = """
 \b
 Examples:
@@ -38,7 +40,7 @@ Examples:
                    "file names they record (by default these are taken out, and a push that would still publish "
                    "one is refused).")
 @click.option("--dry-run", is_flag=True, help="Print the upload plan and touch no network.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", type=FiniteFloatRange(min=0, min_open=True),
               help="Seconds to wait for the Hub to connect or answer each request.  [default: MDU_HUB_TIMEOUT or 60]")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (and result) as one JSON document.")
 def push(directory, repo_id, private, revision, create_pr, commit_message, token, regenerate_card,
