@@ -182,9 +182,7 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
             if "forget" not in datasets:
                 raise ConfigError("--reference compares forget truth ratios; give --forget too")
             ref = tofu.read_reference(reference, datasets["forget"].sha256)
-            if ref["limit"] != limit:
-                raise MduError(f"--reference {reference}: it was evaluated with --limit {ref['limit']}, this run "
-                               f"with --limit {limit}; use the same records for both")
+            tofu.check_reference_matches(ref, len(splits["forget"]), limit, mc_samples, seed)
 
     model_dir = Path(model)
     target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file() else None

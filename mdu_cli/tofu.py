@@ -73,22 +73,48 @@ def record_measures(loaded: LoadedModel, record: Record, mc_samples: int, genera
                     batch_size: int) -> dict:
     """The likelihood numbers of one TOFU record (see the module docstring)."""
     prompt_ids = loaded.prompt_ids(record.prompt_messages, where=record.source)
-    gold = math.exp(-answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size))
+    gold_score = answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size)
     if record.paraphrased is not None and record.paraphrased != record.response:
-        paraphrased = math.exp(-answer_score(loaded, prompt_ids, record.paraphrased, mc_samples, generator,
-                                             batch_size))
+        paraphrased_score = answer_score(loaded, prompt_ids, record.paraphrased, mc_samples, generator, batch_size)
     else:
-        paraphrased = gold
-    perturbed = [math.exp(-answer_score(loaded, prompt_ids, answer, mc_samples, generator, batch_size))
-                 for answer in record.perturbed]
+        paraphrased_score = gold_score
+    perturbed_scores = [answer_score(loaded, prompt_ids, answer, mc_samples, generator, batch_size)
+                        for answer in record.perturbed]
+    gold, paraphrased = math.exp(-gold_score), math.exp(-paraphrased_score)
+    perturbed = [math.exp(-score) for score in perturbed_scores]
     measures = {
         "probability": gold,
         "paraphrased_probability": paraphrased,
         "perturbed_probability": sum(perturbed) / len(perturbed),
-        "truth_ratio": truth_ratio(perturbed, paraphrased),
-        "probability_normalised": gold / (gold + sum(perturbed)),
+        "truth_ratio": truth_ratio(perturbed, paraphrased, perturbed_scores, paraphrased_score),
+        "probability_normalised": normalised_probability(gold, perturbed, gold_score, perturbed_scores),
     }
     return measures
+
+
+def _log_sum_exp(values: list[float]) -> float:
+    top = max(values)
+    if math.isinf(top):
+        return top
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def _exp_or_inf(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def normalised_probability(gold: float, perturbed: list[float], gold_score: float,
+                           perturbed_scores: list[float]) -> float:
+    """P(answer) / (P(answer) + sum_j P(perturbed_j)). When every probability
+    underflows to 0 (a collapsed model), the same quotient from the per-token
+    scores (-log P), which stay finite: exp(-s - logsumexp(-s, -s_j))."""
+    total = gold + sum(perturbed)
+    if total > 0:
+        return gold / total
+    return math.exp(-gold_score - _log_sum_exp([-gold_score] + [-s for s in perturbed_scores]))
 
 
 def rouge_scores(loaded: LoadedModel, records: list[Record], generation: dict, batch_size: int) -> list[float]:
@@ -106,12 +132,21 @@ def rouge_scores(loaded: LoadedModel, records: list[Record], generation: dict, b
     return scores
 
 
-def truth_ratio(perturbed: list[float], paraphrased: float) -> float:
+def truth_ratio(perturbed: list[float], paraphrased: float, perturbed_scores: Optional[list[float]] = None,
+                paraphrased_score: Optional[float] = None) -> float:
     """R = mean_j P(perturbed_j) / P(paraphrased), per-token probabilities.
-    A paraphrase of probability 0 (underflow) makes R infinite, which the
-    aggregates below treat as "the model prefers the wrong answers"."""
+    When the paraphrase's probability underflows to 0 the quotient comes from
+    the per-token scores (-log P) where they are given: exp(logmeanexp(-s_j)
+    + s_para), infinite only when it really overflows; without them R is
+    infinite, which the aggregates below treat as "the model prefers the
+    wrong answers"."""
     mean = sum(perturbed) / len(perturbed)
-    return mean / paraphrased if paraphrased > 0 else math.inf
+    if paraphrased > 0:
+        return mean / paraphrased
+    if perturbed_scores is None or paraphrased_score is None or math.isnan(paraphrased_score):
+        return math.inf
+    log_mean = _log_sum_exp([-s for s in perturbed_scores]) - math.log(len(perturbed_scores))
+    return _exp_or_inf(log_mean + paraphrased_score)
 
 
 def split_report(split: str, per_record: list[dict]) -> dict:
@@ -206,12 +241,41 @@ def read_reference(path: str, forget_sha256: Optional[str]) -> dict:
                                                              and not isinstance(r, bool) for r in ratios):
         raise MduError(f"--reference {path}: not a TOFU report with forget truth ratios; run `mdu eval "
                        "--benchmark tofu --json` on the reference model with the same --forget")
+    # A truth ratio is a ratio of probabilities: >= 0, and null where it is
+    # infinite (JSON has no infinity). Python's json reads NaN and Infinity:
+    # a hand-edited report must not turn into a forget quality.
+    bad = next((i for i, r in enumerate(ratios) if r is not None and not (math.isfinite(r) and r >= 0)), None)
+    if bad is not None:
+        raise MduError(f"--reference {path}: forget truth ratio {bad + 1} is {ratios[bad]!r}, which no TOFU report "
+                       "holds (a ratio is >= 0, or null for infinite); evaluate the reference model again")
     reference_sha = ((report.get("data") or {}).get("forget") or {}).get("sha256")
     if forget_sha256 and reference_sha != forget_sha256:
         raise MduError(f"--reference {path}: its forget split is other data (sha256 {str(reference_sha)[:12]}..., "
                        f"this one {forget_sha256[:12]}...); evaluate both models on the same --forget")
-    limit = report.get("limit")
-    return {"path": str(file), "model": report.get("model"), "ratios": ratios, "limit": limit}
+    records = ((report.get("splits") or {}).get("forget") or {}).get("records")
+    if records != len(ratios):
+        raise MduError(f"--reference {path}: it lists {len(ratios)} forget truth ratios for {records!r} records; "
+                       "the report was altered, evaluate the reference model again")
+    return {"path": str(file), "model": report.get("model"), "ratios": ratios, "limit": report.get("limit"),
+            "mc_samples": report.get("mc_samples"), "seed": report.get("seed")}
+
+
+def check_reference_matches(reference: dict, records: int, limit: Optional[int], mc_samples: int, seed: int) -> None:
+    """A reference is comparable only when it scored the same forget records on
+    the same Monte Carlo masks (the same --limit, --mc-samples and --seed, see
+    `evaluate_tofu`): anything else is refused, never compared silently."""
+    path = reference["path"]
+    if reference["limit"] != limit:
+        raise MduError(f"--reference {path}: it was evaluated with --limit {reference['limit']}, this run "
+                       f"with --limit {limit}; use the same records for both")
+    if len(reference["ratios"]) != records:
+        raise MduError(f"--reference {path}: it holds {len(reference['ratios'])} forget records, this run "
+                       f"{records}; evaluate both models on the same --forget and --limit")
+    for option, theirs, ours in (("--mc-samples", reference["mc_samples"], mc_samples),
+                                 ("--seed", reference["seed"], seed)):
+        if theirs != ours:
+            raise MduError(f"--reference {path}: it was scored with {option} {theirs}, this run with {option} "
+                           f"{ours}; both models must be scored on the same masks, so use the same {option}")
 
 
 def evaluate_tofu(loaded: LoadedModel, splits: dict[str, list[Record]], mc_samples: int, seed: int,

@@ -227,8 +227,9 @@ def test_reference_of_other_data_or_records_is_refused_before_loading(masked_lm_
     import hashlib
 
     sha = hashlib.sha256(files["forget"].read_bytes()).hexdigest()
-    other.write_text(json.dumps({"benchmark": "tofu", "limit": 2, "data": {"forget": {"sha256": sha}},
-                                 "splits": {"forget": {"truth_ratio_per_record": [1.0, 0.5]}}}))
+    other.write_text(json.dumps({"benchmark": "tofu", "limit": 2, "mc_samples": 8, "seed": 0,
+                                 "data": {"forget": {"sha256": sha}},
+                                 "splits": {"forget": {"records": 2, "truth_ratio_per_record": [1.0, 0.5]}}}))
     result = _eval(masked_lm_dir, files, "--reference", str(other))
     assert result.exit_code == 1 and "--limit 2" in result.stderr
     other.write_text(json.dumps({"splits": {}}))
@@ -242,6 +243,72 @@ def test_reference_of_other_data_or_records_is_refused_before_loading(masked_lm_
     assert result.exit_code == 1 and "not a regular file" in result.stderr
     result = _eval(masked_lm_dir, files, "--reference", str(tmp_path / "none.json"))
     assert result.exit_code == 1 and "no such file" in result.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ratios": [float("nan"), 0.5, 0.2]}, "forget truth ratio 1 is nan"),
+    ({"ratios": [1.0, -0.5, 0.2]}, "forget truth ratio 2 is -0.5"),
+    ({"ratios": [1.0, 0.5, float("inf")]}, "forget truth ratio 3 is inf"),
+    ({"records": 4}, "it lists 3 forget truth ratios for 4 records"),
+    ({"ratios": [1.0, 0.5], "records": 2}, "it holds 2 forget records, this run 3"),
+    ({"mc_samples": 16}, "scored with --mc-samples 16, this run with --mc-samples 8"),
+    ({"seed": 3}, "scored with --seed 3, this run with --seed 0"),
+])
+def test_a_reference_that_cannot_be_compared_is_refused(change, message, masked_lm_dir, tmp_path, monkeypatch):
+    """A tampered reference (NaN, negative or infinite ratios, counts that
+    disagree) or one scored on other masks (other --mc-samples or --seed:
+    the two models must see the same ones) is refused before any weight
+    loads, never turned into a forget quality."""
+    import hashlib
+
+    import mdu_cli.inference as inference
+    from test_hostile_inputs import snapshot
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights loaded before the reference was checked")
+
+    monkeypatch.setattr(inference.LoadedModel, "load_weights", never)
+    files = _files(tmp_path)
+    sha = hashlib.sha256(files["forget"].read_bytes()).hexdigest()
+    ratios = change.get("ratios", [1.0, 0.5, 0.2])
+    reference = tmp_path / "reference.json"
+    reference.write_text(json.dumps({
+        "benchmark": "tofu", "limit": None, "mc_samples": change.get("mc_samples", 8), "seed": change.get("seed", 0),
+        "data": {"forget": {"sha256": sha}},
+        "splits": {"forget": {"records": change.get("records", len(ratios)), "truth_ratio_per_record": ratios}}}))
+    before = snapshot(tmp_path)
+    result = _eval(masked_lm_dir, files, "--reference", str(reference))
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_collapsed_model_whose_every_probability_underflows_gets_a_report(masked_lm_dir, tmp_path, monkeypatch):
+    """After a gradient ascent that collapsed the model, every answer scores
+    around 800 nats a token and exp(-800) is 0.0 in float64: the TOFU
+    evaluation still ends in a report (exit 0, no ZeroDivisionError), with
+    the normalised probability and the truth ratio taken from the scores
+    themselves. Here the answer scores 800, its first perturbation 801 and
+    everything else (the second, a paraphrase) 802: P_norm = 1 / (1 + e^-1 +
+    e^-2), and R = mean(e^-1, e^-2) against the answer itself, or
+    mean(e^1, e^0) against a paraphrase, exactly."""
+    monkeypatch.setattr(tofu, "answer_score", lambda l, p, answer, *rest, **kw: 800.0 if answer in gold else
+                        (801.0 if answer in first else 802.0))
+    files = _files(tmp_path)
+    gold = {r["answer"] for r in TOFU_RECORDS}
+    first = {r["perturbed_answer"][0] for r in TOFU_RECORDS}
+    result = _eval(masked_lm_dir, files, "--max-new-tokens", "0")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    forget = report["splits"]["forget"]
+    assert forget["probability"] == 0.0
+    assert forget["probability_per_record"] == [0.0, 0.0, 0.0]
+    assert report["splits"]["real_authors"]["probability_normalised"] == pytest.approx(
+        1 / (1 + math.exp(-1) + math.exp(-2)), rel=1e-12)
+    expected = [(math.exp(1) + 1) / 2 if "paraphrased_answer" in r else (math.exp(-1) + math.exp(-2)) / 2
+                for r in TOFU_RECORDS]
+    assert forget["truth_ratio_per_record"] == pytest.approx(expected, rel=1e-12)
+    assert report["model_utility"] == 0.0, "a useless model is useless, not an error"
 
 
 def test_a_split_without_perturbed_answers_is_named(masked_lm_dir, tmp_path):
