@@ -36,6 +36,29 @@ def state_dir_for(out: Path) -> Path:
     return out.parent / f"{out.name}{STATE_SUFFIX}"
 
 
+# Blocks read from each local weight file for its digest: spread over the
+# whole file, so two fine-tunes of one architecture (same header, same size)
+# differ in it, at a few MB of reading for an 8B model instead of 16 GB.
+SAMPLED_BLOCKS, BLOCK_BYTES = 256, 4096
+
+
+def weights_identity(source) -> str:
+    """What pins the base weights a state was trained from: the resolved
+    commit of a Hub model; for a local one, a digest of each safetensors
+    file's name, size, header and blocks sampled across it."""
+    if source.is_hub and source.revision:
+        return f"hub:{source.name}@{source.revision}"
+    digest = hashlib.sha256()
+    for path in sorted(Path(source.path).glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}\n".encode())
+        with open(path, "rb") as handle:
+            for k in range(SAMPLED_BLOCKS):
+                handle.seek(k * max(0, size - BLOCK_BYTES) // max(1, SAMPLED_BLOCKS - 1))
+                digest.update(handle.read(BLOCK_BYTES))
+    return f"local:{digest.hexdigest()}"
+
+
 def fingerprint(config: dict, data: dict) -> str:
     """What must be identical for a state to be continued: the options and the data."""
     relevant = {k: v for k, v in config.items() if k not in NOT_IN_FINGERPRINT}
@@ -77,6 +100,21 @@ def save_state(directory: Path, state: TrainingState, key: str) -> None:
         raise
 
 
+def _optimizer_state_classes() -> list:
+    """Tensor subclasses an optimizer keeps its state in, which torch.load
+    with weights_only must be told it may rebuild: torchao's 8-bit moments
+    (--optimizer adamw-8bit). Only classes, never code from the file."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        return []
+    try:
+        from torchao.optim.subclass_8bit import OptimState8bit
+    except ImportError:  # another torchao layout: its states then fail as damaged, by name
+        return []
+    return [OptimState8bit]
+
+
 def load_state(directory: Path, key: str) -> Optional[TrainingState]:
     if not (directory / "progress.json").is_file():
         return None
@@ -95,10 +133,11 @@ def load_state(directory: Path, key: str) -> Optional[TrainingState]:
     except (ValueError, KeyError, TypeError, RecursionError):
         raise damaged("progress.json", "not the JSON mdu writes") from None
     if fingerprint_ != key:
-        raise MduError(f"{directory} was saved by a run with other options or data; re-run that exact command "
-                       "with --resume, or delete the state directory to start over")
+        raise MduError(f"{directory} was saved by a run with other options, data or base weights; re-run that "
+                       "exact command on the same files with --resume, or delete the state directory to start over")
     try:
-        blob = torch.load(directory / "training.pt", weights_only=True)
+        with torch.serialization.safe_globals(_optimizer_state_classes()):
+            blob = torch.load(directory / "training.pt", weights_only=True)
         parts = (blob["optimizer"], blob["scheduler"], blob["generators"], blob["torch_rng"])
     except FileNotFoundError:
         raise damaged("training.pt", "missing") from None

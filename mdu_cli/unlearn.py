@@ -42,7 +42,7 @@ from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load
 from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
                                      publish, remove_leftovers, remove_state)
 from mdu_cli.run_monitor import Probe, parse_trackers, tracker_config
-from mdu_cli.resume import fingerprint, load_state, state_dir_for
+from mdu_cli.resume import fingerprint, load_state, state_dir_for, weights_identity
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
 from mdu_cli.safetensors_reader import open_directory
 from mdu_cli.tokenization import encode_dataset, pad_token_id
@@ -309,8 +309,12 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
                               "put the tracker logs elsewhere")
         if logging_dir.exists() and not logging_dir.is_dir():
             raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
+    # Computed only for --resume and --save-every: a run that never saves
+    # never compares.
+    base_weights = weights_identity(source) if cfg.resume or cfg.save_every else None
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
-                                            "retain": retain_data.sha256 if retain_data else None})
+                                            "retain": retain_data.sha256 if retain_data else None,
+                                            "base": base_weights})
     return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
                        forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
                        state_key, trackers, logging_dir, optimizer)

@@ -115,15 +115,20 @@ def test_ctrl_c_saves_state_and_says_how_to_resume(llada_dir, forget_file, retai
 
 
 @pytest.mark.parametrize("change", ["tau", "seed", "lr", "batch-size", "forget-content", "retain-content",
-                                    "retain-dropped"])
+                                    "retain-dropped", "base-weights"])
 def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forget_file, retain_file, tmp_path,
                                                          monkeypatch):
     """A saved state continues only the run that saved it: another option
     that shapes the trajectory, or the same data paths holding other records
-    (one answer edited), or a retain file left out, is refused before any
-    step, and the state and the inputs stay as they were."""
+    (one answer edited), or a retain file left out, or other base weights at
+    the same path (a re-trained base: same names, shapes and sizes), is
+    refused before any step, and the state and the inputs stay as they were."""
+    import shutil
+
+    import tiny_models
     from test_hostile_inputs import snapshot
 
+    llada_dir = shutil.copytree(llada_dir, tmp_path / "base")
     out = tmp_path / "o"
     from mdu_cli import resume, train
 
@@ -142,13 +147,16 @@ def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forg
         forget_file.write_text(forget_file.read_text().replace("Velloria", "Carrowmere"))
     if change == "retain-content":
         retain_file.write_text(retain_file.read_text().replace("Madrid", "Rome"))
+    if change == "base-weights":
+        tiny_models.build_llada(llada_dir, seed=1)
     args = _args(llada_dir, forget_file, retain_file, out, "--resume", *extra)
     if change == "retain-dropped":
         at = args.index("--retain")
         del args[at:at + 2]
     before = snapshot(state, forget_file, retain_file, llada_dir)
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 1 and "saved by a run with other options or data" in result.stderr, result.stderr
+    assert result.exit_code == 1 and "saved by a run with other options, data or base weights" in result.stderr, \
+        result.stderr
     assert snapshot(state, forget_file, retain_file, llada_dir) == before
     assert not out.exists()
 
@@ -239,3 +247,49 @@ def test_stop_request_flags_the_first_signal_and_aborts_on_a_second_ctrl_c():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGINT) is before, "the previous handler is back"
+
+
+def test_the_base_weights_digest_sees_every_part_of_a_file_and_ignores_copies(tmp_path):
+    """Two bases alike but for the last tensor's values (same names, shapes,
+    sizes and header) have different identities; a byte-identical copy, with
+    another modification time, has the same one; a Hub base is its commit."""
+    import os
+    import types
+
+    from safetensors.torch import save_file
+
+    from mdu_cli.resume import weights_identity
+
+    def base(name, last):
+        directory = tmp_path / name
+        directory.mkdir()
+        save_file({"a": torch.ones(200_000), "z": torch.full((1000,), last)}, directory / "model.safetensors")
+        return types.SimpleNamespace(is_hub=False, revision=None, name=name, path=directory)
+
+    first, second = base("first", 1.0), base("second", 2.0)
+    copy = base("copy", 1.0)
+    os.utime(copy.path / "model.safetensors", (1, 1))
+    assert weights_identity(first) != weights_identity(second)
+    assert weights_identity(first) == weights_identity(copy)
+    hub = types.SimpleNamespace(is_hub=True, revision="c" * 40, name="GSAI-ML/x", path=tmp_path)
+    assert weights_identity(hub) == "hub:GSAI-ML/x@" + "c" * 40
+
+
+def test_an_8bit_optimizer_state_resumes_in_a_fresh_process(llada_dir, forget_file, retain_file, tmp_path):
+    """torchao's 8-bit moments are tensor subclasses that torch.load with
+    weights_only refuses unless told: a killed adamw-8bit run resumes in a new
+    process (not "the saved state is damaged (UnpicklingError)") and ends
+    with every step logged once."""
+    out, state = tmp_path / "killed", tmp_path / "killed.mdu-state"
+    extra = ("--dtype", "bf16", "--optimizer", "adamw-8bit", "--save-every", "3", "--device", "cpu")
+    process = _start(_args(llada_dir, forget_file, retain_file, out, *extra))
+    _wait_for(lambda: _state_step(state) >= 3, process, "the first saved state", timeout=120)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = subprocess.run([sys.executable, "-m", "mdu_cli", *_args(llada_dir, forget_file, retain_file, out,
+                                                                      *extra, "--resume")],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").open()]
+    assert [e["step"] for e in log] == list(range(1, STEPS + 1))
+    assert json.loads((out / "mdu_run.json").read_text())["optimizer"]["name"] == "adamw-8bit"
