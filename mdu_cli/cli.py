@@ -92,7 +92,18 @@ class MduGroup(click.Group):
 
 
 def _known_failure(err: Exception) -> str | None:
-    """Library failures a user's setting causes, said as what to do."""
+    """Library failures that the user's machine or settings cause, said as what to do."""
+    import errno
+
+    text = str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+            or "StorageFull" in text:
+        where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
+        return (f"no space left on the device{where} while writing; free some space (or choose another --out or "
+                "HF_HOME) and run again: nothing half-written was published")
+    if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        where = err.filename or "a file"
+        return f"cannot write {where} ({err.strerror}); choose a writable location and run again"
     level = os.environ.get("ATEN_CPU_CAPABILITY")
     if isinstance(err, RuntimeError) and level and "only supported when avx512 is supported" in str(err):
         # torch 2.13's bf16 attention on an AVX-512-BF16 CPU takes a packing

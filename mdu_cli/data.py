@@ -201,9 +201,18 @@ def _parse(path: str, text: str) -> list[tuple[int, object | Exception]]:
         raise DataError([f"{path}:1: the file is empty; add at least one record"])
     try:
         document = json.loads(stripped)
-    except (json.JSONDecodeError, RecursionError):
+    except RecursionError:
         document = None
         whole_parses = False
+    except json.JSONDecodeError as err:
+        document = None
+        whole_parses = False
+        if stripped.startswith("["):
+            # A JSON array with something wrong in it (or garbage after it):
+            # read line by line it would report valid records as errors.
+            line = text[:len(text) - len(text.lstrip())].count("\n") + err.lineno
+            raise DataError([f"{path}:{line}: the JSON array is not valid JSON ({err.msg} at column {err.colno}); "
+                             "fix it, or write one JSON object per line (JSONL)"]) from None
     else:
         whole_parses = True
 

@@ -69,7 +69,12 @@ def check_answer(method: str, url: str, response) -> None:
     """Refuse an answer whose path-making strings are not plain (see the module docstring)."""
     from urllib.parse import urlparse
 
-    host = urlparse(url).netloc
+    host, path = urlparse(url).netloc, urlparse(url).path
+    if response.headers.get("Content-Type", "").startswith("text/html") and \
+            (path.startswith("/api/") or (method.upper() == "HEAD" and "/resolve/" in path)):
+        raise UnsafeHubAnswer(f"{host} answered with a web page, not the Hub's API (a captive portal, a proxy's "
+                              "login page, or HF_ENDPOINT pointing elsewhere); log in to the network or check "
+                              "HF_ENDPOINT, and run again")
     for header in ("ETag", "X-Linked-Etag"):
         value = response.headers.get(header)
         if value is not None and not _ETAG.fullmatch(value.strip()):
@@ -153,6 +158,13 @@ def bound_hub_requests(explicit: Optional[float] = None) -> float:
         return session
 
     configure_http_backend(backend_factory=factory)
+    # Downloads and metadata requests name a timeout of their own (10 s by
+    # default), which the session's fallback does not replace: set both, read
+    # by huggingface_hub at each call, so that MDU_HUB_TIMEOUT bounds them too.
+    from huggingface_hub import constants
+
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = timeout
+    constants.HF_HUB_ETAG_TIMEOUT = timeout
     _installed = timeout
     return timeout
 
@@ -164,6 +176,33 @@ def unsafe_answer(err: BaseException) -> Optional[UnsafeHubAnswer]:
         if isinstance(err, UnsafeHubAnswer):
             return err
         err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def http_status(err: BaseException) -> Optional[int]:
+    """The HTTP status behind an error the Hub client raised (it wraps a
+    refused HEAD as "not in the cache"), if there is one."""
+    seen = 0
+    while err is not None and seen < 8:
+        response = getattr(err, "response", None)
+        if response is not None and isinstance(getattr(response, "status_code", None), int):
+            return response.status_code
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def status_problem(status: Optional[int], name: str) -> Optional[str]:
+    """What a refused download means and what to do, by HTTP status: one table
+    for data and model downloads (`mdu push` says the same for uploads)."""
+    if status == 401:
+        return (f"{name}: the Hub refused the request (401: no valid token, or a private repository); log in "
+                "with `hf auth login` or set HF_TOKEN, and check the name")
+    if status == 403:
+        return f"{name}: the token has no access (403); request access on the Hub, or use a token that has it"
+    if status == 429:
+        return f"{name}: the Hub is rate-limiting this machine (429); wait a few minutes and run again"
+    if status is not None and status >= 500:
+        return f"{name}: the Hub failed ({status}); try again later"
     return None
 
 

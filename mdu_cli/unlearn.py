@@ -295,6 +295,19 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
         # have averaged it, after its hook would already have stepped.
         raise ConfigError("--optimizer-in-backward runs in one process; for several GPUs drop it "
                           "(FSDP shards the gradients instead)")
+    if cfg.batch_accounting == "joint" and cfg.method != "finetune":
+        # The plan is fixed by the seed: a joint run whose steps draw no forget
+        # row at all would publish an "unlearned" model that never saw one.
+        import torch
+
+        from mdu_cli.train import plan_steps
+
+        plan = plan_steps(len(forget), cfg, torch.Generator().manual_seed(cfg.seed),
+                          int(os.environ.get("WORLD_SIZE", "1")), n_retain=len(retain))
+        if not any(i < len(forget) for step in plan for micro in step for i in micro):
+            raise MduError(f"--batch-accounting joint draws no forget row in the {len(plan)} steps of this run "
+                           f"({len(forget)} forget and {len(retain)} retain rows, seed {cfg.seed}); raise "
+                           "--max-steps or --epochs, or use --batch-accounting separate")
     trackers = parse_trackers(cfg.report_to)
     logging_dir = None
     if trackers:
@@ -309,12 +322,16 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
                               "put the tracker logs elsewhere")
         if logging_dir.exists() and not logging_dir.is_dir():
             raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
-    # Computed only for --resume and --save-every: a run that never saves
-    # never compares.
-    base_weights = weights_identity(source) if cfg.resume or cfg.save_every else None
+        ancestor = logging_dir
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"--logging-dir {logging_dir}: {ancestor} is not writable; name a directory the "
+                              "tracker can write")
+    # Every run: a Ctrl-C saves a state even without --save-every. A few MB read.
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None,
-                                            "base": base_weights})
+                                            "base": weights_identity(source)})
     return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
                        forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
                        state_key, trackers, logging_dir, optimizer)

@@ -32,6 +32,9 @@ class FakeHub:
         self.datasets: dict[tuple[str, str], tuple[str, dict[str, bytes]]] = {}
         # Headers a hostile Hub puts on its file answers instead of the true ones.
         self.hostile_headers: dict[str, str] = {}
+        # File answers as a refusing Hub (an HTTP status) or a captive portal (a web page) gives them.
+        self.file_status: int | None = None
+        self.portal = False
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -86,6 +89,20 @@ class FakeHub:
                 if not match:
                     return False
                 repo, revision, path = match.group(1), unquote(match.group(2)), unquote(match.group(3))
+                if hub.portal:
+                    page = b"<html><body>Please log in to the guest network</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    if method == "GET":
+                        self.wfile.write(page)
+                    return True
+                if hub.file_status:
+                    self.send_response(hub.file_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return True
                 found = hub.datasets.get((repo, revision))
                 if found is None:
                     # A commit hash asks for whatever revision resolved to it.

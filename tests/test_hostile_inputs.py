@@ -988,3 +988,106 @@ def test_an_output_trained_with_a_chat_template_carries_it(masked_lm_dir, forget
     assert result.exit_code == 0, result.stderr
     result = run("generate", out, "--prompt", "who wrote the book ?", "--max-new-tokens", 2, "--steps", 2)
     assert result.exit_code == 0, result.stderr
+
+
+# ---- failures named as what they are (issue 20, class 7) -------------------------------------------------------
+
+@pytest.mark.parametrize("status, message", [
+    (401, "the Hub refused the request (401"), (403, "the token has no access (403)"),
+    (429, "the Hub is rate-limiting this machine (429)"), (501, "the Hub failed (501)"),
+    ("portal", "answered with a web page, not the Hub's API (a captive portal"),
+])
+def test_a_refused_or_hijacked_download_is_named_as_such(status, message, hub, llada_dir, tmp_path):
+    """401, 403, 429, a server error and a captive portal's web page are each
+    said as what they are, not as "unreachable or offline"."""
+    hub.datasets[("o/ok", "main")] = ("a" * 40, {"f.jsonl": b'{"question": "q", "answer": "a"}\n'})
+    if status == "portal":
+        hub.portal = True
+    else:
+        hub.file_status = status
+    result = run("unlearn", "--model", llada_dir, "--forget", "hf://datasets/o/ok/f.jsonl", "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, "hf://datasets/o/ok/f.jsonl", message)
+    assert "unreachable" not in result.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError(28, "No space left on device", "/data/out/model.safetensors"), "no space left on the device"),
+    (RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"),
+     "no space left on the device"),
+    (PermissionError(13, "Permission denied", "/runs/mdu-unlearn/events.out"),
+     "cannot write /runs/mdu-unlearn/events.out (Permission denied)"),
+    (OSError(30, "Read-only file system", "/ro/logs"), "cannot write /ro/logs (Read-only file system)"),
+])
+def test_the_machine_failing_mid_run_is_named_not_unexpected(error, message, llada_dir, forget_file, tmp_path,
+                                                             monkeypatch):
+    """A disk that fills while the output is written (OSError, or safetensors'
+    own error), a logging folder that cannot be written: one line saying what
+    happened and what to do, never "unexpected"."""
+    import mdu_cli.unlearn
+
+    def fails(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(mdu_cli.unlearn, "run_unlearn", fails)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, message)
+    assert "unexpected" not in result.stderr
+
+
+def test_a_hub_cache_that_cannot_be_written_is_named(hub, llada_dir, tmp_path, monkeypatch):
+    import huggingface_hub.file_download as file_download
+
+    hub.datasets[("o/ok", "main")] = ("a" * 40, {"f.jsonl": b'{"question": "q", "answer": "a"}\n'})
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(file_download, "http_get", full)
+    result = run("unlearn", "--model", llada_dir, "--forget", "hf://datasets/o/ok/f.jsonl", "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, "cannot write the download into the Hugging Face cache (No space left on device)")
+
+
+def test_a_json_array_followed_by_garbage_is_one_error_at_its_line(tmp_path, llada_dir):
+    data = tmp_path / "forget.json"
+    data.write_text('[\n  {"question": "q", "answer": "a"},\n  {"question": "r", "answer": "b"}\n]\ngarbage\n')
+    before = snapshot(data)
+    result = run("unlearn", "--model", llada_dir, "--forget", data, "--out", tmp_path / "o")
+    assert_one_line_error(result, 1, "forget.json:5: the JSON array is not valid JSON")
+    assert snapshot(data) == before
+
+
+def test_thousands_of_records_too_long_print_fifty_lines(llada_dir, tmp_path):
+    """Too long for --max-length is found per record; like a file's bad JSON,
+    at most 50 lines are printed and the rest counted."""
+    data = write_jsonl(tmp_path / "forget.jsonl", [{"question": "who " * 80, "answer": "a ."}] * 2000)
+    result = run("unlearn", "--model", llada_dir, "--forget", data, "--out", tmp_path / "o", "--max-length", 16)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 51 and "... and 1950 more records" in lines[-1]
+
+
+def test_a_joint_run_that_draws_no_forget_row_is_refused_before_loading(llada_dir, tmp_path, no_weight_loads):
+    forget = write_jsonl(tmp_path / "forget.jsonl", [{"question": "q", "answer": "a"}])
+    retain = write_jsonl(tmp_path / "retain.jsonl", [{"question": f"q{i}", "answer": "b"} for i in range(200)])
+    before = snapshot(tmp_path)
+    result = run("unlearn", "--model", llada_dir, "--forget", forget, "--retain", retain, "--out", tmp_path / "o",
+                 "--batch-accounting", "joint", "--max-steps", 1, "--batch-size", 1, "--grad-accum", 1)
+    assert_one_line_error(result, 1, "--batch-accounting joint draws no forget row in the 1 steps")
+    assert snapshot(tmp_path) == before
+
+
+def test_mdu_hub_timeout_bounds_the_library_s_own_download_timeouts(monkeypatch):
+    """huggingface_hub passes its own timeout (10 s) to downloads and metadata
+    requests, which the session's fallback would not replace: MDU_HUB_TIMEOUT
+    sets those too, as the docs say."""
+    from huggingface_hub import constants
+
+    from mdu_cli import hub_session
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 10)
+    monkeypatch.setattr(hub_session, "_installed", None)
+    monkeypatch.setenv("MDU_HUB_TIMEOUT", "3.5")
+    assert hub_session.bound_hub_requests() == 3.5
+    assert constants.HF_HUB_DOWNLOAD_TIMEOUT == constants.HF_HUB_ETAG_TIMEOUT == 3.5
+    monkeypatch.setattr(hub_session, "_installed", None)
