@@ -115,6 +115,13 @@ def _optimizer_state_classes() -> list:
     return [OptimState8bit]
 
 
+def read_training_file(path: Path) -> dict:
+    """training.pt, read without running code from it (weights_only), its
+    optimizer state classes allowed."""
+    with torch.serialization.safe_globals(_optimizer_state_classes()):
+        return torch.load(path, weights_only=True)
+
+
 def load_state(directory: Path, key: str) -> Optional[TrainingState]:
     if not (directory / "progress.json").is_file():
         return None
@@ -136,8 +143,7 @@ def load_state(directory: Path, key: str) -> Optional[TrainingState]:
         raise MduError(f"{directory} was saved by a run with other options, data or base weights; re-run that "
                        "exact command on the same files with --resume, or delete the state directory to start over")
     try:
-        with torch.serialization.safe_globals(_optimizer_state_classes()):
-            blob = torch.load(directory / "training.pt", weights_only=True)
+        blob = read_training_file(directory / "training.pt")
         parts = (blob["optimizer"], blob["scheduler"], blob["generators"], blob["torch_rng"])
     except FileNotFoundError:
         raise damaged("training.pt", "missing") from None

@@ -1091,3 +1091,33 @@ def test_mdu_hub_timeout_bounds_the_library_s_own_download_timeouts(monkeypatch)
     assert hub_session.bound_hub_requests() == 3.5
     assert constants.HF_HUB_DOWNLOAD_TIMEOUT == constants.HF_HUB_ETAG_TIMEOUT == 3.5
     monkeypatch.setattr(hub_session, "_installed", None)
+
+
+def test_a_run_writes_only_its_output_its_logs_and_the_cache(hub, llada_dir, tmp_path, monkeypatch):
+    """The whole file tree around a run with Hub data, tracker logs and saved
+    states: afterwards the only new things are the output and the logging
+    directory (the state is gone with the run, and the lock too); the
+    working directory, the inputs' folders and everything else are as they
+    were, and downloads went to the cache alone."""
+    hub.datasets[("o/ok", "main")] = ("b" * 40, {"f.jsonl": b'{"question": "who wrote it ?", "answer": "astrid ."}\n'})
+    inputs, cwd = tmp_path / "inputs", tmp_path / "cwd"
+    inputs.mkdir()
+    cwd.mkdir()
+    base = inputs / "base"
+    shutil.copytree(llada_dir, base)
+    retain = write_jsonl(inputs / "retain.jsonl", [{"question": "what is the capital of france ?", "answer": "paris ."}])
+    monkeypatch.chdir(cwd)
+    before = snapshot(tmp_path)
+    cache_before = {p for p in Path(hub.cache).rglob("*")}
+    result = run("unlearn", "--model", base, "--forget", "hf://datasets/o/ok/f.jsonl", "--retain", retain,
+                 "--out", tmp_path / "out", "--logging-dir", tmp_path / "logs", "--report-to", "tensorboard",
+                 "--max-steps", 4, "--save-every", 2)
+    assert result.exit_code == 0, result.stderr
+    after = snapshot(tmp_path)
+    new = {Path(p) for p in set(after) - set(before)}
+    assert all(p.is_relative_to(tmp_path / "out") or p.is_relative_to(tmp_path / "logs") for p in new), sorted(new)
+    assert {p: after[str(p)] for p in map(Path, before)} == {p: before[str(p)] for p in map(Path, before)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "inputs", "logs", "out"]
+    assert not any(cwd.iterdir())
+    assert {p for p in Path(hub.cache).rglob("*")} >= cache_before
+    assert any(p.name == "f.jsonl" for p in Path(hub.cache).rglob("*")), "the data came through the cache"

@@ -91,7 +91,9 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     out = tmp_path / "resumed"
     result = _run(llada_dir, forget_file, retain_file, out, *options, "--save-every", "100")
     assert result.exit_code == 130 and "--resume" in result.stderr
-    saved = torch.load(tmp_path / "resumed.mdu-state" / "training.pt", weights_only=True)["optimizer"]["state"]
+    from mdu_cli.resume import read_training_file
+
+    saved = read_training_file(tmp_path / "resumed.mdu-state" / "training.pt")["optimizer"]["state"]
     if recorded == "adamw-kahan":
         assert all("kahan_comp" in s for s in saved.values()), "the compensation buffers are in the state"
     if optimizer == "in-backward":
