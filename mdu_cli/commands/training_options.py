@@ -14,7 +14,9 @@ D = UnlearnConfig()
 def _loading_options() -> list:
     return [
         click.option("--out", help="Output directory.  [default: <model name>-mdu-tau<tau>, or -finetuned]"),
-        click.option("--overwrite", is_flag=True, help="Replace a non-empty --out."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace --out when it holds a previous mdu output (its run record and nothing mdu did "
+                          "not write); any other non-empty folder is refused."),
         click.option("--family", type=click.Choice(FAMILIES), help="Override the detected family."),
         click.option("--revision", help="Hub branch, tag or commit to pin; the resolved commit is recorded."),
         click.option("--trust-remote-code", is_flag=True,
