@@ -73,7 +73,11 @@ def check_out_dir(out: Path, overwrite: bool, base_dir: Optional[Path] = None,
     non_empty = out.is_dir() and any(out.iterdir())
     if non_empty and not overwrite:
         raise MduError(f"--out {out} is not empty; pass --overwrite to replace it, or choose another directory")
-    if out.exists() and is_within(Path.cwd(), out):
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:  # the working directory was deleted under us: nothing there to lose
+        cwd = None
+    if out.exists() and cwd is not None and is_within(cwd, out):
         raise MduError(f"--out {out} is, or holds, the working directory, which replacing the output would "
                        "delete; choose another --out")
     # Checked with or without --overwrite: a publish replaces the directory
