@@ -134,6 +134,10 @@ def check_report_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> N
             raise MduError(f"{option} {path} is {source}, which this command reads; write the report elsewhere")
     if path.is_dir():
         raise MduError(f"{option} {path} is a directory; give a file name")
+    if (path.exists() or path.is_symlink()) and not written_by_mdu(path):
+        # Writing over a file is deleting it: only a report mdu wrote may be replaced.
+        raise MduError(f"{option} {path} exists and is not a report mdu wrote; choose another file name, or "
+                       "remove it yourself")
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -141,6 +145,28 @@ def check_report_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> N
         raise MduError(f"{option} {path}: {ancestor} is not a directory; choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise MduError(f"{option} {path}: {ancestor} is not writable; choose another path")
+
+
+def written_by_mdu(path: Path) -> bool:
+    """Whether an existing file is one of mdu's reports, which a new run may
+    replace: a delta report (JSON or Markdown), an evaluation report, or a
+    plot matplotlib drew. A link, or anything else, is not."""
+    import json
+
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+        if path.suffix == ".png":
+            return head.startswith(b"\x89PNG") and b"Matplotlib" in head
+        if path.suffix == ".md":
+            return head.startswith(b"## Parameter delta")
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and (
+        {"schema_version", "tensors", "total"} <= document.keys() or {"splits", "mc_samples", "model"} <= document.keys())
 
 
 def leftovers(out: Path) -> list[Path]:

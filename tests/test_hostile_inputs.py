@@ -1121,3 +1121,27 @@ def test_a_run_writes_only_its_output_its_logs_and_the_cache(hub, llada_dir, tmp
     assert not any(cwd.iterdir())
     assert {p for p in Path(hub.cache).rglob("*")} >= cache_before
     assert any(p.name == "f.jsonl" for p in Path(hub.cache).rglob("*")), "the data came through the cache"
+
+
+@pytest.mark.parametrize("option, name", [("--json", "notes.json"), ("--md", "thesis.md"), ("--plot", "photo.png")])
+def test_a_report_never_overwrites_a_file_mdu_did_not_write(option, name, llada_dir, tmp_path):
+    """Writing a report over a file deletes what was in it: an existing file
+    that is not a report mdu wrote is refused (and the user's bytes stay);
+    the report mdu wrote itself is replaced when the command runs again."""
+    from safetensors.torch import load_file
+
+    other = tmp_path / "other"
+    shutil.copytree(llada_dir, other)
+    tensors = load_file(llada_dir / "model.safetensors")
+    save_file({k: v + 1 for k, v in tensors.items()}, other / "model.safetensors")
+    mine = tmp_path / name
+    mine.write_bytes(b"\x89PNG\r\n\x1a\n my holiday" if name.endswith(".png") else b"mine, not a report\n")
+    before = snapshot(tmp_path)
+    result = run("diff", llada_dir, other, option, mine)
+    assert_one_line_error(result, 1, f"{option} {mine} exists and is not a report mdu wrote")
+    assert snapshot(tmp_path) == before
+    report = tmp_path / f"report{mine.suffix}"
+    for _ in range(2):  # the second run replaces the first run's report
+        result = run("diff", llada_dir, other, option, report)
+        assert result.exit_code == 0, result.stderr
+    assert report.stat().st_size > 0
