@@ -54,6 +54,12 @@ def _redact(value, public_ids: set[str], found: set[str], key: Optional[str] = N
     return value
 
 
+def redact_paths(document: dict, public_ids: set[str]) -> dict:
+    """A copy of `document` with every local path under PATH_KEYS as LOCAL
+    (what a tracker's servers receive of the options, too)."""
+    return _redact(copy.deepcopy(document), set(public_ids), set())
+
+
 def _read_json(path: Path) -> Optional[dict]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -39,8 +39,14 @@ def parse_trackers(value: Optional[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def tracker_config(options: dict) -> dict:
-    """The run's options as hyperparameters: scalars only (trackers take no lists)."""
+def tracker_config(options: dict, public_ids: set = frozenset()) -> dict:
+    """The run's options as hyperparameters: scalars only (trackers take no
+    lists), and no local path or file name (wandb and trackio send them to a
+    server; the forget file's name may be the person being forgotten): those
+    read "(local)", Hub ids in `public_ids` and hf:// names stay."""
+    from mdu_cli.publication import redact_paths
+
+    options = redact_paths(options, set(public_ids))
     return {k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))}
 
 

@@ -384,7 +384,8 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
     accelerator = Accelerator(cpu=run.device == "cpu", mixed_precision=run.mixed_precision,
                               log_with=run.trackers or None, project_dir=run.logging_dir)
     if run.trackers:
-        accelerator.init_trackers(f"mdu-{command_name(cfg)}", config=tracker_config(cfg.to_dict()))
+        public = {run.source.name} if run.source.is_hub else set()
+        accelerator.init_trackers(f"mdu-{command_name(cfg)}", config=tracker_config(cfg.to_dict(), public))
     if accelerator.num_processes > 1 and not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     try:

@@ -87,3 +87,22 @@ def test_logging_dir_inside_the_output_is_refused(llada_dir, forget_file, retain
     result = _unlearn(llada_dir, forget_file, retain_file, tmp_path / "out", "--report-to", "tensorboard",
                       "--logging-dir", str(tmp_path / "out" / "tb"))
     assert result.exit_code == 2 and "lies inside --out" in result.stderr
+
+
+def test_trackers_receive_no_local_path_or_file_name():
+    """wandb and trackio send the options to a server: the forget file's
+    name (which may be the person being forgotten) and every other local path
+    go as "(local)"; Hub ids, hf:// names and the options themselves stay."""
+    from mdu_cli.config import build_config
+    from mdu_cli.run_monitor import tracker_config
+
+    cfg = build_config({}, dict(model="GSAI-ML/LLaDA-8B-Instruct", forget="/home/me/cases/forget-john-doe.jsonl",
+                                retain="hf://datasets/locuslab/TOFU/retain90.json", out="/home/me/out",
+                                chat_template="/home/me/t.jinja", logging_dir="/home/me/logs", tau=2.0))
+    sent = tracker_config(cfg.to_dict(), {"GSAI-ML/LLaDA-8B-Instruct"})
+    assert "john-doe" not in json.dumps(sent) and "/home/me" not in json.dumps(sent)
+    assert sent["forget"] == sent["out"] == sent["chat_template"] == sent["logging_dir"] == "(local)"
+    assert sent["model"] == "GSAI-ML/LLaDA-8B-Instruct" and sent["retain"] == "hf://datasets/locuslab/TOFU/retain90.json"
+    assert sent["tau"] == 2.0
+    local = tracker_config(build_config({}, dict(model="/home/me/base", forget="f.jsonl")).to_dict())
+    assert local["model"] == "(local)"
