@@ -96,7 +96,7 @@ def _known_failure(err: Exception) -> str | None:
     import errno
 
     text = str(err)
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text \
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in text \
             or "StorageFull" in text:
         where = f" ({err.filename})" if isinstance(err, OSError) and err.filename else ""
         return (f"no space left on the device{where} while writing; free some space (or choose another --out or "
@@ -105,7 +105,7 @@ def _known_failure(err: Exception) -> str | None:
         where = err.filename or "a file"
         return f"cannot write {where} ({err.strerror}); choose a writable location and run again"
     level = os.environ.get("ATEN_CPU_CAPABILITY")
-    if isinstance(err, RuntimeError) and level and "only supported when avx512 is supported" in str(err):
+    if isinstance(err, RuntimeError) and level and "only supported when avx512 is supported" in text:
         # torch 2.13's bf16 attention on an AVX-512-BF16 CPU takes a packing
         # path that a lowered kernel level then refuses.
         return (f"torch's bf16 kernels on this CPU need its native kernel level, and ATEN_CPU_CAPABILITY={level} "

@@ -244,7 +244,16 @@ def _parse(path: str, text: str) -> list[tuple[int, object | Exception]]:
     return parsed
 
 
-def load_dataset(path: str | Path, max_problems: int = 50) -> Dataset:
+MAX_PROBLEMS = 50  # error lines printed for one file; the rest are counted
+
+
+def capped(problems: list[str], where: str, max_problems: int = MAX_PROBLEMS, what: str = "bad records") -> list[str]:
+    """At most `max_problems` lines, and one that counts the rest."""
+    extra = len(problems) - max_problems
+    return problems[:max_problems] + ([f"{where}: ... and {extra} more {what}"] if extra > 0 else [])
+
+
+def load_dataset(path: str | Path, max_problems: int = MAX_PROBLEMS) -> Dataset:
     """Read and validate a forget or retain file: a local path, or a Hub
     dataset file named `hf://datasets/OWNER/NAME/PATH[@REVISION]` (fetched
     through the Hugging Face cache; see `hub_data`).
@@ -296,9 +305,5 @@ def _load_file(path: Path, label: str, max_problems: int) -> Dataset:
                                   paraphrased=paraphrased))
 
     if problems:
-        extra = len(problems) - max_problems
-        shown = problems[:max_problems]
-        if extra > 0:
-            shown.append(f"{display}: ... and {extra} more bad records")
-        raise DataError(shown)
+        raise DataError(capped(problems, display, max_problems))
     return Dataset(path=path, records=tuple(records), sha256=hashlib.sha256(raw).hexdigest())

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdu_cli.data import Dataset, Record, load_dataset
-from mdu_cli.errors import ConfigError, MduError
+from mdu_cli.errors import ConfigError
 from mdu_cli.inference import LoadedModel, prepare_inference
 from mdu_cli.output_location import check_report_file
 from mdu_cli.report_format import text_table

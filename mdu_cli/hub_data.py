@@ -82,7 +82,7 @@ def fetch(value: str) -> HubFile:
     """Download (or find in the cache) one dataset file; MduError on failure."""
     from huggingface_hub import hf_hub_download
 
-    from mdu_cli.hub_session import bound_hub_requests, hub_timeout, is_timeout
+    from mdu_cli.hub_session import bound_hub_requests
 
     wanted = parse(value)
     timeout = bound_hub_requests()
@@ -95,22 +95,11 @@ def fetch(value: str) -> HubFile:
         from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                            RepositoryNotFoundError, RevisionNotFoundError)
 
-        from mdu_cli.hub_session import http_status, status_problem, unsafe_answer
+        from mdu_cli.hub_session import download_failure
 
-        if unsafe_answer(err) is not None:
-            raise MduError(f"{value}: {unsafe_answer(err)}") from None
-        if is_timeout(err):
-            raise MduError(f"{value}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
-                           "MDU_HUB_TIMEOUT to wait longer") from None
-        if isinstance(err, OSError) and err.errno is not None and not http_status(err):
-            raise MduError(f"{value}: cannot write the download into the Hugging Face cache ({err.strerror}); "
-                           "free some space or set HF_HOME to another disk, and run again") from None
-        refused = status_problem(http_status(err), value)
-        # A refused HEAD comes wrapped as "not in the cache" (LocalEntryNotFoundError,
-        # itself an EntryNotFoundError); the Hub's own named refusals keep their messages below.
-        if refused and (isinstance(err, LocalEntryNotFoundError) or not isinstance(
-                err, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError))):
-            raise MduError(refused) from None
+        shared = download_failure(err, value)
+        if shared:
+            raise MduError(shared) from None
         if isinstance(err, GatedRepoError):
             raise MduError(f"{value}: the dataset is gated; accept its terms on the Hub and log in") from None
         if isinstance(err, RepositoryNotFoundError):

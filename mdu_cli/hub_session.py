@@ -69,7 +69,8 @@ def check_answer(method: str, url: str, response) -> None:
     """Refuse an answer whose path-making strings are not plain (see the module docstring)."""
     from urllib.parse import urlparse
 
-    host, path = urlparse(url).netloc, urlparse(url).path
+    parsed = urlparse(url)
+    host, path = parsed.netloc, parsed.path
     if response.headers.get("Content-Type", "").startswith("text/html") and \
             (path.startswith("/api/") or (method.upper() == "HEAD" and "/resolve/" in path)):
         raise UnsafeHubAnswer(f"{host} answered with a web page, not the Hub's API (a captive portal, a proxy's "
@@ -84,7 +85,7 @@ def check_answer(method: str, url: str, response) -> None:
     if commit is not None and not _COMMIT.fullmatch(commit.strip()):
         raise UnsafeHubAnswer(f"the Hub at {host} answered with the commit {commit[:80]!r}, which is not a commit "
                               "hash; nothing was written. Check HF_ENDPOINT")
-    if method.upper() != "GET" or not _API_INFO.fullmatch(urlparse(url).path) or \
+    if method.upper() != "GET" or not _API_INFO.fullmatch(path) or \
             "json" not in response.headers.get("Content-Type", ""):
         return
     try:
@@ -188,6 +189,31 @@ def http_status(err: BaseException) -> Optional[int]:
         if response is not None and isinstance(getattr(response, "status_code", None), int):
             return response.status_code
         err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def download_failure(err: BaseException, name: str) -> Optional[str]:
+    """What a failed model or data download means and what to do, for the
+    failures both kinds share (an answer refused by `check_answer`, a
+    timeout, a cache that cannot be written, a refusing HTTP status); None
+    leaves the error to the caller's own names (no such repo, gated, ...).
+    The Hub client wraps a refused HEAD as "not in the cache"
+    (LocalEntryNotFoundError): its status is what happened."""
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+
+    if unsafe_answer(err) is not None:
+        return f"{name}: {unsafe_answer(err)}"
+    if is_timeout(err):
+        return (f"{name}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
+                "MDU_HUB_TIMEOUT to wait longer, and run the same command again")
+    status = http_status(err)
+    if isinstance(err, OSError) and err.errno is not None and status is None:
+        return (f"{name}: cannot write the download into the Hugging Face cache ({err.strerror}); free some space "
+                "or set HF_HOME to another disk, and run again")
+    named = (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError)
+    if isinstance(err, LocalEntryNotFoundError) or not isinstance(err, named):
+        return status_problem(status, name)
     return None
 
 

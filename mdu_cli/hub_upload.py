@@ -23,18 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mdu_cli.output_writer import TOKENIZER_FILES
 from mdu_cli.errors import MduError, printable
 from mdu_cli.model_card import CARD_NAME, card_action, render_card
-from mdu_cli.output_location import is_within
+from mdu_cli.output_location import OUTPUT_FILES, TRAIN_LOG, is_within
 from mdu_cli.publication import check_published, encoded, local_names, public_paperwork
 from mdu_cli.safetensors_reader import Checkpoint, open_directory
 
-# The model and its paperwork. Anything else in the directory stays behind.
-ALLOWED = (
-    "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
-    CARD_NAME, "mdu_run.json", "delta_report.json", "delta_report.md", "eval.json",
-)
+# The model and its paperwork: what mdu writes into an output, less the
+# training log. Anything else in the directory stays behind.
+ALLOWED = tuple(name for name in OUTPUT_FILES if name != TRAIN_LOG)
 # Of a revision's files, those that describe a model (weights of any format,
 # indexes, configs, code, tokenizer, mdu's reports): when this output lacks
 # one, the revision's copy belongs to another model and is deleted.
@@ -73,7 +70,7 @@ def _skip_reason(relative: str) -> Optional[str]:
     if len(parts) > 1:
         return "inside a subdirectory: not part of the model"
     name = parts[0]
-    if name == "train_log.jsonl":
+    if name == TRAIN_LOG:
         return "training log: stays local"
     if _matches(name, ALLOWED):
         if not PLAIN_NAME.fullmatch(name):

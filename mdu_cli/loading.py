@@ -69,22 +69,11 @@ def _hub_error(name: str, err: Exception) -> MduError:
         RevisionNotFoundError,
     )
 
-    from mdu_cli.hub_session import http_status, hub_timeout, is_timeout, status_problem, unsafe_answer
+    from mdu_cli.hub_session import download_failure
 
-    if unsafe_answer(err) is not None:
-        return MduError(f"{name}: {unsafe_answer(err)}")
-    if is_timeout(err):
-        return MduError(f"{name}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
-                        "MDU_HUB_TIMEOUT to wait longer, and run the same command again")
-    if isinstance(err, OSError) and err.errno is not None and not http_status(err):
-        return MduError(f"{name}: cannot write the download into the Hugging Face cache ({err.strerror}); free "
-                        "some space or set HF_HOME to another disk, and run again")
-    refused = status_problem(http_status(err), name)
-    if refused and not isinstance(err, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError)):
-        return MduError(refused)
-    if is_timeout(err):
-        return MduError(f"{name}: the Hub did not answer within {hub_timeout():g} s; check the network, or set "
-                        "MDU_HUB_TIMEOUT to wait longer, and run the same command again")
+    shared = download_failure(err, name)
+    if shared:
+        return MduError(shared)
     if isinstance(err, GatedRepoError):
         return MduError(f"{name}: the repository is gated; accept its terms on the Hub and log in (hf auth login)")
     if isinstance(err, RepositoryNotFoundError):

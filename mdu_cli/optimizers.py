@@ -106,10 +106,11 @@ def build(name: str, params, lr: float, weight_decay: float, weight_dtype: torch
 
 def _build(name: str, params: list, lr: float, weight_decay: float, weight_dtype: torch.dtype,
            in_backward: bool) -> tuple[torch.optim.Optimizer, OptimizerChoice]:
-    settings: dict = {}
+    """The optimizer and its record's library and extra settings (`build`
+    adds the hyperparameters, read back from the optimizer)."""
     if name == "adamw":
         return (torch.optim.AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay),
-                OptimizerChoice(name, f"torch {torch.__version__}", settings))
+                OptimizerChoice(name, f"torch {torch.__version__}", {}))
     if name == "adamw-kahan":
         import optimi
 
@@ -126,7 +127,7 @@ def _build(name: str, params: list, lr: float, weight_decay: float, weight_dtype
         extra = {"kahan_sum": weight_dtype in (torch.bfloat16, torch.float16), "triton": triton}
         if in_backward:
             extra["in_backward"] = True
-        return optimizer, OptimizerChoice(name, f"torch-optimi {_version('torch-optimi')}", {**settings, **extra})
+        return optimizer, OptimizerChoice(name, f"torch-optimi {_version('torch-optimi')}", extra)
     stochastic = weight_dtype == torch.bfloat16
     if name == "adamw-sr":
         from torchao.optim import _AdamW
@@ -134,14 +135,14 @@ def _build(name: str, params: list, lr: float, weight_decay: float, weight_dtype
         optimizer = _AdamW(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
                            bf16_stochastic_round=stochastic)
         return optimizer, OptimizerChoice(name, f"torchao {_version('torchao')}",
-                                          {**settings, "bf16_stochastic_round": stochastic})
+                                          {"bf16_stochastic_round": stochastic})
     if name == "adamw-8bit":
         from torchao.optim import AdamW8bit
 
         optimizer = AdamW8bit(params, lr=lr, betas=BETAS, eps=EPS, weight_decay=weight_decay,
                               bf16_stochastic_round=stochastic)
         return optimizer, OptimizerChoice(name, f"torchao {_version('torchao')}",
-                                          {**settings, "bf16_stochastic_round": stochastic, "block_size": 256})
+                                          {"bf16_stochastic_round": stochastic, "block_size": 256})
     raise ConfigError(f"--optimizer {name!r} is not known")
 
 

@@ -31,13 +31,13 @@ from mdu_cli.output_writer import TOKENIZER_FILES
 
 # A resumable state sits beside its output as OUT.mdu-state (see resume.py).
 STATE_SUFFIX = ".mdu-state"
-RUN_RECORD = "mdu_run.json"
+RUN_RECORD, TRAIN_LOG = "mdu_run.json", "train_log.jsonl"
 # Every name mdu writes into an output (unlearn, finetune, and eval's eval.json):
 # all that --overwrite may delete. A directory holding anything else is not
 # mdu's to replace.
 OUTPUT_FILES = (
     "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
-    "README.md", RUN_RECORD, "train_log.jsonl", "delta_report.json", "delta_report.md", "eval.json",
+    "README.md", RUN_RECORD, TRAIN_LOG, "delta_report.json", "delta_report.md", "eval.json",
 )
 # What a resumable state directory holds (resume.save_state).
 STATE_FILES = ("progress.json", "trainable.safetensors", "training.pt")
@@ -138,13 +138,22 @@ def check_report_file(path: Path, option: str, inputs: Iterable[Path] = ()) -> N
         # Writing over a file is deleting it: only a report mdu wrote may be replaced.
         raise MduError(f"{option} {path} exists and is not a report mdu wrote; choose another file name, or "
                        "remove it yourself")
-    ancestor = path.parent
+    problem = unwritable(path.parent)
+    if problem:
+        raise MduError(f"{option} {path}: {problem}; choose another path")
+
+
+def unwritable(directory: Path) -> Optional[str]:
+    """Why `directory` (or the folder its creation would start from) cannot be
+    written, or None."""
+    ancestor = Path(directory)
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise MduError(f"{option} {path}: {ancestor} is not a directory; choose another path")
+        return f"{ancestor} is not a directory"
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MduError(f"{option} {path}: {ancestor} is not writable; choose another path")
+        return f"{ancestor} is not writable"
+    return None
 
 
 def written_by_mdu(path: Path) -> bool:

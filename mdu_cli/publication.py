@@ -12,7 +12,6 @@ file, is still in it. `--include-local-paths` publishes the files as they are.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -42,8 +41,9 @@ def _is_public(value: str, public_ids: set[str]) -> bool:
 
 
 def _redact(value, public_ids: set[str], found: set[str], key: Optional[str] = None):
-    """A copy of a JSON value with each local path under PATH_KEYS replaced by
-    LOCAL; what was replaced is added to `found`."""
+    """A copy of a JSON value (new dicts and lists all the way down) with each
+    local path under PATH_KEYS replaced by LOCAL; what was replaced is added
+    to `found`."""
     if isinstance(value, dict):
         return {k: _redact(v, public_ids, found, k) for k, v in value.items()}
     if isinstance(value, list):
@@ -57,7 +57,7 @@ def _redact(value, public_ids: set[str], found: set[str], key: Optional[str] = N
 def redact_paths(document: dict, public_ids: set[str]) -> dict:
     """A copy of `document` with every local path under PATH_KEYS as LOCAL
     (what a tracker's servers receive of the options, too)."""
-    return _redact(copy.deepcopy(document), set(public_ids), set())
+    return _redact(document, set(public_ids), set())
 
 
 def _read_json(path: Path) -> Optional[dict]:
@@ -75,8 +75,7 @@ def public_paperwork(directory: Path) -> tuple[dict[str, dict], set[str]]:
     documents = {name: _read_json(directory / name) for name in PAPERWORK}
     run = documents.get("mdu_run.json") or {}
     public_ids, found = _public_ids(run), set()
-    published = {name: _redact(copy.deepcopy(doc), public_ids, found) for name, doc in documents.items()
-                 if doc is not None}
+    published = {name: _redact(doc, public_ids, found) for name, doc in documents.items() if doc is not None}
     return published, found
 
 

@@ -223,24 +223,9 @@ def _read_config(directory: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
-def _index_shards(index_path: Path) -> set:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map")
-        return set(weight_map.values()) if isinstance(weight_map, dict) else set()
-    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
-        return set()  # a broken index is named by the reading below
-
-
 def open_directory(directory: Path, source: str) -> Checkpoint:
     index_path = directory / INDEX_NAME
     tensors: dict[str, TensorInfo] = {}
-    single = directory / "model.safetensors"
-    if index_path.is_file() and (single.is_file() or single.is_symlink()) \
-            and "model.safetensors" not in _index_shards(index_path):
-        # transformers loads model.safetensors first and never reads the index:
-        # reporting the shards would describe weights nobody loads.
-        raise MduError(f"{source}: holds both model.safetensors and {INDEX_NAME} (which does not name it); "
-                       "transformers loads model.safetensors, so one of them is stale: remove it, then run again")
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
@@ -250,6 +235,12 @@ def open_directory(directory: Path, source: str) -> Checkpoint:
             raise MduError(f"{index_path}: cannot read ({err.strerror})") from None
         except (ValueError, KeyError, TypeError, RecursionError):
             raise MduError(f"{index_path}: not a valid index (no weight_map object); save the checkpoint again") from None
+        single = directory / "model.safetensors"
+        if (single.is_file() or single.is_symlink()) and single.name not in weight_map.values():
+            # transformers loads model.safetensors first and never reads the index:
+            # reporting the shards would describe weights nobody loads.
+            raise MduError(f"{source}: holds both model.safetensors and {INDEX_NAME} (which does not name it); "
+                           "transformers loads model.safetensors, so one of them is stale: remove it, then run again")
         headers = {}
         for name, shard in weight_map.items():
             path = _checked_shard(directory, index_path, shard)

@@ -93,10 +93,9 @@ def record_measures(loaded: LoadedModel, record: Record, mc_samples: int, genera
 
 
 def _log_sum_exp(values: list[float]) -> float:
-    top = max(values)
-    if math.isinf(top):
-        return top
-    return top + math.log(sum(math.exp(v - top) for v in values))
+    from scipy.special import logsumexp
+
+    return float(logsumexp(values))
 
 
 def _exp_or_inf(value: float) -> float:

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdu_cli.data import Dataset
+from mdu_cli.data import Dataset, capped
 from mdu_cli.errors import DataError, MduError
 
 log = logging.getLogger("mdu")
@@ -33,7 +33,6 @@ log = logging.getLogger("mdu")
 # what follows an answer. Invisible separators keep it from merging with
 # anything a template could put around it.
 _SENTINEL = "\u2063mdu-response-sentinel\u2063"
-MAX_PROBLEMS = 50  # error lines shown for one file
 
 
 @dataclass(frozen=True)
@@ -212,9 +211,7 @@ def encode_dataset(dataset: Dataset, tokenizer, max_length: int, positions: Opti
         examples.append(Example(tuple(prompt_ids), tuple(response_ids), truncated))
     if problems:
         # As the record reader does: a file of 100,000 bad records gets 50 lines, not 100,000.
-        shown = problems[:MAX_PROBLEMS] + ([f"{dataset.path}: ... and {len(problems) - MAX_PROBLEMS} more records "
-                                            "with the same kind of problem"] if len(problems) > MAX_PROBLEMS else [])
-        raise DataError(shown)
+        raise DataError(capped(problems, str(dataset.path), what="records with the same kind of problem"))
     if cut:
         log.warning(
             "Warning: %d of %d records in %s have responses cut to fit --max-length %d",

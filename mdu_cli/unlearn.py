@@ -40,7 +40,7 @@ from mdu_cli.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
                              resolve_device, resolve_source)
 from mdu_cli.output_location import (OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
-                                     publish, remove_leftovers, remove_state)
+                                     publish, remove_leftovers, remove_state, unwritable)
 from mdu_cli.run_monitor import Probe, parse_trackers, tracker_config
 from mdu_cli.resume import fingerprint, load_state, state_dir_for, weights_identity
 from mdu_cli.report_format import format_markdown, write_json, write_text_atomic
@@ -322,12 +322,9 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
                               "put the tracker logs elsewhere")
         if logging_dir.exists() and not logging_dir.is_dir():
             raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
-        ancestor = logging_dir
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(f"--logging-dir {logging_dir}: {ancestor} is not writable; name a directory the "
-                              "tracker can write")
+        problem = unwritable(logging_dir)
+        if problem:
+            raise ConfigError(f"--logging-dir {logging_dir}: {problem}; name a directory the tracker can write")
     # Every run: a Ctrl-C saves a state even without --save-every. A few MB read.
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None,

@@ -7,7 +7,6 @@ import json
 import click
 
 from mdu_cli.commands import FiniteFloatRange
-
 from mdu_cli.generation_settings import ORDERINGS, PRESETS, requested as _generation
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")

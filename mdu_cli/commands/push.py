@@ -51,9 +51,10 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
     generation config, tokenizer files, remote-code .py files, the model card
     (README.md, regenerated from mdu_run.json, the delta report and eval.json),
     mdu_run.json and the delta report, these with every local path and file
-    name taken out. Data files, logs and hidden files stay behind. The same commit deletes the revision's model files (weights, index,
-    adapter, config, code, tokenizer, reports) that this output does not have,
-    so the revision holds exactly this model. Nothing in DIRECTORY is changed.
+    name taken out. Data files, logs and hidden files stay behind. The same
+    commit deletes the revision's model files (weights, index, adapter,
+    config, code, tokenizer, reports) that this output does not have, so the
+    revision holds exactly this model. Nothing in DIRECTORY is changed.
     Re-running the same command resumes an interrupted upload.
     """
     from mdu_cli.errors import printable
