@@ -1,4 +1,4 @@
-"""Builds the optional native kernel of `mdu diff` (mdu_cli/_diffkernel.c).
+"""Builds the optional native kernel of `mdu diff` (mdu_cli/diff/_diffkernel.c).
 
 Everything else is declared in pyproject.toml. The extension is optional: where
 no C compiler is available the install still succeeds and `mdu diff` runs
@@ -20,6 +20,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("mdu_cli._diffkernel", ["mdu_cli/_diffkernel.c"], optional=True)],
+    ext_modules=[Extension("mdu_cli.diff._diffkernel", ["mdu_cli/diff/_diffkernel.c"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -4,7 +4,7 @@ A small LLaDA-shaped model (remote code, as LLaDA's) runs the same full-MDU
 steps (forget batch, prompt-masked anchor, forward KL at tau 1, clipping,
 warmup then cosine) from the same starting weights, once with fp32 weights and
 torch's AdamW (the reference) and once with bf16 weights per optimizer of
-`mdu_cli.optimizers`. The regime is scaled to an 8B run: weights rescaled to a
+`mdu_cli.train.optimizers`. The regime is scaled to an 8B run: weights rescaled to a
 median |w| of 0.068 and lr 4e-5, so that an Adam step is about a sixth of half
 a bf16 ulp, as lr 1e-5 on LLaDA-8B's |w| ~ 0.02 is; 120 steps.
 
@@ -50,11 +50,11 @@ def _scaled_start(model) -> dict[str, torch.Tensor]:
 
 
 def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, args) -> dict:
-    from mdu_cli.families import FAMILIES
-    from mdu_cli.loading import load_model, resolve_source
-    from mdu_cli.optimizers import build, state_bytes
-    from mdu_cli.train import lr_schedule
-    from mdu_cli.unlearn import frozen_copy
+    from mdu_cli.model.families import FAMILIES
+    from mdu_cli.model.loading import load_model, resolve_source
+    from mdu_cli.train.optimizers import build, state_bytes
+    from mdu_cli.train.loop import lr_schedule
+    from mdu_cli.train.run import frozen_copy
     from step_cost import make_batches, mdu_loss
 
     source = resolve_source(str(model_dir))
@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "llada-small"
         build_model(model_dir, args.layers, args.d_model, args.vocab)
-        from mdu_cli.loading import load_model, resolve_source
+        from mdu_cli.model.loading import load_model, resolve_source
 
         start = _scaled_start(load_model(resolve_source(str(model_dir)), True, torch.float32))
         reference = _run(model_dir, start, "adamw", torch.float32, args)

@@ -120,7 +120,7 @@ def main() -> None:
             print(f"building two {args.gb} GB checkpoints in {root} ...", file=sys.stderr)
             build_pair(root, args.gb)
         base, other = root / "base", root / "other"
-        from mdu_cli.safetensors_reader import open_checkpoint
+        from mdu_cli.io.safetensors_reader import open_checkpoint
 
         largest = max(i.numel * i.itemsize for i in open_checkpoint(str(base)).tensors.values())
         files = files_of(base, other)
@@ -144,7 +144,7 @@ def main() -> None:
         print(f"pair: 2 x {size / 2e9:.2f} GB fp32 ({len(files)} shards, sharded differently), "
               f"{len(report['tensors'])} tensors, largest {largest / 1e6:.0f} MB, {os.cpu_count()} CPUs")
         print(f"  raw read (cat, warm cache)   {cat_s:.2f}s   {size / cat_s / 1e9:.2f} GB/s")
-        from mdu_cli.delta_report import engine
+        from mdu_cli.diff.report import engine
 
         print(f"  mdu diff wall                {wall_s:.2f}s   ratio {wall_s / cat_s:.2f} (target <= 2), "
               f"{engine()} kernel")

@@ -1,7 +1,7 @@
 """Full and LoRA MDU in bf16 on a GPU: step time and peak memory, measured.
 
 Randomly initialised LLaDA-shaped models (the tests' remote-code fixture,
-scaled up) run `mdu_cli.train.train`, the loop `mdu unlearn` runs, with the
+scaled up) run `mdu_cli.train.loop.train`, the loop `mdu unlearn` runs, with the
 default bf16 optimizer (Kahan-compensated AdamW), a forget and a retain batch
 of 4 x 256 tokens per step:
 
@@ -79,7 +79,7 @@ def host_copy(model, config, device: str):
     since nothing is on disk here (the fixture has no buffers to fill)."""
     from transformers import AutoModel
 
-    from mdu_cli.unlearn import offload_copy
+    from mdu_cli.train.run import offload_copy
 
     with torch.device("meta"):
         shell = AutoModel.from_config(config, trust_remote_code=True, torch_dtype=torch.bfloat16)
@@ -87,7 +87,7 @@ def host_copy(model, config, device: str):
 
 
 def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):
-    from mdu_cli.tokenization import Example
+    from mdu_cli.data.tokenization import Example
 
     gen = torch.Generator().manual_seed(seed)
     return [Example(tuple(torch.randint(0, vocab - 2, (prompt,), generator=gen).tolist()),
@@ -96,12 +96,12 @@ def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):
 
 
 def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int, seq: int, device: str) -> dict:
-    from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
-    from mdu_cli.config import UnlearnConfig
-    from mdu_cli.families import FAMILIES
-    from mdu_cli.lora import AdapterOffAnchor, apply_lora
-    from mdu_cli.train import train
-    from mdu_cli.unlearn import frozen_copy
+    from mdu_cli.model.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.config.training import UnlearnConfig
+    from mdu_cli.model.families import FAMILIES
+    from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
+    from mdu_cli.train.loop import train
+    from mdu_cli.train.run import frozen_copy
 
     name, checkpointed, in_backward, offload, lora = mode
     started = time.perf_counter()

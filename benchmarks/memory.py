@@ -35,13 +35,13 @@ MODES = ("full_mdu", "full_mdu_checkpointed", "full_mdu_in_backward", "lora_mdu"
 def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     import torch
 
-    from mdu_cli.families import FAMILIES
-    from mdu_cli.loading import load_model, resolve_source
-    from mdu_cli.lora import AdapterOffAnchor, apply_lora
-    from mdu_cli.masking import anchor_input_ids, noise_response
-    from mdu_cli.objectives import mdlm_loss, mdu_forget_loss
-    from mdu_cli.families import model_logits
-    from mdu_cli.unlearn import frozen_copy
+    from mdu_cli.model.families import FAMILIES
+    from mdu_cli.model.loading import load_model, resolve_source
+    from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
+    from mdu_cli.train.masking import anchor_input_ids, noise_response
+    from mdu_cli.train.objectives import mdlm_loss, mdu_forget_loss
+    from mdu_cli.model.families import model_logits
+    from mdu_cli.train.run import frozen_copy
     from step_cost import _proc_status_mb, make_batches, mdlm_batch_loss, mdu_loss
 
     torch.manual_seed(0)
@@ -52,7 +52,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     if mode.startswith("full_mdu"):
         anchor = frozen_copy(model)
         if mode in ("full_mdu_checkpointed", "full_mdu_in_backward"):
-            from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
+            from mdu_cli.model.checkpointing import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
     else:
@@ -64,7 +64,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     if in_backward:
         # What --optimizer-in-backward runs: torch-optimi's AdamW (fp32 here,
         # so no compensation buffer: the same 8 bytes of state as torch's).
-        from mdu_cli import optimizers
+        from mdu_cli.train import optimizers
 
         optimizer, _ = optimizers.build("adamw-kahan", trainable, 1e-5, 0.0, torch.float32, in_backward=True)
         optimizers.StepInBackward(model, optimizer)
@@ -79,7 +79,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     def mdu_in_backward():
         """The step --optimizer-in-backward takes: forget and retain rows in
         one forward, so each parameter's gradient arrives in one piece."""
-        from mdu_cli.masking import stack_rows
+        from mdu_cli.train.masking import stack_rows
 
         noised, kept = noise_response(forget, mask_id, noise), noise_response(retain, mask_id, noise)
         with torch.no_grad():
@@ -114,7 +114,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
 
 # Bytes per parameter of full MDU on bf16 weights, per optimizer and memory
 # lever: (mode, weights, frozen anchor, gradients, optimizer state, in backward).
-# The optimizer states are those mdu_cli.optimizers builds (measured by
+# The optimizer states are those mdu_cli.train.optimizers builds (measured by
 # benchmarks/bf16_fidelity.py: 4, 6 and 2.04 bytes a parameter). In backward
 # no full gradient exists: only the tensor being stepped holds one, at most
 # the largest (LLaDA-8B's 126464 x 4096 embedding: 1.04 GB in bf16).

@@ -80,9 +80,9 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
     """The MDU forget loss (tau 1) of one batch, with its graph, as the
     training loop computes it: only the masked positions of the anchor's
     no-grad logits are kept."""
-    from mdu_cli.families import model_logits
-    from mdu_cli.masking import anchor_input_ids, noise_response
-    from mdu_cli.objectives import mdu_forget_loss
+    from mdu_cli.model.families import model_logits
+    from mdu_cli.train.masking import anchor_input_ids, noise_response
+    from mdu_cli.train.objectives import mdu_forget_loss
 
     noised = noise_response(batch, mask_id, noise)
     with torch.no_grad():
@@ -94,9 +94,9 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
 
 def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) -> torch.Tensor:
     """The MDLM (retain / fine-tuning) loss of one batch, with its graph."""
-    from mdu_cli.families import model_logits
-    from mdu_cli.masking import noise_response
-    from mdu_cli.objectives import mdlm_loss
+    from mdu_cli.model.families import model_logits
+    from mdu_cli.train.masking import noise_response
+    from mdu_cli.train.objectives import mdlm_loss
 
     noised = noise_response(batch, mask_id, noise)
     logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
@@ -104,7 +104,7 @@ def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) 
 
 
 def make_batches(vocab: int, batch: int, seq: int, prompt: int):
-    from mdu_cli.tokenization import Example, collate
+    from mdu_cli.data.tokenization import Example, collate
 
     gen = torch.Generator().manual_seed(0)
 
@@ -120,9 +120,9 @@ class Stepper:
     """One optimizer step of either kind, built from mdu's own pieces."""
 
     def __init__(self, model_dir: Path, batch: int, seq: int, prompt: int, with_anchor: bool = True):
-        from mdu_cli.families import FAMILIES
-        from mdu_cli.loading import load_model, resolve_source
-        from mdu_cli.unlearn import frozen_copy
+        from mdu_cli.model.families import FAMILIES
+        from mdu_cli.model.loading import load_model, resolve_source
+        from mdu_cli.train.run import frozen_copy
 
         torch.manual_seed(0)
         source = resolve_source(str(model_dir))
@@ -146,8 +146,8 @@ class Stepper:
 
     def anchor_forward(self):
         """Just MDU's extra work: the no-grad anchor forward of the forget batch."""
-        from mdu_cli.masking import anchor_input_ids, noise_response
-        from mdu_cli.families import model_logits
+        from mdu_cli.train.masking import anchor_input_ids, noise_response
+        from mdu_cli.model.families import model_logits
 
         noised = noise_response(self.forget, self.mask_id, self.noise)
         with torch.no_grad():
@@ -177,7 +177,7 @@ def _proc_status_mb(field: str) -> float:
 def _peak_rss_child(kind: str, model_dir: str, args: dict, queue) -> None:
     import transformers  # noqa: F401  (libraries count toward the baseline, not the step)
 
-    import mdu_cli.train  # noqa: F401
+    import mdu_cli.train.loop  # noqa: F401
 
     baseline = _proc_status_mb("VmRSS")
     stepper = Stepper(Path(model_dir), args["batch"], args["seq"], args["prompt"], with_anchor=kind == "mdu")

@@ -112,8 +112,8 @@ def unlearned(tmp_path_factory, hf_home, llada_dir):
     import json
     import shutil
 
-    from mdu_cli.config import build_config
-    from mdu_cli.unlearn import run_unlearn
+    from mdu_cli.config.training import build_config
+    from mdu_cli.train.run import run_unlearn
 
     staged = tmp_path_factory.mktemp("base") / "tiny-llada"
     shutil.copytree(llada_dir, staged)

@@ -8,8 +8,8 @@ in tests/fsdp_launch.py, once the plain loads are done.
 import torch
 from accelerate import Accelerator
 
-from mdu_cli.loading import load_model, resolve_source
-from mdu_cli.unlearn import sharded_anchor
+from mdu_cli.model.loading import load_model, resolve_source
+from mdu_cli.train.run import sharded_anchor
 
 
 def check_anchor(model_dir: str, reference_logits: str, force_fsdp2) -> None:

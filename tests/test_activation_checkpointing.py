@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from mdu_cli.activation_checkpointing import enable_gradient_checkpointing, transformer_blocks
-from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES, model_logits
-from mdu_cli.loading import load_model, resolve_source
-from mdu_cli.unlearn import run_unlearn
+from mdu_cli.model.checkpointing import enable_gradient_checkpointing, transformer_blocks
+from mdu_cli.config.training import build_config
+from mdu_cli.model.families import FAMILIES, model_logits
+from mdu_cli.model.loading import load_model, resolve_source
+from mdu_cli.train.run import run_unlearn
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mdu_cli.config import UnlearnConfig, build_config, read_yaml
+from mdu_cli.config.training import UnlearnConfig, build_config, read_yaml
 from mdu_cli.errors import ConfigError
 
 

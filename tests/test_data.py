@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mdu_cli.data import load_dataset
+from mdu_cli.data.records import load_dataset
 from mdu_cli.errors import DataError, MduError
 
 

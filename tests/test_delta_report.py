@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mdu_cli import delta_report
+from mdu_cli.diff import report as delta_report
 from mdu_cli.cli import cli
-from mdu_cli.delta_report import CHUNK_ELEMENTS, compare, layer_of, module_of
+from mdu_cli.diff.report import CHUNK_ELEMENTS, compare, layer_of, module_of
 from mdu_cli.errors import MduError
-from mdu_cli.safetensors_reader import open_checkpoint
+from mdu_cli.io.safetensors_reader import open_checkpoint
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -376,7 +376,7 @@ def test_module_kind_aggregates_against_float64_reference(tmp_path, engine):
         [entry] = [x for x in report["layers"] if x["layer"] == layer]
         _assert_stats(entry, _reference(np.concatenate([base[n].numpy().ravel() for n in names]),
                                         np.concatenate([other[n].numpy().ravel() for n in names])))
-    from mdu_cli.model_card import _delta_section
+    from mdu_cli.hub.card import _delta_section
 
     card = "\n".join(_delta_section(report))
     for kind, entry in modules.items():

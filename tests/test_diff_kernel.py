@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdu_cli import delta_report
+from mdu_cli.diff import report as delta_report
 from mdu_cli.errors import MduError
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.numerics
 # headers); a missing build is a failure here, not a skip, because `mdu diff`
 # would silently run several times slower.
 try:
-    from mdu_cli import _diffkernel as kernel
+    from mdu_cli.diff import _diffkernel as kernel
 except ImportError:
-    pytest.fail("mdu_cli._diffkernel is not built: reinstall (pip install -e .) where gcc or clang and the Python "
+    pytest.fail("mdu_cli.diff._diffkernel is not built: reinstall (pip install -e .) where gcc or clang and the Python "
                 "headers are present", pytrace=False)
 
 KIND = {torch.float64: kernel.F64, torch.float32: kernel.F32, torch.bfloat16: kernel.BF16,
@@ -117,7 +117,7 @@ def test_engine_choice(monkeypatch):
 def test_native_request_without_the_build_is_a_clear_error(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "mdu_cli._diffkernel", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "mdu_cli.diff._diffkernel", None)  # import now raises ImportError
     monkeypatch.setenv("MDU_DIFF_ENGINE", "native")
     with pytest.raises(MduError, match="not built"):
         delta_report.engine()

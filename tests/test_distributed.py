@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
-from mdu_cli.config import build_config
-from mdu_cli.train import plan_steps
+from mdu_cli.config.training import build_config
+from mdu_cli.train.loop import plan_steps
 
 
 def _launch_line(*accelerate_args):
@@ -61,7 +61,7 @@ def uninterrupted(data, tmp_path_factory, llada_dir) -> dict:
     launched once: DDP, accelerate's FSDP settings on the CPU (which run DDP),
     FSDP2 (preceded, in the same processes, by the sharded-anchor check), and
     LoRA under DDP and FSDP2. name -> (output dir, completed process)."""
-    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.model.loading import load_model, resolve_source
 
     root = tmp_path_factory.mktemp("uninterrupted")
     model = load_model(resolve_source(str(llada_dir)), True, torch.float32).eval()

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mdu_cli.evaluation import answer_scores, mc_masks, rouge_l_recall, truth_ratio
-from mdu_cli.families import FAMILIES
-from mdu_cli.inference import LoadedModel, load_for_inference
-from mdu_cli.sampling import generate, transfer_schedule
+from mdu_cli.evaluation.report import answer_scores, mc_masks, rouge_l_recall, truth_ratio
+from mdu_cli.model.families import FAMILIES
+from mdu_cli.model.inference import LoadedModel, load_for_inference
+from mdu_cli.model.sampling import generate, transfer_schedule
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -255,7 +255,7 @@ def test_entropy_ordering_commits_the_most_peaked_prediction_first():
 
 
 def test_the_paper_preset_per_family_and_explicit_options_win():
-    from mdu_cli.generation_settings import resolve_generation
+    from mdu_cli.config.generation import resolve_generation
 
     assert resolve_generation({"preset": "paper"}, "llada") == {
         "max_new_tokens": 256, "steps": 256, "block_length": 128, "ordering": "confidence", "preset": "paper"}

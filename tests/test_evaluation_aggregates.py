@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from mdu_cli.data import load_dataset
-from mdu_cli.evaluation import evaluate_split, format_eval, relative_change, rouge_l_recall
-from mdu_cli.families import FAMILIES
-from mdu_cli.inference import LoadedModel
-from mdu_cli.sampling import generate
+from mdu_cli.data.records import load_dataset
+from mdu_cli.evaluation.report import evaluate_split, format_eval, relative_change, rouge_l_recall
+from mdu_cli.model.families import FAMILIES
+from mdu_cli.model.inference import LoadedModel
+from mdu_cli.model.sampling import generate
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics

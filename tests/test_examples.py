@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from mdu_cli.cli import cli
-from mdu_cli.config import build_config, read_yaml
-from mdu_cli.data import load_dataset
+from mdu_cli.config.training import build_config, read_yaml
+from mdu_cli.data.records import load_dataset
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from conftest import FORGET_RECORDS, SECRET, fake_hub_model, write_jsonl
 from mdu_cli.cli import cli
-from mdu_cli.output_location import OutputLock
+from mdu_cli.io.output_location import OutputLock
 
 
 def run(*args):
@@ -59,8 +59,8 @@ def no_weight_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded")
 
-    monkeypatch.setattr("mdu_cli.unlearn.load_model", refuse)
-    monkeypatch.setattr("mdu_cli.inference.load_model", refuse)
+    monkeypatch.setattr("mdu_cli.train.run.load_model", refuse)
+    monkeypatch.setattr("mdu_cli.model.inference.load_model", refuse)
 
 
 @pytest.fixture
@@ -434,8 +434,8 @@ def test_record_text_that_spells_control_tokens_is_tokenised_as_text(family, fam
     clean target is ever the mask token."""
     from transformers import AutoTokenizer
 
-    from mdu_cli.data import load_dataset
-    from mdu_cli.tokenization import encode_dataset
+    from mdu_cli.data.records import load_dataset
+    from mdu_cli.data.tokenization import encode_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(family_dirs[family], trust_remote_code=True)
     mask, turn, boundary = CONTROL_TEXT[family]
@@ -463,8 +463,8 @@ def test_evaluation_scores_control_text_as_text(llada_dir, monkeypatch):
     an answer is never a mask among the clean targets it scores."""
     import torch
 
-    from mdu_cli import evaluation
-    from mdu_cli.inference import load_for_inference
+    from mdu_cli.evaluation import report as evaluation
+    from mdu_cli.model.inference import load_for_inference
 
     loaded = load_for_inference(str(llada_dir))
     scored = []
@@ -496,8 +496,8 @@ def private_output(tmp_path_factory, llada_dir):
     after the person, under the user's folders, with eval.json (TOFU-style
     reference included) written by `mdu eval`; and an adapter output of the
     same local base."""
-    from mdu_cli.config import build_config
-    from mdu_cli.unlearn import run_unlearn
+    from mdu_cli.config.training import build_config
+    from mdu_cli.train.run import run_unlearn
 
     home = tmp_path_factory.mktemp("home-of-jdoe")
     data = home / "cases" / "john-doe"
@@ -699,7 +699,7 @@ def test_options_location_and_lengths_are_checked_before_the_weights_load(case, 
         import shutil as real_shutil
 
         usage = real_shutil.disk_usage(tmp_path)
-        monkeypatch.setattr("mdu_cli.output_location.shutil.disk_usage",
+        monkeypatch.setattr("mdu_cli.io.output_location.shutil.disk_usage",
                             lambda path: usage._replace(free=1000))
         fragment = "free, but the output needs about"
     else:
@@ -794,7 +794,7 @@ def test_corrupt_resume_state_is_named(damage, fragment, llada_dir, forget_file,
     args = ["unlearn", "--model", llada_dir, "--forget", forget_file, "--out", out, "--max-steps", 4,
             "--save-every", 1]
     # Stop after the first saved state, as a kill would.
-    from mdu_cli import resume
+    from mdu_cli.train import resume
 
     real_save = resume.save_state
 
@@ -802,7 +802,7 @@ def test_corrupt_resume_state_is_named(damage, fragment, llada_dir, forget_file,
         real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("mdu_cli.train.save_state", save_then_die)
+    monkeypatch.setattr("mdu_cli.train.loop.save_state", save_then_die)
     run(*args)
     monkeypatch.undo()
     state = tmp_path / "o.mdu-state"
@@ -851,8 +851,8 @@ def test_numbers_that_would_hang_or_overflow_are_usage_errors(flag, value, fragm
 
 
 def test_generation_with_absurd_steps_finishes(llada_dir):
-    from mdu_cli.inference import load_for_inference
-    from mdu_cli.sampling import generate
+    from mdu_cli.model.inference import load_for_inference
+    from mdu_cli.model.sampling import generate
 
     loaded = load_for_inference(str(llada_dir))
     prompt = loaded.prompt_ids([{"role": "user", "content": "who wrote the book ?"}])
@@ -896,12 +896,12 @@ def test_a_lowered_cpu_kernel_level_that_breaks_bf16_attention_is_named(llada_di
     """torch 2.13's bf16 attention stops under ATEN_CPU_CAPABILITY=avx2 on an
     AVX-512-BF16 CPU ("pack_vnni2 is only supported when avx512 is supported"):
     the user's setting is named with the fix, never "unexpected"."""
-    import mdu_cli.unlearn
+    import mdu_cli.train.run
 
     def stops(*args, **kwargs):
         raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
 
-    monkeypatch.setattr(mdu_cli.unlearn, "run_unlearn", stops)
+    monkeypatch.setattr(mdu_cli.train.run, "run_unlearn", stops)
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "out", "--dtype", "bf16")
     assert_one_line_error(result, 1, "ATEN_CPU_CAPABILITY=avx2 lowers it; unset ATEN_CPU_CAPABILITY, or run with "
@@ -959,8 +959,8 @@ def test_an_output_trained_with_a_chat_template_carries_it(masked_lm_dir, forget
     """A base without a chat template, unlearned with --chat-template: the
     output holds the template, and `mdu eval` and `mdu generate` read it back
     and format prompts exactly as training did."""
-    from mdu_cli.inference import load_for_inference
-    from mdu_cli.tokenization import encode_prompt
+    from mdu_cli.model.inference import load_for_inference
+    from mdu_cli.data.tokenization import encode_prompt
 
     from tiny_models import BERT_CHAT_TEMPLATE
 
@@ -1023,12 +1023,12 @@ def test_the_machine_failing_mid_run_is_named_not_unexpected(error, message, lla
     """A disk that fills while the output is written (OSError, or safetensors'
     own error), a logging folder that cannot be written: one line saying what
     happened and what to do, never "unexpected"."""
-    import mdu_cli.unlearn
+    import mdu_cli.train.run
 
     def fails(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(mdu_cli.unlearn, "run_unlearn", fails)
+    monkeypatch.setattr(mdu_cli.train.run, "run_unlearn", fails)
     result = run("unlearn", "--model", llada_dir, "--forget", forget_file, "--out", tmp_path / "o")
     assert_one_line_error(result, 1, message)
     assert "unexpected" not in result.stderr
@@ -1082,7 +1082,7 @@ def test_mdu_hub_timeout_bounds_the_library_s_own_download_timeouts(monkeypatch)
     sets those too, as the docs say."""
     from huggingface_hub import constants
 
-    from mdu_cli import hub_session
+    from mdu_cli.io import hub_session
 
     monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
     monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 10)

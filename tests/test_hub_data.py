@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from mdu_cli.data import load_dataset
+from mdu_cli.data.records import load_dataset
 from mdu_cli.errors import ConfigError, MduError
-from mdu_cli.hub_data import parse
+from mdu_cli.data.hub import parse
 
 COMMIT = "a" * 40
 RECORDS = [{"question": "Who wrote the green river?", "answer": "Zorblat Halvorsen wrote it.",

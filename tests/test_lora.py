@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from mdu_cli.cli import cli
-from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES, model_logits
-from mdu_cli.loading import load_model, resolve_source
-from mdu_cli.lora import AdapterOffAnchor, apply_lora, default_targets
-from mdu_cli.unlearn import run_unlearn
+from mdu_cli.config.training import build_config
+from mdu_cli.model.families import FAMILIES, model_logits
+from mdu_cli.model.loading import load_model, resolve_source
+from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, default_targets
+from mdu_cli.train.run import run_unlearn
 from test_hostile_inputs import no_weight_loads  # noqa: F401 (a fixture)
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).

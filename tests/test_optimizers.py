@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mdu_cli import optimizers
+from mdu_cli.train import optimizers
 from mdu_cli.cli import cli
 from mdu_cli.errors import ConfigError
 from test_hostile_inputs import snapshot
@@ -78,7 +78,7 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     parameter's own step count); mdu_run.json names the optimizer."""
     options = ("--dtype", dtype, *(IN_BACKWARD if optimizer == "in-backward" else ("--optimizer", optimizer)))
     assert _run(llada_dir, forget_file, retain_file, tmp_path / "whole", *options).exit_code == 0
-    import mdu_cli.train as train_module
+    import mdu_cli.train.loop as train_module
 
     real_agreed = train_module.StopRequest.agreed
     calls = {"n": 0}
@@ -91,7 +91,7 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     out = tmp_path / "resumed"
     result = _run(llada_dir, forget_file, retain_file, out, *options, "--save-every", "100")
     assert result.exit_code == 130 and "--resume" in result.stderr
-    from mdu_cli.resume import read_training_file
+    from mdu_cli.train.resume import read_training_file
 
     saved = read_training_file(tmp_path / "resumed.mdu-state" / "training.pt")["optimizer"]["state"]
     if recorded == "adamw-kahan":
@@ -124,8 +124,8 @@ def test_a_host_anchor_gives_the_same_weights(family, method, family_dirs, forge
 
 
 def test_the_host_anchor_holds_the_starting_weights_off_the_model(llada_dir):
-    from mdu_cli.loading import load_model, resolve_source
-    from mdu_cli.unlearn import host_anchor
+    from mdu_cli.model.loading import load_model, resolve_source
+    from mdu_cli.train.run import host_anchor
 
     source = resolve_source(str(llada_dir))
     model = load_model(source, True, torch.float32)
@@ -198,8 +198,8 @@ def test_no_full_set_of_gradients_exists_in_backward(llada_dir):
     parameter's gradient arrives, no other parameter holds one, and after
     backward none does; every parameter stepped exactly once per backward,
     gradient checkpointing (recomputation inside backward) included."""
-    from mdu_cli.activation_checkpointing import enable_gradient_checkpointing
-    from mdu_cli.loading import load_model, resolve_source
+    from mdu_cli.model.checkpointing import enable_gradient_checkpointing
+    from mdu_cli.model.loading import load_model, resolve_source
 
     model = load_model(resolve_source(str(llada_dir)), True, torch.bfloat16)
     enable_gradient_checkpointing(model)

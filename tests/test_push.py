@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from conftest import SECRET
 from mdu_cli.cli import cli
-from mdu_cli.config import build_config
-from mdu_cli.model_card import GENERATED_MARKER
-from mdu_cli.unlearn import run_unlearn
+from mdu_cli.config.training import build_config
+from mdu_cli.hub.card import GENERATED_MARKER
+from mdu_cli.train.run import run_unlearn
 
 MODEL_FILES = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "chat_template.jinja", "configuration_tiny_llada.py",

@@ -130,7 +130,8 @@ def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forg
 
     llada_dir = shutil.copytree(llada_dir, tmp_path / "base")
     out = tmp_path / "o"
-    from mdu_cli import resume, train
+    from mdu_cli.train import resume
+    from mdu_cli.train import loop as train
 
     def save_then_die(*args, **kwargs):  # a kill right after the first save, without a second process
         resume.save_state(*args, **kwargs)
@@ -168,11 +169,11 @@ def test_a_state_of_another_launch_or_shape_is_refused_by_restore(llada_dir, tmp
     model, each with a one-line MduError and the model's weights untouched."""
     import copy
 
-    from mdu_cli.config import build_config
+    from mdu_cli.config.training import build_config
     from mdu_cli.errors import MduError
-    from mdu_cli.loading import load_model, resolve_source
-    from mdu_cli.resume import TrainingState
-    from mdu_cli.train import _build_optimizer, _restore
+    from mdu_cli.model.loading import load_model, resolve_source
+    from mdu_cli.train.resume import TrainingState
+    from mdu_cli.train.loop import _build_optimizer, _restore
 
     model = load_model(resolve_source(str(llada_dir)), True, torch.float32)
     before = copy.deepcopy(model.state_dict())
@@ -235,7 +236,7 @@ def test_sigterm_saves_state_like_ctrl_c(llada_dir, forget_file, retain_file, tm
 
 
 def test_stop_request_flags_the_first_signal_and_aborts_on_a_second_ctrl_c():
-    from mdu_cli.train import StopRequest
+    from mdu_cli.train.loop import StopRequest
 
     before = signal.getsignal(signal.SIGINT)
     with StopRequest(announce=False) as stop:
@@ -258,7 +259,7 @@ def test_the_base_weights_digest_sees_every_part_of_a_file_and_ignores_copies(tm
 
     from safetensors.torch import save_file
 
-    from mdu_cli.resume import weights_identity
+    from mdu_cli.train.resume import weights_identity
 
     def base(name, last):
         directory = tmp_path / name

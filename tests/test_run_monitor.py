@@ -20,7 +20,7 @@ def _unlearn(llada_dir, forget_file, retain_file, out, *extra):
 
 
 def _eval_probability(model, data, split_records, seed):
-    from mdu_cli.evaluation import run_eval
+    from mdu_cli.evaluation.report import run_eval
 
     report = run_eval(str(model), str(data), mc_samples=32, limit=split_records, seed=seed,
                       generation={"max_new_tokens": 0}, device="cpu", show_progress=False, write=False)
@@ -93,8 +93,8 @@ def test_trackers_receive_no_local_path_or_file_name():
     """wandb and trackio send the options to a server: the forget file's
     name (which may be the person being forgotten) and every other local path
     go as "(local)"; Hub ids, hf:// names and the options themselves stay."""
-    from mdu_cli.config import build_config
-    from mdu_cli.run_monitor import tracker_config
+    from mdu_cli.config.training import build_config
+    from mdu_cli.train.monitor import tracker_config
 
     cfg = build_config({}, dict(model="GSAI-ML/LLaDA-8B-Instruct", forget="/home/me/cases/forget-john-doe.jsonl",
                                 retain="hf://datasets/locuslab/TOFU/retain90.json", out="/home/me/out",

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_jsonl
-from mdu_cli import tofu
+from mdu_cli.evaluation.benchmarks import tofu
 from mdu_cli.cli import cli
-from mdu_cli.data import Record
+from mdu_cli.data.records import Record
 from test_hostile_inputs import snapshot
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
@@ -213,7 +213,7 @@ def test_the_report_recomputes_from_itself(llada_dir, masked_lm_dir, tmp_path):
 
 def test_reference_of_other_data_or_records_is_refused_before_loading(masked_lm_dir, tmp_path, monkeypatch):
     files = _files(tmp_path)
-    import mdu_cli.inference as inference
+    import mdu_cli.model.inference as inference
 
     def never(*args, **kwargs):
         raise AssertionError("weights loaded before the reference was checked")
@@ -261,7 +261,7 @@ def test_a_reference_that_cannot_be_compared_is_refused(change, message, masked_
     loads, never turned into a forget quality."""
     import hashlib
 
-    import mdu_cli.inference as inference
+    import mdu_cli.model.inference as inference
     from test_hostile_inputs import snapshot
 
     def never(*args, **kwargs):
@@ -352,7 +352,7 @@ def test_eval_json_and_card_of_an_mdu_output(unlearned, tmp_path):
     result = _eval(out, files)
     assert result.exit_code == 0, result.stderr
     assert json.loads((out / "eval.json").read_text())["benchmark"] == "tofu"
-    from mdu_cli.model_card import render_card
+    from mdu_cli.hub.card import render_card
 
     card = render_card(out)
     assert "| forget quality (KS p-value against the retain-only reference) | - |" in card
@@ -364,14 +364,14 @@ def test_eval_json_and_card_of_an_mdu_output(unlearned, tmp_path):
 def test_batched_generations_equal_one_prompt_at_a_time(family, family_dirs):
     """ROUGE generations are batched over records of different prompt lengths;
     padding must not change what any prompt generates."""
-    from mdu_cli.inference import load_for_inference
+    from mdu_cli.model.inference import load_for_inference
 
     loaded = load_for_inference(str(family_dirs[family]), trust_remote_code=True, device="cpu")
     records = [_record("Astrid Halvorsen wrote it.", ["x"]),
                Record(messages=({"role": "user", "content": "Where was Astrid Halvorsen born, and when, and why?"},
                                 {"role": "assistant", "content": "By the lake."}), source="f:2", perturbed=("x",))]
     generation = {"max_new_tokens": 6, "steps": 6, "block_length": 3, "ordering": "confidence"}
-    from mdu_cli.sampling import generate
+    from mdu_cli.model.sampling import generate
 
     batched = generate(loaded.model, loaded.family, loaded.mask_token_id,
                        [loaded.prompt_ids(r.prompt_messages) for r in records], pad_id=loaded.pad_id, **generation)

@@ -5,9 +5,9 @@ import logging
 import pytest
 from transformers import AutoTokenizer
 
-from mdu_cli.data import Dataset, Record
+from mdu_cli.data.records import Dataset, Record
 from mdu_cli.errors import DataError, MduError
-from mdu_cli.tokenization import encode_dataset, end_of_turn_id
+from mdu_cli.data.tokenization import encode_dataset, end_of_turn_id
 
 
 def _dataset(*pairs):

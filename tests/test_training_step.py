@@ -22,11 +22,11 @@ import torch
 from accelerate import Accelerator
 
 from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
-from mdu_cli import train as train_module
-from mdu_cli.config import build_config
-from mdu_cli.data import load_dataset
-from mdu_cli.families import FAMILIES
-from mdu_cli.tokenization import encode_dataset
+from mdu_cli.train import loop as train_module
+from mdu_cli.config.training import build_config
+from mdu_cli.data.records import load_dataset
+from mdu_cli.model.families import FAMILIES
+from mdu_cli.data.tokenization import encode_dataset
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -423,7 +423,7 @@ def test_joint_accounting_step_matches_the_float64_reference(family, method, fam
 
 
 def test_joint_accounting_plans_passes_over_both_sets():
-    from mdu_cli.train import plan_steps
+    from mdu_cli.train.loop import plan_steps
 
     cfg = build_config({}, dict(model="m", forget="f", retain="r", batch_size=2, grad_accum=2, epochs=2,
                                 batch_accounting="joint"))
@@ -455,7 +455,7 @@ def test_the_retain_stream_is_successive_shuffled_passes(n, batch_size):
     order, it is one shuffled pass over the n rows after another (each row once
     a pass), cut into micro-batches of --batch-size, or of n when the retain set
     is smaller than a batch (then each micro-batch is a whole pass, no row twice)."""
-    from mdu_cli.train import cycle_batches
+    from mdu_cli.train.loop import cycle_batches
 
     stream = cycle_batches(n, batch_size, torch.Generator().manual_seed(0))
     batches = [next(stream) for _ in range(12)]

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
-from mdu_cli.config import build_config
-from mdu_cli.families import FAMILIES, model_logits
-from mdu_cli.loading import load_model, resolve_source
-from mdu_cli.tokenization import Example
-from mdu_cli.train import plan_steps, train
-from mdu_cli.unlearn import frozen_copy, run_unlearn
+from mdu_cli.config.training import build_config
+from mdu_cli.model.families import FAMILIES, model_logits
+from mdu_cli.model.loading import load_model, resolve_source
+from mdu_cli.data.tokenization import Example
+from mdu_cli.train.loop import plan_steps, train
+from mdu_cli.train.run import frozen_copy, run_unlearn
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics

@@ -21,9 +21,9 @@ GENERATION = {"max_new_tokens": 16, "steps": 16, "block_length": 16}
 
 
 def main() -> None:
-    from mdu_cli.config import build_config, read_yaml
-    from mdu_cli.evaluation import run_eval
-    from mdu_cli.unlearn import run_unlearn
+    from mdu_cli.config.training import build_config, read_yaml
+    from mdu_cli.evaluation.report import run_eval
+    from mdu_cli.train.run import run_unlearn
 
     forget, retain = str(HERE / "forget.jsonl"), str(HERE / "retain.jsonl")
 

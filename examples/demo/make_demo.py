@@ -75,9 +75,9 @@ def build_tokenizer(records: list[dict]):
 
 
 def train(model, examples, steps: int, batch_size: int, lr: float, mask_id: int, pad_id: int) -> None:
-    from mdu_cli.masking import noise_response
-    from mdu_cli.objectives import mdlm_loss
-    from mdu_cli.tokenization import collate
+    from mdu_cli.train.masking import noise_response
+    from mdu_cli.train.objectives import mdlm_loss
+    from mdu_cli.data.tokenization import collate
 
     order = torch.Generator().manual_seed(SEED)
     noise = torch.Generator().manual_seed(SEED + 1)
@@ -103,8 +103,8 @@ def train(model, examples, steps: int, batch_size: int, lr: float, mask_id: int,
 def main(steps: int = 3000) -> None:
     from transformers import ModernBertConfig, ModernBertForMaskedLM
 
-    from mdu_cli.data import load_dataset
-    from mdu_cli.tokenization import encode_dataset
+    from mdu_cli.data.records import load_dataset
+    from mdu_cli.data.tokenization import encode_dataset
 
     torch.manual_seed(SEED)
     forget, retain = make_records(random.Random(SEED))

@@ -7,7 +7,7 @@ import json
 import click
 
 from mdu_cli.commands import FiniteFloatRange
-from mdu_cli.generation_settings import ORDERINGS, PRESETS, requested as _generation
+from mdu_cli.config.generation import ORDERINGS, PRESETS, requested as _generation
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -90,7 +90,7 @@ def eval_command(model, forget, retain, benchmark, tofu_split, real_authors, wor
     When MODEL is an `mdu` output, the report is also written there as
     eval.json, and `mdu push` puts it in the model card.
     """
-    from mdu_cli.evaluation import format_eval, run_eval
+    from mdu_cli.evaluation.report import format_eval, run_eval
 
     if benchmark != "tofu":
         for name, value in (("--real-authors", real_authors), ("--world-facts", world_facts),
@@ -118,8 +118,8 @@ def generate_command(model, prompt, temperature, seed, max_new_tokens, steps, bl
     """Print the model's completion of PROMPT (low-confidence remasking)."""
     import torch
 
-    from mdu_cli.inference import prepare_inference
-    from mdu_cli.sampling import generate
+    from mdu_cli.model.inference import prepare_inference
+    from mdu_cli.model.sampling import generate
 
     settings = _generation(None, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                            ordering=ordering)

@@ -43,7 +43,7 @@ def finetune(ctx: click.Context, config_file, as_json, data, **flags) -> None:
     cfg = config_from(ctx, config_file, {**flags, "data": data}, "finetune", renames={"data": "forget"},
                       fixed={"method": "finetune"})
 
-    from mdu_cli.unlearn import run_unlearn
+    from mdu_cli.train.run import run_unlearn
 
     print_summary(run_unlearn(cfg, show_progress=not as_json), as_json)
 

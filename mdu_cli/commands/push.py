@@ -58,9 +58,9 @@ def push(directory, repo_id, private, revision, create_pr, commit_message, token
     Re-running the same command resumes an interrupted upload.
     """
     from mdu_cli.errors import printable
-    from mdu_cli.hub_upload import check_output_dir, plan_upload, validate_repo_id
-    from mdu_cli.hub_upload import push as run_push
-    from mdu_cli.output_location import human_size
+    from mdu_cli.hub.upload import check_output_dir, plan_upload, validate_repo_id
+    from mdu_cli.hub.upload import push as run_push
+    from mdu_cli.io.output_location import human_size
 
     problem = validate_repo_id(repo_id)
     if problem:

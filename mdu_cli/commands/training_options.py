@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from mdu_cli.config import DEVICES, DTYPES, FAMILIES, OPTIMIZERS, UnlearnConfig, build_config, read_yaml
+from mdu_cli.config.training import DEVICES, DTYPES, FAMILIES, OPTIMIZERS, UnlearnConfig, build_config, read_yaml
 
 D = UnlearnConfig()
 

@@ -6,7 +6,7 @@ import click
 
 from mdu_cli.commands.training_options import (D, config_from, loading_options, optimisation_options,
                                                print_summary)
-from mdu_cli.config import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
+from mdu_cli.config.training import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
 from mdu_cli.errors import ConfigError
 
 EXAMPLES = """
@@ -79,6 +79,6 @@ def unlearn(ctx: click.Context, config_file, as_json, **flags) -> None:
         raise ConfigError(f"--method must be one of {', '.join(UNLEARN_METHODS)} (got {cfg.method!r}); "
                           "plain fine-tuning is `mdu finetune`")
 
-    from mdu_cli.unlearn import run_unlearn
+    from mdu_cli.train.run import run_unlearn
 
     print_summary(run_unlearn(cfg, show_progress=not as_json), as_json)

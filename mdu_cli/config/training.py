@@ -19,7 +19,8 @@ from typing import Any, Optional
 import yaml
 
 from mdu_cli.errors import ConfigError
-from mdu_cli.hub_data import is_hub_data
+from mdu_cli.config.hub_names import check_revision, is_hub_data
+from mdu_cli.config.trackers import parse_trackers
 
 FAMILIES = ("llada", "dream", "masked-lm")
 KL_DIRECTIONS = ("forward", "reverse", "js")
@@ -126,8 +127,6 @@ class UnlearnConfig:
 
         if not self.model:
             raise bad("model", "is required: a local checkpoint directory or a Hub model id")
-        from mdu_cli.hub_session import check_revision
-
         check_revision(self.revision, "--revision")
         if not self.forget:
             if self.method == "finetune":
@@ -189,8 +188,6 @@ class UnlearnConfig:
         if self.save_adapter and not self.lora:
             raise bad("save_adapter", "needs --lora")
         self.shard_size_bytes  # raises on a size save_pretrained would refuse after training
-        from mdu_cli.run_monitor import parse_trackers
-
         parse_trackers(self.report_to)  # a tracker that is not installed fails now, not after loading
         if self.batch_accounting == "joint" and not (self.retain and self.alpha > 0):
             raise bad("batch_accounting", "joint mixes forget and retain rows; it needs --retain (and --alpha > 0)")

@@ -44,10 +44,6 @@ class HubFile:
                 "revision": self.revision, "commit": self.commit}
 
 
-def is_hub_data(value) -> bool:
-    return isinstance(value, str) and value.startswith("hf://")
-
-
 def parse(value: str) -> HubFile:
     """Split a `hf://datasets/...` name, or raise a usage error saying the form."""
     if not value.startswith(PREFIX):
@@ -66,7 +62,7 @@ def parse(value: str) -> HubFile:
         raise ConfigError(f"{value}: the revision after '@' is empty; drop the '@' or name a branch, tag or commit")
     if revision is not None and "@" in path:
         raise ConfigError(f"{value}: two revisions ('@' twice); name one branch, tag or commit")
-    from mdu_cli.hub_session import check_revision
+    from mdu_cli.config.hub_names import check_revision
 
     check_revision(revision, f"{value}: the revision")
     for part in (owner, name):
@@ -82,7 +78,7 @@ def fetch(value: str) -> HubFile:
     """Download (or find in the cache) one dataset file; MduError on failure."""
     from huggingface_hub import hf_hub_download
 
-    from mdu_cli.hub_session import bound_hub_requests
+    from mdu_cli.io.hub_session import bound_hub_requests
 
     wanted = parse(value)
     timeout = bound_hub_requests()
@@ -95,7 +91,7 @@ def fetch(value: str) -> HubFile:
         from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                            RepositoryNotFoundError, RevisionNotFoundError)
 
-        from mdu_cli.hub_session import download_failure
+        from mdu_cli.io.hub_session import download_failure
 
         shared = download_failure(err, value)
         if shared:

@@ -261,7 +261,8 @@ def load_dataset(path: str | Path, max_problems: int = MAX_PROBLEMS) -> Dataset:
     Raises DataError listing every bad record (at most `max_problems` lines,
     plus a count of the rest) and MduError for a missing or unreadable file.
     """
-    from mdu_cli.hub_data import fetch, is_hub_data
+    from mdu_cli.config.hub_names import is_hub_data
+    from mdu_cli.data.hub import fetch
 
     if is_hub_data(path):
         hub_file = fetch(str(path))

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdu_cli.data import Dataset, capped
+from mdu_cli.data.records import Dataset, capped
 from mdu_cli.errors import DataError, MduError
 
 log = logging.getLogger("mdu")

@@ -3,7 +3,7 @@
 Tensors of the two checkpoints are joined by name (through each side's index,
 never by file), read in chunks of CHUNK_ELEMENTS elements on a few threads,
 and reduced to float64 sums from which every statistic is derived. The
-reduction is one fused pass in the native kernel (mdu_cli/_diffkernel.c), or
+reduction is one fused pass in the native kernel (mdu_cli/diff/_diffkernel.c), or
 numpy where that did not build. Memory stays bounded whatever the model size:
 each thread holds one chunk per side.
 
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Optional
 from tqdm import tqdm
 
 from mdu_cli.errors import MduError
-from mdu_cli.safetensors_reader import (UNSUPPORTED_DTYPES, Checkpoint, ChunkReader, TensorInfo, read_header,
+from mdu_cli.io.safetensors_reader import (UNSUPPORTED_DTYPES, Checkpoint, ChunkReader, TensorInfo, read_header,
                                         unsupported_dtype)
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class Sums:
 
 
 def _load_kernel():
-    """The native kernel (mdu_cli/_diffkernel.c) unless it did not build or
+    """The native kernel (mdu_cli/diff/_diffkernel.c) unless it did not build or
     MDU_DIFF_ENGINE=numpy asks for the numpy path."""
     choice = os.environ.get("MDU_DIFF_ENGINE", "auto")
     if choice not in ("auto", "native", "numpy"):
@@ -148,10 +148,10 @@ def _load_kernel():
     if choice == "numpy":
         return None
     try:
-        kernel = importlib.import_module("mdu_cli._diffkernel")
+        kernel = importlib.import_module("mdu_cli.diff._diffkernel")
     except ImportError:
         if choice == "native":
-            raise MduError("MDU_DIFF_ENGINE=native, but mdu_cli._diffkernel is not built; reinstall mdu-cli "
+            raise MduError("MDU_DIFF_ENGINE=native, but mdu_cli.diff._diffkernel is not built; reinstall mdu-cli "
                            "where a C compiler is available, or unset MDU_DIFF_ENGINE") from None
         return None
     return kernel
@@ -452,8 +452,8 @@ def check_report_outputs(base: str, other: str, outputs: dict[str, Optional[Path
     """Before reading anything: no report file may be a file the diff reads
     (compared as resolved paths, so links and ../ do not slip by), two
     reports may not share a file, and each must be writable."""
-    from mdu_cli.output_location import check_report_file
-    from mdu_cli.safetensors_reader import local_files
+    from mdu_cli.io.output_location import check_report_file
+    from mdu_cli.io.safetensors_reader import local_files
 
     read = local_files(base) + local_files(other)
     seen: dict[Path, str] = {}
@@ -470,8 +470,8 @@ def check_report_outputs(base: str, other: str, outputs: dict[str, Optional[Path
 def diff(base: str, other: str, revision_base: Optional[str] = None, revision_other: Optional[str] = None,
          top: int = 20, show_progress: bool = True) -> dict:
     """`mdu diff` as a library call: open both sides, compare, return the report."""
-    from mdu_cli.hub_session import check_revision
-    from mdu_cli.safetensors_reader import open_checkpoint
+    from mdu_cli.config.hub_names import check_revision
+    from mdu_cli.io.safetensors_reader import open_checkpoint
 
     check_revision(revision_base, "--revision-base")
     check_revision(revision_other, "--revision-other")

@@ -21,92 +21,26 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mdu_cli.data import Dataset, Record, load_dataset
+from mdu_cli.data.records import Dataset, Record, load_dataset
 from mdu_cli.errors import ConfigError
-from mdu_cli.inference import LoadedModel, prepare_inference
-from mdu_cli.output_location import check_report_file
-from mdu_cli.report_format import text_table
-from mdu_cli.generation_settings import DEFAULT_GENERATION, generation_kwargs, resolve_generation
-from mdu_cli.sampling import generate
-from mdu_cli.tokenization import encode_text
-from mdu_cli.families import model_logits
+from mdu_cli.model.inference import LoadedModel, prepare_inference
+from mdu_cli.io.output_location import check_report_file
+from mdu_cli.diff.format import text_table
+from mdu_cli.config.generation import DEFAULT_GENERATION, generation_kwargs, resolve_generation
+from mdu_cli.model.sampling import generate
+from mdu_cli.data.tokenization import encode_text
+from mdu_cli.model.families import model_logits
 
 EVAL_FILE = "eval.json"
 
 
-def mc_masks(length: int, samples: int, generator: torch.Generator) -> list[list[int]]:
-    """For each sample, the answer positions it masks: l ~ U{1..length}, then l
-    distinct positions uniformly."""
-    masks = []
-    for _ in range(samples):
-        count = int(torch.randint(1, length + 1, (1,), generator=generator))
-        masks.append(sorted(torch.randperm(length, generator=generator)[:count].tolist()))
-    return masks
-
-
-@torch.no_grad()
-def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[int], masks: list[list[int]],
-                  batch_size: int = 32) -> list[float]:
-    """Mean cross-entropy at the masked answer positions, one value per mask."""
-    sequence = torch.tensor(prompt_ids + answer_ids, dtype=torch.long, device=loaded.device)
-    start = len(prompt_ids)
-    scores = []
-    for first in range(0, len(masks), batch_size):
-        chunk = masks[first:first + batch_size]
-        inputs = sequence.repeat(len(chunk), 1)
-        masked = torch.zeros_like(inputs, dtype=torch.bool)
-        for row, positions in enumerate(chunk):
-            masked[row, [start + p for p in positions]] = True
-        inputs[masked] = loaded.mask_token_id
-        logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
-        ce = F.cross_entropy(logits[masked].float(), sequence.repeat(len(chunk), 1)[masked], reduction="none")
-        counts = masked.sum(1)
-        sums = torch.zeros(len(chunk), device=ce.device).index_add_(0, masked.nonzero()[:, 0], ce)
-        scores += (sums / counts).tolist()
-    return scores
-
-
-def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, samples: int,
-                 generator: torch.Generator, batch_size: int = 32) -> float:
-    """The estimator's mean score for one answer (its probability is exp(-score))."""
-    answer_ids = encode_text(loaded.tokenizer, answer)
-    if not answer_ids:
-        return float("nan")
-    scores = answer_scores(loaded, prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator), batch_size)
-    return sum(scores) / len(scores)
-
-
-def truth_ratio(gold_score: float, perturbed_scores: list[float]) -> float:
+def geometric_truth_ratio(gold_score: float, perturbed_scores: list[float]) -> float:
+    """`mdu eval`'s truth ratio of one record: exp(score(gold) - mean score(perturbed)),
+    the geometric mean over the perturbed answers of P(perturbed) / P(gold)
+    (per-token probabilities). Not TOFU's R (`benchmarks.tofu.truth_ratio`,
+    an arithmetic mean over the paraphrased answer); docs/eval.md sets the two
+    side by side."""
     return math.exp(gold_score - sum(perturbed_scores) / len(perturbed_scores))
-
-
-_stemmer = None
-
-
-def _tokens(text: str) -> list[str]:
-    """rouge-score's tokenisation: lowercase, alphanumeric runs, Porter stems of
-    tokens longer than 3 characters."""
-    global _stemmer
-    if _stemmer is None:
-        from nltk.stem import porter
-
-        _stemmer = porter.PorterStemmer()
-    words = re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
-    return [_stemmer.stem(w) if len(w) > 3 else w for w in words]
-
-
-def rouge_l_recall(prediction: str, reference: str) -> float:
-    """Longest common subsequence of the token lists over the reference length."""
-    pred, ref = _tokens(prediction), _tokens(reference)
-    if not ref or not pred:
-        return 0.0
-    previous = [0] * (len(pred) + 1)
-    for r in ref:
-        current = [0]
-        for j, p in enumerate(pred, start=1):
-            current.append(previous[j - 1] + 1 if r == p else max(previous[j], current[j - 1]))
-        previous = current
-    return previous[-1] / len(ref)
 
 
 def check_lengths(loaded: LoadedModel, records: list[Record], generation: dict) -> None:
@@ -159,7 +93,7 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     or with benchmark="tofu" on TOFU's four splits with forget quality and model
     utility (see `tofu.py`). When MODEL is an `mdu` output directory, the report
     is also written there as eval.json, for the model card."""
-    from mdu_cli import tofu
+    from mdu_cli.evaluation.benchmarks import tofu
 
     files = {"forget": forget, "retain": retain}
     if benchmark == "tofu":
@@ -221,7 +155,7 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
         report["base"] = {"model": base, "splits": evaluate(base)}
         report["change"] = relative_change(report["splits"], report["base"]["splits"])
     if target is not None:
-        from mdu_cli.report_format import write_text_atomic
+        from mdu_cli.diff.format import write_text_atomic
 
         write_text_atomic(target, json.dumps(report, indent=2) + "\n")
     return report

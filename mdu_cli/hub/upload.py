@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Optional
 
 from mdu_cli.errors import MduError, printable
-from mdu_cli.model_card import CARD_NAME, card_action, render_card
-from mdu_cli.output_location import OUTPUT_FILES, TRAIN_LOG, is_within
-from mdu_cli.publication import check_published, encoded, local_names, public_paperwork
-from mdu_cli.safetensors_reader import Checkpoint, open_directory
+from mdu_cli.hub.card import CARD_NAME, card_action, render_card
+from mdu_cli.io.output_location import OUTPUT_FILES, TRAIN_LOG, is_within
+from mdu_cli.hub.publication import check_published, encoded, local_names, public_paperwork
+from mdu_cli.io.safetensors_reader import Checkpoint, open_directory
 
 # The model and its paperwork: what mdu writes into an output, less the
 # training log. Anything else in the directory stays behind.
@@ -260,7 +260,7 @@ def _hub_failure(err: Exception, repo_id: str, timeout: float) -> MduError:
     import requests
     from huggingface_hub.errors import HfHubHTTPError
 
-    from mdu_cli.hub_session import is_timeout
+    from mdu_cli.io.hub_session import is_timeout
 
     namespace = repo_id.split("/")[0]
     if is_timeout(err):
@@ -322,7 +322,7 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
     problem = validate_repo_id(repo_id)
     if problem:
         raise MduError(f"--repo-id {printable(repo_id)} {problem}")
-    from mdu_cli.hub_session import check_revision
+    from mdu_cli.config.hub_names import check_revision
 
     check_revision(revision, "--revision")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in TRUTHY:
@@ -336,7 +336,7 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
 
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from mdu_cli.hub_session import bound_hub_requests
+    from mdu_cli.io.hub_session import bound_hub_requests
 
     seconds = bound_hub_requests(timeout)
     additions = []

@@ -14,7 +14,7 @@ server sends that huggingface_hub turns into cache paths (the ETag names a
 blob, X-Repo-Commit and a repo's `sha` name a snapshot folder, a sibling's
 `rfilename` a file in it) must be plain names, or the request fails with
 `UnsafeHubAnswer` before anything is written. Revisions the user gives are
-checked by `check_revision` before they reach the library, which writes them
+checked by `config.hub_names.check_revision` before they reach the library, which writes them
 into `refs/<revision>`.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 from mdu_cli.errors import ConfigError, MduError
@@ -102,31 +103,6 @@ def check_answer(method: str, url: str, response) -> None:
         if not _plain_relative(name):
             raise UnsafeHubAnswer(f"the Hub at {host} listed a file {str(name)[:80]!r} that would lie outside the "
                                   "repository's folder; nothing was written. Check HF_ENDPOINT")
-
-
-_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
-
-
-def check_revision(revision: Optional[str], where: str) -> None:
-    """A branch, tag or commit as git allows its name (the library writes it
-    into refs/<revision> in the cache): ConfigError otherwise."""
-    if revision is None:
-        return
-    problem = None
-    if not isinstance(revision, str) or not revision:
-        problem = "is empty"
-    elif len(revision) > 256:
-        problem = "is longer than 256 characters"
-    elif _REF_FORBIDDEN.search(revision):
-        problem = "holds a space, a control character or one of ~ ^ : ? * [ \\"
-    elif ".." in revision or "//" in revision or "@{" in revision:
-        problem = "holds '..', '//' or '@{'"
-    elif revision.startswith(("/", "-")) or revision.endswith(("/", ".", ".lock")):
-        problem = "starts with '/' or '-', or ends with '/', '.' or '.lock'"
-    elif any(part.startswith(".") for part in revision.split("/")):
-        problem = "has a part starting with '.'"
-    if problem:
-        raise ConfigError(f"{where} {revision!r} {problem}: not a branch, tag or commit name")
 
 
 def bound_hub_requests(explicit: Optional[float] = None) -> float:
@@ -244,3 +220,48 @@ def is_timeout(err: BaseException) -> bool:
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
+
+
+def _hub_error(name: str, err: Exception) -> MduError:
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    shared = download_failure(err, name)
+    if shared:
+        return MduError(shared)
+    if isinstance(err, GatedRepoError):
+        return MduError(f"{name}: the repository is gated; accept its terms on the Hub and log in (hf auth login)")
+    if isinstance(err, RepositoryNotFoundError):
+        return MduError(f"{name}: no such model on the Hub (or it is private); check the id or log in")
+    if isinstance(err, RevisionNotFoundError):
+        return MduError(f"{name}: no such revision on the Hub; check --revision")
+    if isinstance(err, LocalEntryNotFoundError):
+        return MduError(
+            f"{name}: not a local directory and not in the Hugging Face cache while offline; "
+            "check the path, or download it with network access first"
+        )
+    return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}); check the network and retry")
+
+
+def snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError
+
+    from mdu_cli.config.hub_names import check_revision
+
+    check_revision(revision, "--revision")
+    bound_hub_requests()
+    try:
+        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
+    except HFValidationError:
+        raise MduError(f"{name}: no such directory, and not a valid Hub model id; check the path or id") from None
+    except Exception as err:  # the hub client raises many types; each becomes one line
+        raise _hub_error(name, err) from None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from mdu_cli.errors import MduError
-from mdu_cli.output_writer import TOKENIZER_FILES
+from mdu_cli.io.output_writer import TOKENIZER_FILES
 
 # A resumable state sits beside its output as OUT.mdu-state (see resume.py).
 STATE_SUFFIX = ".mdu-state"

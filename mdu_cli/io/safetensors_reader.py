@@ -193,7 +193,7 @@ def is_hub_snapshot(directory: Path) -> bool:
 def _inside(path: Path, directory: Path) -> bool:
     """Whether `path`, links followed, stays inside `directory` (for a cache
     snapshot: inside its repo folder, where the blobs are)."""
-    from mdu_cli.output_location import is_within
+    from mdu_cli.io.output_location import is_within
 
     return is_within(path, directory.parent.parent if is_hub_snapshot(directory) else directory)
 
@@ -290,7 +290,7 @@ def open_checkpoint(spec: str, revision: Optional[str] = None) -> Checkpoint:
         return Checkpoint(spec, local, read_header(local), _read_config(local.parent))
     if local.is_dir():
         return open_directory(local, spec)
-    from mdu_cli.loading import looks_like_path, snapshot
+    from mdu_cli.io.hub_session import looks_like_path, snapshot
 
     if looks_like_path(spec):
         raise MduError(f"{spec}: no such file or directory")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mdu_cli.io.hub_session import looks_like_path, snapshot
 from mdu_cli.errors import ConfigError, MduError
 
 log = logging.getLogger("mdu")
@@ -42,10 +43,6 @@ class ModelSource:
         return bool(self.config.get("auto_map")) and model_type not in CONFIG_MAPPING
 
 
-def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1
-
-
 def _read_config(directory: Path, name: str) -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -59,49 +56,6 @@ def _read_config(directory: Path, name: str) -> dict:
     if not isinstance(config, dict):
         raise MduError(f"{config_path}: expected a JSON object; the checkpoint is damaged")
     return config
-
-
-def _hub_error(name: str, err: Exception) -> MduError:
-    from huggingface_hub.utils import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from mdu_cli.hub_session import download_failure
-
-    shared = download_failure(err, name)
-    if shared:
-        return MduError(shared)
-    if isinstance(err, GatedRepoError):
-        return MduError(f"{name}: the repository is gated; accept its terms on the Hub and log in (hf auth login)")
-    if isinstance(err, RepositoryNotFoundError):
-        return MduError(f"{name}: no such model on the Hub (or it is private); check the id or log in")
-    if isinstance(err, RevisionNotFoundError):
-        return MduError(f"{name}: no such revision on the Hub; check --revision")
-    if isinstance(err, LocalEntryNotFoundError):
-        return MduError(
-            f"{name}: not a local directory and not in the Hugging Face cache while offline; "
-            "check the path, or download it with network access first"
-        )
-    return MduError(f"{name}: could not fetch from the Hub ({type(err).__name__}); check the network and retry")
-
-
-def snapshot(name: str, revision: Optional[str], patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError
-
-    from mdu_cli.hub_session import bound_hub_requests, check_revision
-
-    check_revision(revision, "--revision")
-    bound_hub_requests()
-    try:
-        return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
-    except HFValidationError:
-        raise MduError(f"{name}: no such directory, and not a valid Hub model id; check the path or id") from None
-    except Exception as err:  # the hub client raises many types; each becomes one line
-        raise _hub_error(name, err) from None
 
 
 def resolve_source(name: str, revision: Optional[str] = None) -> ModelSource:

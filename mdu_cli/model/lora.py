@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from mdu_cli.activation_checkpointing import transformer_blocks
+from mdu_cli.model.checkpointing import transformer_blocks
 from mdu_cli.errors import MduError
 
 BLOCK_LISTS = "blocks|layers|layer|h"

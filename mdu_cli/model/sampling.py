@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdu_cli.families import Family, model_logits
+from mdu_cli.model.families import Family, model_logits
 
 
-from mdu_cli.generation_settings import ORDERINGS
+from mdu_cli.config.generation import ORDERINGS
 
 
 def transfer_schedule(width: int, steps: int) -> list[int]:

@@ -26,16 +26,16 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from mdu_cli import optimizers
-from mdu_cli.config import UnlearnConfig
+from mdu_cli.train import optimizers
+from mdu_cli.config.training import UnlearnConfig
 from mdu_cli.errors import Interrupted, MduError
-from mdu_cli.families import Family, model_logits
-from mdu_cli.masking import noise_response, stack_rows
-from mdu_cli.methods import make_method
-from mdu_cli.objectives import mdlm_loss
-from mdu_cli.resume import TrainingState, save_state, trainable_state
-from mdu_cli.run_monitor import Probe, numeric_fields
-from mdu_cli.tokenization import Example, collate
+from mdu_cli.model.families import Family, model_logits
+from mdu_cli.train.masking import noise_response, stack_rows
+from mdu_cli.train.methods import make_method
+from mdu_cli.train.objectives import mdlm_loss
+from mdu_cli.train.resume import TrainingState, save_state, trainable_state
+from mdu_cli.train.monitor import Probe, numeric_fields
+from mdu_cli.data.tokenization import Example, collate
 
 log = logging.getLogger("mdu")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mdu_cli.tokenization import Batch
+from mdu_cli.data.tokenization import Batch
 
 EPS = 1e-3
 

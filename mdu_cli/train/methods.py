@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from mdu_cli.config import UnlearnConfig
-from mdu_cli.families import Family
-from mdu_cli.masking import NoisedBatch, anchor_input_ids
-from mdu_cli.objectives import (gradient_ascent_loss, mdlm_loss, mdu_forget_loss, npo_loss,
+from mdu_cli.config.training import UnlearnConfig
+from mdu_cli.model.families import Family
+from mdu_cli.train.masking import NoisedBatch, anchor_input_ids
+from mdu_cli.train.objectives import (gradient_ascent_loss, mdlm_loss, mdu_forget_loss, npo_loss,
                                 sequence_log_likelihood)
 
 @dataclass(frozen=True)

@@ -12,31 +12,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from mdu_cli.errors import ConfigError
 
-TRACKERS = ("tensorboard", "wandb", "trackio")
-# The module each tracker needs, and the extra that installs it.
-_TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 PROBE_SAMPLES = 32  # Monte Carlo samples per probed answer: a curve, not a measurement
-
-
-def parse_trackers(value: Optional[str]) -> list[str]:
-    """The tracker names of --report-to, each checked to be known and installed."""
-    if not value:
-        return []
-    names = [name.strip() for name in value.split(",") if name.strip()]
-    for name in names:
-        if name not in TRACKERS:
-            raise ConfigError(f"--report-to {name!r} is not a tracker mdu supports; use {', '.join(TRACKERS)}")
-        if importlib.util.find_spec(_TRACKER_MODULES[name]) is None:
-            raise ConfigError(f"--report-to {name} needs the {name} package; pip install 'mdu-cli[{name}]'")
-    return list(dict.fromkeys(names))
 
 
 def tracker_config(options: dict, public_ids: set = frozenset()) -> dict:
@@ -44,7 +26,7 @@ def tracker_config(options: dict, public_ids: set = frozenset()) -> dict:
     lists), and no local path or file name (wandb and trackio send them to a
     server; the forget file's name may be the person being forgotten): those
     read "(local)", Hub ids in `public_ids` and hf:// names stay."""
-    from mdu_cli.publication import redact_paths
+    from mdu_cli.hub.publication import redact_paths
 
     options = redact_paths(options, set(public_ids))
     return {k: v for k, v in options.items() if isinstance(v, (bool, int, float, str))}
@@ -69,7 +51,7 @@ class Probe:
 
     def __init__(self, forget: Sequence, retain: Sequence, records: int, tokenizer, family, mask_token_id: int,
                  seed: int):
-        from mdu_cli.tokenization import encode_prompt, encode_text
+        from mdu_cli.data.tokenization import encode_prompt, encode_text
 
         # Tokenised as `mdu eval` does (the answer's text, without the end of
         # turn), so that the probe's last value is what `mdu eval` reports.
@@ -82,8 +64,8 @@ class Probe:
 
     @torch.no_grad()
     def __call__(self, model, device) -> dict[str, float]:
-        from mdu_cli.evaluation import answer_scores, mc_masks
-        from mdu_cli.inference import LoadedModel
+        from mdu_cli.evaluation.report import answer_scores, mc_masks
+        from mdu_cli.model.inference import LoadedModel
 
         was_training = model.training
         model.eval()

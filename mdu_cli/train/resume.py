@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdu_cli.output_location import STATE_SUFFIX, publish
+from mdu_cli.io.output_location import STATE_SUFFIX, publish
 from mdu_cli.errors import MduError
 
 # Options that may differ between the interrupted command and the resuming one.

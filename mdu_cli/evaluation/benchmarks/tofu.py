@@ -31,12 +31,12 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from mdu_cli.data import Record
+from mdu_cli.data.records import Record
 from mdu_cli.errors import MduError
-from mdu_cli.evaluation import answer_score, rouge_l_recall
-from mdu_cli.inference import LoadedModel
-from mdu_cli.generation_settings import generation_kwargs
-from mdu_cli.sampling import generate
+from mdu_cli.evaluation.report import answer_score, rouge_l_recall
+from mdu_cli.model.inference import LoadedModel
+from mdu_cli.config.generation import generation_kwargs
+from mdu_cli.model.sampling import generate
 
 TOFU_REPO = "locuslab/TOFU"
 SPLIT_CHOICES = ("forget01", "forget05", "forget10")

@@ -1,0 +1,1 @@
+"""Records (local files and Hub datasets) and their tokenisation."""

@@ -1,0 +1,1 @@
+"""`mdu diff`: the parameter-delta report and its formats."""

@@ -1,0 +1,1 @@
+"""Publishing: the upload plan, the model card, what the paperwork may say."""

@@ -1,0 +1,1 @@
+"""The model families, loading a checkpoint, LoRA, inference, sampling, activation checkpointing."""
