@@ -38,8 +38,8 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     from mdu_cli.model.families import FAMILIES
     from mdu_cli.model.loading import load_model, resolve_source
     from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
-    from mdu_cli.train.masking import anchor_input_ids, noise_response
-    from mdu_cli.train.objectives import mdlm_loss, mdu_forget_loss
+    from mdu_cli.methods.masking import anchor_input_ids, noise_response
+    from mdu_cli.methods.objectives import mdlm_loss, mdu_forget_loss
     from mdu_cli.model.families import model_logits
     from mdu_cli.train.run import frozen_copy
     from step_cost import _proc_status_mb, make_batches, mdlm_batch_loss, mdu_loss
@@ -79,7 +79,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     def mdu_in_backward():
         """The step --optimizer-in-backward takes: forget and retain rows in
         one forward, so each parameter's gradient arrives in one piece."""
-        from mdu_cli.train.masking import stack_rows
+        from mdu_cli.methods.masking import stack_rows
 
         noised, kept = noise_response(forget, mask_id, noise), noise_response(retain, mask_id, noise)
         with torch.no_grad():

@@ -81,8 +81,8 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
     training loop computes it: only the masked positions of the anchor's
     no-grad logits are kept."""
     from mdu_cli.model.families import model_logits
-    from mdu_cli.train.masking import anchor_input_ids, noise_response
-    from mdu_cli.train.objectives import mdu_forget_loss
+    from mdu_cli.methods.masking import anchor_input_ids, noise_response
+    from mdu_cli.methods.objectives import mdu_forget_loss
 
     noised = noise_response(batch, mask_id, noise)
     with torch.no_grad():
@@ -95,8 +95,8 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
 def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) -> torch.Tensor:
     """The MDLM (retain / fine-tuning) loss of one batch, with its graph."""
     from mdu_cli.model.families import model_logits
-    from mdu_cli.train.masking import noise_response
-    from mdu_cli.train.objectives import mdlm_loss
+    from mdu_cli.methods.masking import noise_response
+    from mdu_cli.methods.objectives import mdlm_loss
 
     noised = noise_response(batch, mask_id, noise)
     logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
@@ -146,7 +146,7 @@ class Stepper:
 
     def anchor_forward(self):
         """Just MDU's extra work: the no-grad anchor forward of the forget batch."""
-        from mdu_cli.train.masking import anchor_input_ids, noise_response
+        from mdu_cli.methods.masking import anchor_input_ids, noise_response
         from mdu_cli.model.families import model_logits
 
         noised = noise_response(self.forget, self.mask_id, self.noise)

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mdu_cli.evaluation.report import answer_scores, mc_masks, rouge_l_recall, truth_ratio
+from mdu_cli.evaluation.likelihood import answer_scores, mc_masks
+from mdu_cli.evaluation.report import geometric_truth_ratio as truth_ratio
+from mdu_cli.evaluation.rouge import rouge_l_recall
 from mdu_cli.model.families import FAMILIES
 from mdu_cli.model.inference import LoadedModel, load_for_inference
 from mdu_cli.model.sampling import generate, transfer_schedule

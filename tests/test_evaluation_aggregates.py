@@ -14,7 +14,8 @@ import torch
 
 from conftest import write_jsonl
 from mdu_cli.data.records import load_dataset
-from mdu_cli.evaluation.report import evaluate_split, format_eval, relative_change, rouge_l_recall
+from mdu_cli.evaluation.report import evaluate_split, format_eval, relative_change
+from mdu_cli.evaluation.rouge import rouge_l_recall
 from mdu_cli.model.families import FAMILIES
 from mdu_cli.model.inference import LoadedModel
 from mdu_cli.model.sampling import generate

@@ -463,7 +463,7 @@ def test_evaluation_scores_control_text_as_text(llada_dir, monkeypatch):
     an answer is never a mask among the clean targets it scores."""
     import torch
 
-    from mdu_cli.evaluation import report as evaluation
+    from mdu_cli.evaluation import likelihood as evaluation
     from mdu_cli.model.inference import load_for_inference
 
     loaded = load_for_inference(str(llada_dir))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mdu_cli.train.masking import EPS, anchor_input_ids, noise_response
+from mdu_cli.methods.masking import EPS, anchor_input_ids, noise_response
 from mdu_cli.data.tokenization import Batch, Example, collate
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
@@ -94,7 +94,7 @@ def test_inverse_t_losses_are_unbiased_with_the_forced_mask(length):
     over many draws of t and masks it must come within 1% of 1, though short
     answers at small t mostly have their single mask forced. (1/t itself gave
     1.42 for 10-token answers.)"""
-    from mdu_cli.train.objectives import mdlm_loss, sequence_log_likelihood
+    from mdu_cli.methods.objectives import mdlm_loss, sequence_log_likelihood
 
     rows = 100_000
     one = collate([Example(prompt_ids=(1, 2), response_ids=tuple(range(3, 3 + length)))], PAD)
@@ -120,7 +120,7 @@ def test_stacked_rows_score_as_in_their_own_batch(family, family_dirs):
     batch (Dream's shifted logits included), and nothing padded is scored."""
     from mdu_cli.model.families import FAMILIES, model_logits
     from mdu_cli.model.loading import load_model, resolve_source
-    from mdu_cli.train.masking import stack_rows
+    from mdu_cli.methods.masking import stack_rows
 
     source = resolve_source(str(family_dirs[family]))
     model = load_model(source, True, torch.float32).eval()

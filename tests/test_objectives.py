@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdu_cli.train.objectives import cart_weights, divergence, mdlm_loss, mdu_forget_loss
+from mdu_cli.methods.objectives import cart_weights, divergence, mdlm_loss, mdu_forget_loss
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -198,7 +198,7 @@ def test_gradient_ascent_is_the_negated_mdlm_loss():
     response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     masked = response & torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
     t = torch.tensor([0.25, 0.6])
-    from mdu_cli.train.objectives import gradient_ascent_loss
+    from mdu_cli.methods.objectives import gradient_ascent_loss
 
     got = gradient_ascent_loss(logits, targets, masked, response, t).item()
     want = -_reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), t.numpy())
@@ -207,7 +207,7 @@ def test_gradient_ascent_is_the_negated_mdlm_loss():
 
 @pytest.mark.parametrize("beta", [0.1, 1.0])
 def test_npo_matches_float64_reference(beta):
-    from mdu_cli.train.objectives import npo_loss
+    from mdu_cli.methods.objectives import npo_loss
 
     gen = torch.Generator().manual_seed(5)
     logits = torch.randn(3, 5, 7, generator=gen)
@@ -218,7 +218,7 @@ def test_npo_matches_float64_reference(beta):
     t = torch.tensor([0.2, 0.5, 0.9])
     response = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
     masked &= response
-    from mdu_cli.train.objectives import sequence_log_likelihood
+    from mdu_cli.methods.objectives import sequence_log_likelihood
 
     got = npo_loss(sequence_log_likelihood(logits, targets, masked, t, response),
                    sequence_log_likelihood(anchor, targets, masked, t, response), beta).item()
@@ -233,7 +233,7 @@ def test_npo_at_the_anchor_has_the_known_gradient():
     """At theta = theta_ref the NPO gradient is exactly that of the mean sequence
     log-likelihood (d/ds of (2/beta) softplus(beta s) at s = 0 is 1), so it
     pushes likelihood down like GA, only bounded."""
-    from mdu_cli.train.objectives import npo_loss, sequence_log_likelihood
+    from mdu_cli.methods.objectives import npo_loss, sequence_log_likelihood
 
     gen = torch.Generator().manual_seed(6)
     logits = torch.randn(2, 4, 5, generator=gen, requires_grad=True)
@@ -249,7 +249,7 @@ def test_npo_at_the_anchor_has_the_known_gradient():
 
 
 def test_loss_in_recomputed_blocks_matches_reference_and_gradient(logits_case, monkeypatch):
-    import mdu_cli.train.objectives as objectives
+    import mdu_cli.methods.objectives as objectives
 
     cond, anchor, masked = logits_case
     cond = cond.clone().requires_grad_(True)
@@ -267,7 +267,7 @@ def test_loss_in_recomputed_blocks_matches_reference_and_gradient(logits_case, m
 
 def test_npo_scores_with_cart_weights_for_dream():
     """Dream's NPO scores weight each masked position by CART, as its retain loss does."""
-    from mdu_cli.train.objectives import sequence_log_likelihood
+    from mdu_cli.methods.objectives import sequence_log_likelihood
 
     gen = torch.Generator().manual_seed(8)
     logits = torch.randn(2, 6, 5, generator=gen)

@@ -75,8 +75,8 @@ def build_tokenizer(records: list[dict]):
 
 
 def train(model, examples, steps: int, batch_size: int, lr: float, mask_id: int, pad_id: int) -> None:
-    from mdu_cli.train.masking import noise_response
-    from mdu_cli.train.objectives import mdlm_loss
+    from mdu_cli.methods.masking import noise_response
+    from mdu_cli.methods.objectives import mdlm_loss
     from mdu_cli.data.tokenization import collate
 
     order = torch.Generator().manual_seed(SEED)

@@ -7,7 +7,8 @@ import json
 import click
 
 from mdu_cli.commands import FiniteFloatRange
-from mdu_cli.config.generation import ORDERINGS, PRESETS, requested as _generation
+from mdu_cli.config.choices import DEVICES, ORDERINGS
+from mdu_cli.config.generation import PRESETS, requested as _generation
 
 TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
@@ -44,7 +45,7 @@ def _generation_options(function):
         click.option("--ordering", type=click.Choice(ORDERINGS),
                      help="Which predictions are committed first: confidence (LLaDA's low-confidence remasking) "
                      "or entropy (Dream's).  [default: confidence]"),
-        click.option("--device", type=click.Choice(("auto", "cuda", "cpu")), default="auto", show_default=True),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True),
         click.option("--trust-remote-code", is_flag=True, help="Allow remote code outside the known publishers."),
     ]):
         function = option(function)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from mdu_cli.config.training import DEVICES, DTYPES, FAMILIES, OPTIMIZERS, UnlearnConfig, build_config, read_yaml
+from mdu_cli.config.choices import DEVICES, DTYPES, FAMILIES, OPTIMIZERS
+from mdu_cli.config.training import UnlearnConfig, build_config, read_yaml
 
 D = UnlearnConfig()
 

@@ -6,7 +6,8 @@ import click
 
 from mdu_cli.commands.training_options import (D, config_from, loading_options, optimisation_options,
                                                print_summary)
-from mdu_cli.config.training import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
+from mdu_cli.config.choices import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
+from mdu_cli.methods import METHODS
 from mdu_cli.errors import ConfigError
 
 EXAMPLES = """
@@ -49,7 +50,7 @@ Examples:
 @click.option("--retain", help="Records whose behaviour to keep (optional; a file or hf://datasets/...).")
 @loading_options
 @click.option("--method", type=click.Choice(UNLEARN_METHODS), default=D.method, show_default=True,
-              help="mdu, or a baseline: ga (gradient ascent), npo (negative preference optimisation).")
+              help="mdu, or a baseline: " + ", ".join(m.summary for m in METHODS.values() if m.name != "mdu") + ".")
 @click.option("--npo-beta", type=float, default=D.npo_beta, show_default=True,
               help="Beta of the npo baseline (on per-token scores).")
 @click.option("--tau", type=float, default=D.tau, show_default=True, help="Anchor temperature (>= 0; 0 = uniform target).")

@@ -4,7 +4,6 @@ commands can show them in --help without importing it."""
 
 from __future__ import annotations
 
-ORDERINGS = ("confidence", "entropy")
 DEFAULT_GENERATION = {"max_new_tokens": 128, "steps": 128, "block_length": 32, "ordering": "confidence"}
 
 # The settings of the paper's evaluation, per family: LLaDA with blocks of 128

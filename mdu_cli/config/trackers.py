@@ -6,9 +6,9 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
+from mdu_cli.config.choices import TRACKERS
 from mdu_cli.errors import ConfigError
 
-TRACKERS = ("tensorboard", "wandb", "trackio")
 # The module each tracker needs, and the extra that installs it.
 _TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 

@@ -19,27 +19,16 @@ from typing import Any, Optional
 import yaml
 
 from mdu_cli.errors import ConfigError
+from mdu_cli.config.choices import (BATCH_ACCOUNTINGS, DEVICES, DTYPES, FAMILIES, KL_DIRECTIONS, OPTIMIZERS,
+                                  UNLEARN_METHODS)
 from mdu_cli.config.hub_names import check_revision, is_hub_data
 from mdu_cli.config.trackers import parse_trackers
 
-FAMILIES = ("llada", "dream", "masked-lm")
-KL_DIRECTIONS = ("forward", "reverse", "js")
-DEVICES = ("auto", "cuda", "cpu")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-UNLEARN_METHODS = ("mdu", "ga", "npo")
 # "finetune" is plain MDLM fine-tuning (`mdu finetune`): the same loop, no anchor.
 METHODS = UNLEARN_METHODS + ("finetune",)
 # Options of `mdu unlearn` that mean nothing to `mdu finetune`.
 UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "alpha", "batch_accounting")
-# How forget and retain rows make up a step: "separate" (each micro-batch holds
-# --batch-size forget rows and as many retain rows; an epoch is a pass over the
-# forget set) or "joint" (the paper's reference code: both sets shuffled into
-# one, micro-batches of --batch-size rows of either kind; an epoch is a pass
-# over both).
-BATCH_ACCOUNTINGS = ("separate", "joint")
 MAX_STEPS = 10_000_000
-# --optimizer: see mdu_cli/optimizers.py (which imports torch; this module does not).
-OPTIMIZERS = ("auto", "adamw", "adamw-kahan", "adamw-sr", "adamw-8bit")
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

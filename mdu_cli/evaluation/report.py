@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdu_cli.data.records import Dataset, Record, load_dataset
@@ -29,7 +27,8 @@ from mdu_cli.diff.format import text_table
 from mdu_cli.config.generation import DEFAULT_GENERATION, generation_kwargs, resolve_generation
 from mdu_cli.model.sampling import generate
 from mdu_cli.data.tokenization import encode_text
-from mdu_cli.model.families import model_logits
+from mdu_cli.evaluation.likelihood import answer_score
+from mdu_cli.evaluation.rouge import rouge_l_recall
 
 EVAL_FILE = "eval.json"
 
@@ -69,7 +68,7 @@ def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, 
         probabilities.append(math.exp(-gold))
         if record.perturbed:
             wrong = [answer_score(loaded, prompt_ids, a, mc_samples, generator, batch_size) for a in record.perturbed]
-            ratios.append(truth_ratio(gold, wrong))
+            ratios.append(geometric_truth_ratio(gold, wrong))
         if generation.get("max_new_tokens", 0) > 0:
             [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
                                  pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(), **generation_kwargs(generation))

@@ -8,10 +8,12 @@ noised response with every prompt position masked as well.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from mdu_cli.data.tokenization import Batch
+if TYPE_CHECKING:
+    from mdu_cli.data.tokenization import Batch  # the padded batch this noises
 
 EPS = 1e-3
 

@@ -23,7 +23,7 @@ import torch
 from mdu_cli.model.families import Family, model_logits
 
 
-from mdu_cli.config.generation import ORDERINGS
+from mdu_cli.config.choices import ORDERINGS
 
 
 def transfer_schedule(width: int, steps: int) -> list[int]:

@@ -30,9 +30,9 @@ from mdu_cli.train import optimizers
 from mdu_cli.config.training import UnlearnConfig
 from mdu_cli.errors import Interrupted, MduError
 from mdu_cli.model.families import Family, model_logits
-from mdu_cli.train.masking import noise_response, stack_rows
-from mdu_cli.train.methods import make_method
-from mdu_cli.train.objectives import mdlm_loss
+from mdu_cli.methods.masking import noise_response, stack_rows
+from mdu_cli.methods import method_of
+from mdu_cli.methods.objectives import mdlm_loss
 from mdu_cli.train.resume import TrainingState, save_state, trainable_state
 from mdu_cli.train.monitor import Probe, numeric_fields
 from mdu_cli.data.tokenization import Example, collate
@@ -180,7 +180,7 @@ class _Losses:
         # when retain rows come in the plan (joint) or not at all.
         self.device, self.noise_generator, self.retain_batches = device, noise_generator, retain_batches
         self.joint = bool(retain) and cfg.alpha > 0 and cfg.batch_accounting == "joint"
-        self.method = make_method(cfg)
+        self.method = method_of(cfg.method).build(cfg)
 
     def _noised(self, examples: Sequence[Example], rows: list[int]):
         return noise_response(collate([examples[i] for i in rows], self.pad_id).to(self.device),

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from mdu_cli.config.training import OPTIMIZERS
+from mdu_cli.config.choices import OPTIMIZERS
 from mdu_cli.errors import ConfigError
 
 DEFAULT_BF16 = "adamw-kahan"

@@ -34,7 +34,7 @@ from mdu_cli.errors import ConfigError, MduError
 from mdu_cli.config.hub_names import is_hub_data
 from mdu_cli.model.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.train import optimizers
-from mdu_cli.train.methods import make_method
+from mdu_cli.methods import method_of
 from mdu_cli.hub.card import CARD_NAME, read_license, render_card
 from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.model.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
@@ -80,9 +80,7 @@ def is_main_process_env() -> bool:
 
 def default_out_dir(cfg: UnlearnConfig) -> Path:
     name = Path(cfg.model.rstrip("/")).name or "model"
-    if cfg.method == "finetune":
-        return Path(f"{name}-finetuned")
-    return Path(f"{name}-mdu-tau{cfg.tau:g}")
+    return Path(f"{name}-{method_of(cfg.method).out_suffix(cfg.to_dict())}")
 
 
 def command_name(cfg: UnlearnConfig) -> str:
@@ -424,7 +422,7 @@ def _load_for_training(run: PreparedRun, accelerator):
     sharded under FSDP), the model itself with the adapter off (LoRA), or
     None (methods without one)."""
     cfg, source, trust, weight_dtype = run.cfg, run.source, run.trust, run.weight_dtype
-    needs_anchor = make_method(cfg).needs_anchor
+    needs_anchor = method_of(cfg.method).build(cfg).needs_anchor
     sharded = accelerator.distributed_type.name == "FSDP"
     if sharded and cfg.anchor_offload:  # before any weight loads
         raise ConfigError("--anchor-offload does not combine with FSDP, which already shards the anchor")

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from mdu_cli.data.records import Record
 from mdu_cli.errors import MduError
-from mdu_cli.evaluation.report import answer_score, rouge_l_recall
+from mdu_cli.evaluation.likelihood import answer_score
+from mdu_cli.evaluation.rouge import rouge_l_recall
 from mdu_cli.model.inference import LoadedModel
 from mdu_cli.config.generation import generation_kwargs
 from mdu_cli.model.sampling import generate
