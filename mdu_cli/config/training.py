@@ -23,11 +23,14 @@ from mdu_cli.config.choices import (BATCH_ACCOUNTINGS, DEVICES, DTYPES, FAMILIES
                                   UNLEARN_METHODS)
 from mdu_cli.config.hub_names import check_revision, is_hub_data
 from mdu_cli.config.trackers import parse_trackers
+from mdu_cli.methods import METHODS as METHOD_REGISTRY
 
 # "finetune" is plain MDLM fine-tuning (`mdu finetune`): the same loop, no anchor.
 METHODS = UNLEARN_METHODS + ("finetune",)
-# Options of `mdu unlearn` that mean nothing to `mdu finetune`.
-UNLEARN_ONLY = ("forget", "retain", "method", "npo_beta", "tau", "eta", "kl", "alpha", "batch_accounting")
+# Options of `mdu unlearn` that mean nothing to `mdu finetune`: the forget
+# side, and every method's own knobs (each registry entry names its options).
+UNLEARN_ONLY = ("forget", "retain", "method", "alpha", "batch_accounting",
+                *(option for method in METHOD_REGISTRY.values() for option in method.options))
 MAX_STEPS = 10_000_000
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B?)", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

@@ -350,7 +350,7 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token)
     base = run["base_model"].get("id") if run["base_model"].get("is_hub") or include_local_paths \
         else "a local checkpoint"
-    message = commit_message or f"Upload {base} unlearned with mdu (tau={run['config'].get('tau')})"
+    message = commit_message or _commit_message(run, base)
     try:
         repo_url = str(api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
         if revision and not create_pr:
@@ -371,3 +371,13 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
         raise _hub_failure(err, repo_id, seconds) from None
     return PushResult(repo_url=repo_url, commit_url=getattr(commit, "commit_url", None),
                       pr_url=getattr(commit, "pr_url", None), plan=plan)
+
+
+def _commit_message(run: dict, base: str) -> str:
+    """`Upload <base> unlearned with mdu (mdu-tau2)`: the method and its knobs, as in the default output name."""
+    from mdu_cli.methods import method_of
+
+    method = method_of(run.get("method", "mdu"))
+    if not method.unlearns:
+        return f"Upload {base} fine-tuned with mdu"
+    return f"Upload {base} unlearned with mdu ({method.settings(run['config'])})"

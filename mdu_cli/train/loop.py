@@ -505,7 +505,7 @@ def train(
     log_file = open(log_path, "w", encoding="utf-8") if log_path else None
     if log_file:
         log_file.writelines(json.dumps(entry) + "\n" for entry in result.history)
-    bar = tqdm(total=len(plan), initial=done, desc=f"mdu {'finetune' if cfg.method == 'finetune' else 'unlearn'}",
+    bar = tqdm(total=len(plan), initial=done, desc=f"mdu {'unlearn' if method_of(cfg.method).unlearns else 'finetune'}",
                unit="step", disable=not show_progress, dynamic_ncols=True)
     start = time.perf_counter()
     stop = StopRequest(announce=accelerator.is_main_process)

@@ -85,7 +85,7 @@ def default_out_dir(cfg: UnlearnConfig) -> Path:
 
 def command_name(cfg: UnlearnConfig) -> str:
     """The command a config belongs to: finetune runs share unlearn's machinery."""
-    return "finetune" if cfg.method == "finetune" else "unlearn"
+    return "unlearn" if method_of(cfg.method).unlearns else "finetune"
 
 
 def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, str]:
@@ -294,7 +294,7 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
         # have averaged it, after its hook would already have stepped.
         raise ConfigError("--optimizer-in-backward runs in one process; for several GPUs drop it "
                           "(FSDP shards the gradients instead)")
-    if cfg.batch_accounting == "joint" and cfg.method != "finetune":
+    if cfg.batch_accounting == "joint" and method_of(cfg.method).unlearns:
         # The plan is fixed by the seed: a joint run whose steps draw no forget
         # row at all would publish an "unlearned" model that never saw one.
         import torch
@@ -451,7 +451,7 @@ def _load_for_training(run: PreparedRun, accelerator):
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
-    if cfg.method == "finetune":
+    if not method_of(cfg.method).unlearns:
         log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(run.forget),
                  run.family.name, run.mask_token_id, run.device, run.dtype_name)
     else:
