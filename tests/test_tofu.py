@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import write_jsonl
-from mdu_cli.evaluation.benchmarks import tofu
+from mdu_cli.evaluation.benchmarks.tofu import measures as tofu
 from mdu_cli.cli import cli
 from mdu_cli.data.records import Record
 from test_hostile_inputs import snapshot

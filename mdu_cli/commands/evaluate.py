@@ -8,9 +8,9 @@ import click
 
 from mdu_cli.commands import FiniteFloatRange
 from mdu_cli.config.choices import DEVICES, ORDERINGS
+from mdu_cli.evaluation.benchmarks import BENCHMARKS
 from mdu_cli.config.generation import PRESETS, requested as _generation
 
-TOFU_SPLITS = ("forget01", "forget05", "forget10")
 
 EVAL_EXAMPLES = """
 \b
@@ -52,20 +52,28 @@ def _generation_options(function):
     return function
 
 
+def _benchmark_options(function):
+    """--benchmark and each registered benchmark's own options, from its entry
+    (mdu_cli/evaluation/benchmarks/)."""
+    options = [click.option("--benchmark", type=click.Choice(tuple(BENCHMARKS)),
+                            help=" ".join(entry.summary for entry in BENCHMARKS.values()))]
+    for entry in BENCHMARKS.values():
+        for option in entry.options:
+            kind = click.Path(dir_okay=False) if option.is_file else (
+                click.Choice(option.choices) if option.choices else None)
+            options.append(click.option(option.flag, option.name, type=kind, default=option.default,
+                                        show_default=option.default is not None, help=option.help))
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 @click.command("eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
 @click.option("--forget", help="Forget records (JSONL, JSON array or hf://datasets/...).  [required without "
               "--benchmark tofu]")
 @click.option("--retain", help="Retain records.")
-@click.option("--benchmark", type=click.Choice(("tofu",)),
-              help="tofu: TOFU's truth ratios, forget quality and model utility over forget, retain, real authors "
-              "and world facts.")
-@click.option("--split", "tofu_split", type=click.Choice(TOFU_SPLITS), default="forget10", show_default=True,
-              help="With --benchmark tofu and no data files: which forget split of locuslab/TOFU to fetch.")
-@click.option("--real-authors", help="With --benchmark tofu: the real-authors records (with perturbed answers).")
-@click.option("--world-facts", help="With --benchmark tofu: the world-facts records (with perturbed answers).")
-@click.option("--reference", type=click.Path(dir_okay=False),
-              help="With --benchmark tofu: the JSON report of the retain-only model, for forget quality.")
+@_benchmark_options
 @click.option("--base", help="A second model (the base) to show side by side, with the change.")
 @click.option("--mc-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Monte Carlo samples per answer probability.")
@@ -77,9 +85,8 @@ def _generation_options(function):
               "blocks of 128, 256 steps; Dream: one block, entropy ordering); explicit options win.")
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
-def eval_command(model, forget, retain, benchmark, tofu_split, real_authors, world_facts, reference, base,
-                 mc_samples, batch_size, limit, seed, preset, max_new_tokens, steps, block_length, ordering, device,
-                 trust_remote_code, as_json) -> None:
+def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size, limit, seed, preset, max_new_tokens,
+                 steps, block_length, ordering, device, trust_remote_code, as_json, **benchmark_options) -> None:
     """Measure forgetting: answer probability, ROUGE-L and truth ratio per split.
 
     Answer probability is the Monte Carlo estimator of masked diffusion LMs
@@ -93,18 +100,20 @@ def eval_command(model, forget, retain, benchmark, tofu_split, real_authors, wor
     """
     from mdu_cli.evaluation.report import format_eval, run_eval
 
-    if benchmark != "tofu":
-        for name, value in (("--real-authors", real_authors), ("--world-facts", world_facts),
-                            ("--reference", reference)):
-            if value:
-                raise click.UsageError(f"{name} needs --benchmark tofu")
+    options = {}
+    for name, entry in BENCHMARKS.items():
+        for option in entry.options:
+            value = benchmark_options[option.name]
+            if name == benchmark:
+                options[option.name] = value
+            elif value is not None and value != option.default:
+                raise click.UsageError(f"{option.flag} needs --benchmark {name}")
     generation = _generation(preset, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
                              ordering=ordering)
     report = run_eval(model, forget, retain, base, mc_samples=mc_samples, limit=limit, seed=seed,
                       generation=generation, batch_size=batch_size, device=device,
                       trust_remote_code=trust_remote_code, show_progress=not as_json, benchmark=benchmark,
-                      real_authors=real_authors, world_facts=world_facts, tofu_split=tofu_split,
-                      reference=reference)
+                      **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_eval(report))
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from mdu_cli.errors import MduError
+from mdu_cli.io.atomic import write_text_atomic
 
 STAT_COLUMNS = ("rel_l2", "l2", "max_abs", "mean_abs", "cosine", "frac_changed")
 HEADERS = {"rel_l2": "rel_l2", "l2": "l2", "max_abs": "max_abs", "mean_abs": "mean_abs", "cosine": "cosine",
@@ -109,20 +108,6 @@ def format_markdown(report: dict, top: int = 10) -> str:
     if notes:
         out += notes + [""]
     return "\n".join(out)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(report: dict, path: Path) -> None:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mdu_cli.data.records import Dataset, Record, load_dataset
 from mdu_cli.errors import ConfigError
 from mdu_cli.model.inference import LoadedModel, prepare_inference
-from mdu_cli.io.output_location import check_report_file
+from mdu_cli.io.output_location import EVAL_REPORT, RUN_RECORD, check_report_file
 from mdu_cli.diff.format import text_table
 from mdu_cli.config.generation import DEFAULT_GENERATION, generation_kwargs, resolve_generation
 from mdu_cli.model.sampling import generate
@@ -30,7 +30,7 @@ from mdu_cli.data.tokenization import encode_text
 from mdu_cli.evaluation.likelihood import answer_score
 from mdu_cli.evaluation.rouge import rouge_l_recall
 
-EVAL_FILE = "eval.json"
+EVAL_FILE = EVAL_REPORT
 
 
 def geometric_truth_ratio(gold_score: float, perturbed_scores: list[float]) -> float:
@@ -82,46 +82,82 @@ def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, 
     return result
 
 
+class ForgetRetain:
+    """Plain `mdu eval` (no --benchmark): answer probability, ROUGE-L and the
+    geometric truth ratio on the forget and retain files, optionally beside a
+    base model. It follows the benchmark protocol (benchmarks/base.py), so
+    `run_eval` has one path for every kind of evaluation."""
+
+    name = None
+    options = ()
+
+    def files(self, forget: Optional[str], retain: Optional[str], options: dict) -> dict[str, Optional[str]]:
+        if not forget:
+            raise ConfigError("--forget is required (or --benchmark tofu, which has default files)")
+        return {"forget": forget, "retain": retain}
+
+    def inputs(self, options: dict) -> list[Path]:
+        return []
+
+    def check(self, datasets, splits, options, limit, mc_samples, seed) -> None:
+        return None
+
+    def evaluate(self, loaded, splits: dict, mc_samples: int, seed: int, generation: dict, batch_size: int,
+                 show_progress: bool) -> dict:
+        return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
+                                      desc=f"eval {split}", show_progress=show_progress)
+                for split, records in splits.items()}
+
+    def finish(self, report: dict, checked) -> dict:
+        return report
+
+    def format(self, report: dict) -> str:
+        return format_forget_retain(report)
+
+
+FORGET_RETAIN = ForgetRetain()
+
+
+def benchmark_named(name: Optional[str]):
+    """The registry's entry for --benchmark NAME, or the plain evaluation."""
+    from mdu_cli.evaluation.benchmarks import BENCHMARKS
+
+    if name is None:
+        return FORGET_RETAIN
+    if name not in BENCHMARKS:
+        raise ConfigError(f"--benchmark must be one of {', '.join(BENCHMARKS)} (got {name!r})")
+    return BENCHMARKS[name]
+
+
 def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = None, base: Optional[str] = None,
              mc_samples: int = 128, limit: Optional[int] = None, seed: int = 0, generation: Optional[dict] = None,
              batch_size: int = 32, device: str = "auto", trust_remote_code: bool = False,
              show_progress: bool = True, write: bool = True, benchmark: Optional[str] = None,
-             real_authors: Optional[str] = None, world_facts: Optional[str] = None, tofu_split: str = "forget10",
-             reference: Optional[str] = None) -> dict:
+             **benchmark_options) -> dict:
     """Evaluate MODEL (and BASE, side by side) on the forget and retain files,
-    or with benchmark="tofu" on TOFU's four splits with forget quality and model
-    utility (see `tofu.py`). When MODEL is an `mdu` output directory, the report
-    is also written there as eval.json, for the model card."""
-    from mdu_cli.evaluation.benchmarks import tofu
-
-    files = {"forget": forget, "retain": retain}
-    if benchmark == "tofu":
-        if base:
-            raise ConfigError("--base does not combine with --benchmark tofu; evaluate each model on its own "
-                              "and compare the reports")
-        files.update(real_authors=real_authors, world_facts=world_facts)
-        if not any(files.values()):
-            files = tofu.hub_files(tofu_split)
-    elif not forget:
-        raise ConfigError("--forget is required (or --benchmark tofu, which has default files)")
+    or on a benchmark's splits (`--benchmark tofu`: TOFU's four, with forget
+    quality and model utility; its options, such as `reference=`, are the
+    keywords its registry entry declares). When MODEL is an `mdu` output
+    directory, the report is also written there as eval.json, for the card."""
+    bench = benchmark_named(benchmark)
+    known = {option.name for option in bench.options}
+    unknown = sorted(set(benchmark_options) - known)
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)} apply to another --benchmark than {benchmark or 'none'}")
+    if base and bench is not FORGET_RETAIN:
+        raise ConfigError(f"--base does not combine with --benchmark {benchmark}; evaluate each model on its own "
+                          "and compare the reports")
+    files = bench.files(forget, retain, benchmark_options)
     datasets: dict[str, Dataset] = {name: load_dataset(path) for name, path in files.items() if path}
     generation = dict(generation if generation is not None else DEFAULT_GENERATION)
     splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
-    ref = None
-    if benchmark == "tofu":
-        for name, records in splits.items():
-            tofu.check_records(name, records)
-        if reference:
-            if "forget" not in datasets:
-                raise ConfigError("--reference compares forget truth ratios; give --forget too")
-            ref = tofu.read_reference(reference, datasets["forget"].sha256)
-            tofu.check_reference_matches(ref, len(splits["forget"]), limit, mc_samples, seed)
+    checked = bench.check(datasets, splits, benchmark_options, limit, mc_samples, seed)
 
     model_dir = Path(model)
-    target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / "mdu_run.json").is_file() else None
+    target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / RUN_RECORD).is_file() else None
     if target is not None:
-        check_report_file(target, "eval.json", [data.path for data in datasets.values()]
-                          + ([Path(reference)] if reference else []))
+        check_report_file(target, EVAL_FILE, [data.path for data in datasets.values()]
+                          + bench.inputs(benchmark_options))
 
     # Every model's config, tokenizer and lengths are checked before any weights load.
     prepared = {name: prepare_inference(name, trust_remote_code=trust_remote_code, device=device)
@@ -134,27 +170,19 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     def evaluate(name: str) -> dict:
         loaded = prepared[name].load_weights()
         try:
-            if benchmark == "tofu":
-                return tofu.evaluate_tofu(loaded, splits, mc_samples, seed, generation, batch_size, show_progress)
-            return {split: evaluate_split(loaded, records, mc_samples, seed, generation, batch_size,
-                                          desc=f"eval {split}", show_progress=show_progress)
-                    for split, records in splits.items()}
+            return bench.evaluate(loaded, splits, mc_samples, seed, generation, batch_size, show_progress)
         finally:
             loaded.model = None  # one model in memory at a time
 
     report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
               "data": {split: data.summary() for split, data in datasets.items()}}
-    if benchmark == "tofu":
-        report = {"benchmark": "tofu", **report, "splits": evaluate(model)}
-        report.update(tofu.headline(report, ref))
-        report["reference"] = {"path": ref["path"], "model": ref["model"]} if ref else None
-    else:
-        report["splits"] = evaluate(model)
+    report["splits"] = evaluate(model)
+    report = bench.finish(report, checked)
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
         report["change"] = relative_change(report["splits"], report["base"]["splits"])
     if target is not None:
-        from mdu_cli.diff.format import write_text_atomic
+        from mdu_cli.io.atomic import write_text_atomic
 
         write_text_atomic(target, json.dumps(report, indent=2) + "\n")
     return report
@@ -171,8 +199,11 @@ def relative_change(model_splits: dict, base_splits: dict) -> dict:
 
 
 def format_eval(report: dict) -> str:
-    if report.get("benchmark") == "tofu":
-        return format_tofu(report)
+    """The report as a terminal table, by the benchmark that wrote it."""
+    return benchmark_named(report.get("benchmark")).format(report)
+
+
+def format_forget_retain(report: dict) -> str:
     metrics = ("probability", "rouge_l", "truth_ratio")
     has_base = "base" in report
     header = ["split", "metric"] + (["base", "model", "change"] if has_base else ["model"])
@@ -191,17 +222,3 @@ def format_eval(report: dict) -> str:
                 row.append(f"{values[metric]:.4f}")
             rows.append(row)
     return text_table(header, rows)
-
-
-def format_tofu(report: dict) -> str:
-    """The two headline numbers, then each split's aggregates."""
-    def number(value) -> str:
-        return "-" if value is None else f"{value:.4g}"
-
-    lines = [f"forget quality  {number(report['forget_quality'])}"
-             + ("" if report["reference"] else "  (needs --reference: the retain-only model's report)"),
-             f"model utility   {number(report['model_utility'])}", ""]
-    metrics = ("probability", "probability_normalised", "rouge_l", "truth_ratio_closer_to_1", "truth_score")
-    rows = [[split] + [number(values.get(m)) for m in metrics] for split, values in report["splits"].items()]
-    header = ["split", "prob.", "prob. normalised", "ROUGE-L", "TR closer to 1", "TR score (1-R)+"]
-    return "\n".join(lines) + "\n" + text_table(header, rows)

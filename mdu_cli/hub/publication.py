@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Optional
 
 from mdu_cli.errors import MduError
+from mdu_cli.io.output_location import DELTA_JSON, EVAL_REPORT, RUN_RECORD
 
 LOCAL = "(local)"
 # The paperwork pushed from memory; each is read from the output directory.
-PAPERWORK = ("mdu_run.json", "delta_report.json", "eval.json", "adapter_config.json")
+PAPERWORK = (RUN_RECORD, DELTA_JSON, EVAL_REPORT, "adapter_config.json")
 # Keys whose string values name a model, a file or a folder, in any of them
 # (an adapter names its base in base_model_name_or_path).
 PATH_KEYS = frozenset({"model", "path", "source", "id", "forget", "retain", "out", "chat_template", "logging_dir",
@@ -73,7 +74,7 @@ def public_paperwork(directory: Path) -> tuple[dict[str, dict], set[str]]:
     """The run record, delta report and eval.json as published (the ones the
     directory has), and the local values that were taken out of them."""
     documents = {name: _read_json(directory / name) for name in PAPERWORK}
-    run = documents.get("mdu_run.json") or {}
+    run = documents.get(RUN_RECORD) or {}
     public_ids, found = _public_ids(run), set()
     published = {name: _redact(doc, public_ids, found) for name, doc in documents.items() if doc is not None}
     return published, found

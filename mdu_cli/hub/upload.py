@@ -25,7 +25,7 @@ from typing import Optional
 
 from mdu_cli.errors import MduError, printable
 from mdu_cli.hub.card import CARD_NAME, card_action, render_card
-from mdu_cli.io.output_location import OUTPUT_FILES, TRAIN_LOG, is_within
+from mdu_cli.io.output_location import OUTPUT_FILES, RUN_RECORD, TRAIN_LOG, is_within
 from mdu_cli.hub.publication import check_published, encoded, local_names, public_paperwork
 from mdu_cli.io.safetensors_reader import Checkpoint, open_directory
 
@@ -98,7 +98,7 @@ def check_output_dir(directory: Path) -> tuple[dict, Checkpoint]:
         if entry.is_symlink() and _skip_reason(entry.name) is None:
             _readable_file(entry, entry.name)
     try:
-        run = json.loads((directory / "mdu_run.json").read_text(encoding="utf-8"))
+        run = json.loads((directory / RUN_RECORD).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise incomplete("no mdu_run.json") from None
     except (OSError, ValueError, RecursionError):

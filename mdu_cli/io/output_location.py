@@ -31,13 +31,15 @@ from mdu_cli.io.output_writer import TOKENIZER_FILES
 
 # A resumable state sits beside its output as OUT.mdu-state (see resume.py).
 STATE_SUFFIX = ".mdu-state"
-RUN_RECORD, TRAIN_LOG = "mdu_run.json", "train_log.jsonl"
+# The output layout's own files, named once.
+RUN_RECORD, TRAIN_LOG, EVAL_REPORT = "mdu_run.json", "train_log.jsonl", "eval.json"
+DELTA_JSON, DELTA_MARKDOWN = "delta_report.json", "delta_report.md"
 # Every name mdu writes into an output (unlearn, finetune, and eval's eval.json):
 # all that --overwrite may delete. A directory holding anything else is not
 # mdu's to replace.
 OUTPUT_FILES = (
     "*.safetensors", "model.safetensors.index.json", "config.json", "adapter_config.json", *TOKENIZER_FILES, "*.py",
-    "README.md", RUN_RECORD, TRAIN_LOG, "delta_report.json", "delta_report.md", "eval.json",
+    "README.md", RUN_RECORD, TRAIN_LOG, DELTA_JSON, DELTA_MARKDOWN, EVAL_REPORT,
 )
 # What a resumable state directory holds (resume.save_state).
 STATE_FILES = ("progress.json", "trainable.safetensors", "training.pt")

@@ -39,12 +39,13 @@ from mdu_cli.hub.card import CARD_NAME, read_license, render_card
 from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.model.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
                              resolve_device, resolve_source)
-from mdu_cli.io.output_location import (OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
+from mdu_cli.io.output_location import (DELTA_JSON, DELTA_MARKDOWN, RUN_RECORD, TRAIN_LOG, OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
                                      publish, remove_leftovers, remove_state, unwritable)
 from mdu_cli.config.trackers import parse_trackers
 from mdu_cli.train.monitor import Probe, tracker_config
 from mdu_cli.train.resume import fingerprint, load_state, state_dir_for, weights_identity
-from mdu_cli.diff.format import format_markdown, write_json, write_text_atomic
+from mdu_cli.diff.format import format_markdown, write_json
+from mdu_cli.io.atomic import write_text_atomic
 from mdu_cli.io.safetensors_reader import open_directory
 from mdu_cli.data.tokenization import encode_dataset, pad_token_id
 from mdu_cli.train.loop import TrainResult, train
@@ -185,8 +186,8 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
     else:
         report = compare(base, open_directory(staging, str(out)), show_progress=show_progress)
     report["other"]["path"] = str(out)  # where the files will be once the output is published
-    write_json(report, staging / "delta_report.json")
-    write_text_atomic(staging / "delta_report.md", format_markdown(report))
+    write_json(report, staging / DELTA_JSON)
+    write_text_atomic(staging / DELTA_MARKDOWN, format_markdown(report))
     return report
 
 
@@ -388,7 +389,7 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
         model, anchor = _load_for_training(run, accelerator)
         result: TrainResult = train(
             model, anchor, run.forget, run.retain, cfg, run.family, run.mask_token_id, pad_token_id(run.tokenizer),
-            accelerator, log_path=staging / "train_log.jsonl" if accelerator.is_main_process else None,
+            accelerator, log_path=staging / TRAIN_LOG if accelerator.is_main_process else None,
             show_progress=show_progress and accelerator.is_main_process,
             state_dir=run.state_dir, state_key=run.state_key,
             resume_from=resume_from,
@@ -510,7 +511,7 @@ def _write_output(model, full_state, run: PreparedRun, result: TrainResult, stag
         raise MduError(f"no weight changed in {result.steps} steps (the updates rounded away, or every gradient "
                        "was zero); nothing was written. Raise --lr or --max-steps, or train in --dtype fp32")
     record = _run_record(run, result, delta, changed, started)
-    (staging / "mdu_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    (staging / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     (staging / CARD_NAME).write_text(render_card(staging, title=run.out.name), encoding="utf-8")
     return model, record
 

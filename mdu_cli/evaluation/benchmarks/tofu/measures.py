@@ -40,7 +40,6 @@ from mdu_cli.config.generation import generation_kwargs
 from mdu_cli.model.sampling import generate
 
 TOFU_REPO = "locuslab/TOFU"
-SPLIT_CHOICES = ("forget01", "forget05", "forget10")
 # The evaluation splits, in report order, and the file each takes from the Hub.
 SPLITS = ("forget", "retain", "real_authors", "world_facts")
 UTILITY_SPLITS = ("retain", "real_authors", "world_facts")

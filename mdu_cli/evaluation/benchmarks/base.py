@@ -1,0 +1,47 @@
+"""The protocol a benchmark of `mdu eval --benchmark` follows.
+
+`evaluation.report.run_eval` reads the files, loads each model once and calls
+these hooks in order: `files` (which splits, from which files), `check` (every
+cheap check, before any weights load; returns what `finish` needs), `evaluate`
+(one model's split reports) and `finish` (the whole report). `format` prints
+it, `card_lines` puts its headline into a model card. A spec module imports
+no torch, so that `mdu eval --help` lists the benchmarks and their options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
+
+
+@dataclass(frozen=True)
+class BenchmarkOption:
+    """One option of `mdu eval` that belongs to a benchmark (`run_eval`'s
+    keyword `name`); the command builds its Click option from this."""
+
+    flag: str
+    name: str
+    help: str
+    choices: Optional[tuple[str, ...]] = None
+    default: Optional[str] = None
+    is_file: bool = False      # a local file (a report), not a data file that may be hf://...
+
+
+class Benchmark(Protocol):
+    name: str
+    summary: str
+    options: tuple[BenchmarkOption, ...]
+
+    def files(self, forget: Optional[str], retain: Optional[str], options: dict) -> dict[str, Optional[str]]: ...
+
+    def check(self, datasets: dict, splits: dict, options: dict, limit: Optional[int], mc_samples: int,
+              seed: int) -> Any: ...
+
+    def evaluate(self, loaded, splits: dict, mc_samples: int, seed: int, generation: dict, batch_size: int,
+                 show_progress: bool) -> dict: ...
+
+    def finish(self, report: dict, checked: Any) -> dict: ...
+
+    def format(self, report: dict) -> str: ...
+
+    def card_lines(self, report: dict, fmt) -> list[str]: ...
