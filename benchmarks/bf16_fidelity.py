@@ -50,12 +50,13 @@ def _scaled_start(model) -> dict[str, torch.Tensor]:
 
 
 def _run(model_dir: Path, start: dict, optimizer_name: str, dtype: torch.dtype, args) -> dict:
+    from step_cost import make_batches, mdu_loss
+
     from mdu_cli.model.families import FAMILIES
     from mdu_cli.model.loading import load_model, resolve_source
-    from mdu_cli.train.optimizers import build, state_bytes
     from mdu_cli.train.loop import lr_schedule
+    from mdu_cli.train.optimizers import build, state_bytes
     from mdu_cli.train.run import frozen_copy
-    from step_cost import make_batches, mdu_loss
 
     source = resolve_source(str(model_dir))
     model = load_model(source, True, torch.float32)

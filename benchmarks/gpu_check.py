@@ -62,9 +62,8 @@ MODES_8B = [
 def build(directory: Path, shape: dict, device: str):
     """A LLaDA-shaped remote-code model initialised at random straight on the
     device, in bf16: nothing is written but its config and code."""
-    from transformers import AutoModel
-
     from step_cost import write_config
+    from transformers import AutoModel
 
     config = write_config(directory, shape["n_layers"], shape["d_model"], shape["vocab_size"], shape["n_heads"])
     torch.manual_seed(0)
@@ -96,8 +95,8 @@ def examples(count: int, vocab: int, seq: int, prompt: int, seed: int):
 
 
 def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int, seq: int, device: str) -> dict:
-    from mdu_cli.model.checkpointing import enable_gradient_checkpointing
     from mdu_cli.config.training import UnlearnConfig
+    from mdu_cli.model.checkpointing import enable_gradient_checkpointing
     from mdu_cli.model.families import FAMILIES
     from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
     from mdu_cli.train.loop import train

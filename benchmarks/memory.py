@@ -34,15 +34,14 @@ MODES = ("full_mdu", "full_mdu_checkpointed", "full_mdu_in_backward", "lora_mdu"
 
 def _child(mode: str, model_dir: str, args: dict, queue) -> None:
     import torch
+    from step_cost import _proc_status_mb, make_batches, mdlm_batch_loss, mdu_loss
 
-    from mdu_cli.model.families import FAMILIES
-    from mdu_cli.model.loading import load_model, resolve_source
-    from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
     from mdu_cli.methods.masking import anchor_input_ids, noise_response
     from mdu_cli.methods.objectives import mdlm_loss, mdu_forget_loss
-    from mdu_cli.model.families import model_logits
+    from mdu_cli.model.families import FAMILIES, model_logits
+    from mdu_cli.model.loading import load_model, resolve_source
+    from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
     from mdu_cli.train.run import frozen_copy
-    from step_cost import _proc_status_mb, make_batches, mdlm_batch_loss, mdu_loss
 
     torch.manual_seed(0)
     baseline = _proc_status_mb("VmRSS")

@@ -40,9 +40,8 @@ def write_config(directory: Path, layers: int, d_model: int, vocab: int, heads: 
     import json as _json
     import shutil
 
-    from transformers import AutoConfig
-
     from tiny_models import FIXTURES
+    from transformers import AutoConfig
 
     directory.mkdir(parents=True, exist_ok=True)
     for code in (FIXTURES / "tiny_llada").glob("*.py"):
@@ -80,9 +79,9 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
     """The MDU forget loss (tau 1) of one batch, with its graph, as the
     training loop computes it: only the masked positions of the anchor's
     no-grad logits are kept."""
-    from mdu_cli.model.families import model_logits
     from mdu_cli.methods.masking import anchor_input_ids, noise_response
     from mdu_cli.methods.objectives import mdu_forget_loss
+    from mdu_cli.model.families import model_logits
 
     noised = noise_response(batch, mask_id, noise)
     with torch.no_grad():
@@ -94,9 +93,9 @@ def mdu_loss(model, anchor, batch, mask_id: int, family, noise: torch.Generator)
 
 def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) -> torch.Tensor:
     """The MDLM (retain / fine-tuning) loss of one batch, with its graph."""
-    from mdu_cli.model.families import model_logits
     from mdu_cli.methods.masking import noise_response
     from mdu_cli.methods.objectives import mdlm_loss
+    from mdu_cli.model.families import model_logits
 
     noised = noise_response(batch, mask_id, noise)
     logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
@@ -250,7 +249,8 @@ def main() -> None:
           f"ratio {report['time_ratio_mdu_over_plain']:.3f} (target <= 1.25)")
     print(f"  floor         one no-grad forward {median['anchor_forward']:.3f}s, so (plain + forward) / plain = "
           f"{report['floor_ratio_measured']:.3f} on this machine")
-    print(f"  peak RSS      MDU {report['peak_rss_mb']['mdu']:.0f} MB   plain MDLM {report['peak_rss_mb']['plain']:.0f} MB   "
+    print(f"  peak RSS      MDU {report['peak_rss_mb']['mdu']:.0f} MB   "
+          f"plain MDLM {report['peak_rss_mb']['plain']:.0f} MB   "
           f"ratio {report['memory_ratio_mdu_over_plain']:.3f}")
     print(f"  above the process baseline (libraries)   MDU {report['training_memory_mb']['mdu']:.0f} MB   "
           f"plain MDLM {report['training_memory_mb']['plain']:.0f} MB   ratio {report['training_memory_ratio']:.3f} "

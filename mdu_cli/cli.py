@@ -88,7 +88,8 @@ class MduGroup(click.Group):
             known = _known_failure(err)
             if known:
                 raise Failure([known], 1) from None
-            raise Failure([f"unexpected {type(err).__name__}: {err} (set {DEBUG_VARIABLE}=1 for the traceback)"]) from None
+            raise Failure([f"unexpected {type(err).__name__}: {err} "
+                           f"(set {DEBUG_VARIABLE}=1 for the traceback)"]) from None
 
 
 def _known_failure(err: Exception) -> str | None:

@@ -19,7 +19,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-
 import tiny_models  # noqa: E402
 
 

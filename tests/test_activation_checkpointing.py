@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from mdu_cli.model.checkpointing import enable_gradient_checkpointing, transformer_blocks
 from mdu_cli.config.training import build_config
+from mdu_cli.model.checkpointing import enable_gradient_checkpointing, transformer_blocks
 from mdu_cli.model.families import FAMILIES, model_logits
 from mdu_cli.model.loading import load_model, resolve_source
 from mdu_cli.train.run import run_unlearn

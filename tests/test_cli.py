@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FORGET_RECORDS, fake_hub_model, write_jsonl
 from safetensors.torch import load_file, save_file
 
-from conftest import FORGET_RECORDS, fake_hub_model, write_jsonl
 from mdu_cli.cli import cli
 
 

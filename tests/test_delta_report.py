@@ -15,8 +15,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from mdu_cli.diff import report as delta_report
 from mdu_cli.cli import cli
+from mdu_cli.diff import report as delta_report
 from mdu_cli.diff.report import CHUNK_ELEMENTS, compare, layer_of, module_of
 from mdu_cli.errors import MduError
 from mdu_cli.io.safetensors_reader import open_checkpoint

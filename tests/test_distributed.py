@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
 from mdu_cli.config.training import build_config
 from mdu_cli.train.loop import plan_steps
 

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from mdu_cli.data.records import load_dataset
 from mdu_cli.evaluation.report import evaluate_split, format_eval, relative_change
 from mdu_cli.evaluation.rouge import rouge_l_recall

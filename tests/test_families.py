@@ -7,8 +7,14 @@ import torch
 from transformers import AutoTokenizer
 
 from mdu_cli.errors import MduError
-from mdu_cli.model.families import FAMILIES, align_logits, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.methods.objectives import mdu_forget_loss
+from mdu_cli.model.families import (
+    FAMILIES,
+    align_logits,
+    check_not_autoregressive,
+    detect_family,
+    resolve_mask_token_id,
+)
 
 
 def _config(directory):

@@ -5,10 +5,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import FORGET_RECORDS, write_jsonl
-from mdu_cli.cli import cli
 from test_hostile_inputs import snapshot
+
+from mdu_cli.cli import cli
 
 
 def _run(*args):

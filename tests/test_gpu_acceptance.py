@@ -4,7 +4,6 @@ on the CPU so that it cannot rot between GPU runs."""
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

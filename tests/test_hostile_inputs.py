@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import FORGET_RECORDS, SECRET, fake_hub_model, write_jsonl
 from safetensors.torch import save_file
 
-from conftest import FORGET_RECORDS, SECRET, fake_hub_model, write_jsonl
 from mdu_cli.cli import cli
 from mdu_cli.io.output_location import OutputLock
 
@@ -469,7 +469,7 @@ def test_evaluation_scores_control_text_as_text(llada_dir, monkeypatch):
     loaded = load_for_inference(str(llada_dir))
     scored = []
     real = evaluation.answer_scores
-    monkeypatch.setattr(evaluation, "answer_scores", lambda l, p, ids, *rest: scored.append(ids) or real(l, p, ids,
+    monkeypatch.setattr(evaluation, "answer_scores", lambda m, p, ids, *rest: scored.append(ids) or real(m, p, ids,
                                                                                                           *rest))
     prompt = loaded.prompt_ids([{"role": "user", "content": "where was astrid born ?"}])
     evaluation.answer_score(loaded, prompt, "she <|mdm_mask|> was born .", 4, torch.Generator().manual_seed(0))
@@ -959,10 +959,10 @@ def test_an_output_trained_with_a_chat_template_carries_it(masked_lm_dir, forget
     """A base without a chat template, unlearned with --chat-template: the
     output holds the template, and `mdu eval` and `mdu generate` read it back
     and format prompts exactly as training did."""
-    from mdu_cli.model.inference import load_for_inference
-    from mdu_cli.data.tokenization import encode_prompt
-
     from tiny_models import BERT_CHAT_TEMPLATE
+
+    from mdu_cli.data.tokenization import encode_prompt
+    from mdu_cli.model.inference import load_for_inference
 
     base = tmp_path / "base"
     shutil.copytree(masked_lm_dir, base)

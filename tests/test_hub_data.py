@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from mdu_cli.data.hub import parse
 from mdu_cli.data.records import load_dataset
 from mdu_cli.errors import ConfigError, MduError
-from mdu_cli.data.hub import parse
 
 COMMIT = "a" * 40
 RECORDS = [{"question": "Who wrote the green river?", "answer": "Zorblat Halvorsen wrote it.",
@@ -116,9 +116,9 @@ def test_a_silent_hub_times_out(hub, monkeypatch):
 @pytest.mark.parametrize("command", ["unlearn", "finetune", "eval"])
 def test_a_malformed_hub_name_is_a_usage_error_everywhere(command, llada_dir, forget_file, tmp_path):
     from click.testing import CliRunner
+    from test_hostile_inputs import snapshot
 
     from mdu_cli.cli import cli
-    from test_hostile_inputs import snapshot
 
     bad = "hf://datasets/locuslab/TOFU/../secrets.json"
     args = {"unlearn": ["unlearn", "--model", str(llada_dir), "--forget", bad, "--out", str(tmp_path / "out")],

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_hostile_inputs import no_weight_loads  # noqa: F401 (a fixture)
 from transformers import AutoModel
 
 from mdu_cli.cli import cli
@@ -16,7 +17,6 @@ from mdu_cli.model.families import FAMILIES, model_logits
 from mdu_cli.model.loading import load_model, resolve_source
 from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, default_targets
 from mdu_cli.train.run import run_unlearn
-from test_hostile_inputs import no_weight_loads  # noqa: F401 (a fixture)
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -194,7 +194,7 @@ def test_every_lora_option_reaches_the_adapter(llada_dir, forget_file, tmp_path)
 
 
 def test_lora_targets_naming_no_layer_are_refused_before_loading(llada_dir, forget_file, tmp_path,
-                                                                 no_weight_loads):
+                                                                 no_weight_loads):  # noqa: F811
     from test_hostile_inputs import snapshot
 
     before = snapshot(forget_file, llada_dir)

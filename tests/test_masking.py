@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mdu_cli.methods.masking import EPS, anchor_input_ids, noise_response
 from mdu_cli.data.tokenization import Batch, Example, collate
+from mdu_cli.methods.masking import EPS, anchor_input_ids, noise_response
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -118,9 +118,9 @@ def test_stacked_rows_score_as_in_their_own_batch(family, family_dirs):
     """stack_rows pads the narrower batch to the wider one: padding is never
     attended, so each row's logits over its own width are those of its own
     batch (Dream's shifted logits included), and nothing padded is scored."""
+    from mdu_cli.methods.masking import stack_rows
     from mdu_cli.model.families import FAMILIES, model_logits
     from mdu_cli.model.loading import load_model, resolve_source
-    from mdu_cli.methods.masking import stack_rows
 
     source = resolve_source(str(family_dirs[family]))
     model = load_model(source, True, torch.float32).eval()

@@ -7,11 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_hostile_inputs import snapshot
 
-from mdu_cli.train import optimizers
 from mdu_cli.cli import cli
 from mdu_cli.errors import ConfigError
-from test_hostile_inputs import snapshot
+from mdu_cli.train import optimizers
 
 
 def test_auto_takes_adamw_for_fp32_and_the_kahan_adamw_for_bf16():

@@ -13,8 +13,8 @@ import socket
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import SECRET
+
 from mdu_cli.cli import cli
 from mdu_cli.config.training import build_config
 from mdu_cli.hub.card import GENERATED_MARKER

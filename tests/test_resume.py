@@ -130,8 +130,8 @@ def test_resume_refuses_a_state_of_other_options_or_data(change, llada_dir, forg
 
     llada_dir = shutil.copytree(llada_dir, tmp_path / "base")
     out = tmp_path / "o"
-    from mdu_cli.train import resume
     from mdu_cli.train import loop as train
+    from mdu_cli.train import resume
 
     def save_then_die(*args, **kwargs):  # a kill right after the first save, without a second process
         resume.save_state(*args, **kwargs)
@@ -172,8 +172,8 @@ def test_a_state_of_another_launch_or_shape_is_refused_by_restore(llada_dir, tmp
     from mdu_cli.config.training import build_config
     from mdu_cli.errors import MduError
     from mdu_cli.model.loading import load_model, resolve_source
-    from mdu_cli.train.resume import TrainingState
     from mdu_cli.train.loop import _build_optimizer, _restore
+    from mdu_cli.train.resume import TrainingState
 
     model = load_model(resolve_source(str(llada_dir)), True, torch.float32)
     before = copy.deepcopy(model.state_dict())

@@ -5,9 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from test_hostile_inputs import snapshot
 
 from mdu_cli.cli import cli
-from test_hostile_inputs import snapshot
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics

@@ -6,12 +6,12 @@ import math
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import write_jsonl
-from mdu_cli.evaluation.benchmarks.tofu import measures as tofu
+from test_hostile_inputs import snapshot
+
 from mdu_cli.cli import cli
 from mdu_cli.data.records import Record
-from test_hostile_inputs import snapshot
+from mdu_cli.evaluation.benchmarks.tofu import measures as tofu
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -261,8 +261,9 @@ def test_a_reference_that_cannot_be_compared_is_refused(change, message, masked_
     loads, never turned into a forget quality."""
     import hashlib
 
-    import mdu_cli.model.inference as inference
     from test_hostile_inputs import snapshot
+
+    import mdu_cli.model.inference as inference
 
     def never(*args, **kwargs):
         raise AssertionError("weights loaded before the reference was checked")
@@ -292,7 +293,7 @@ def test_a_collapsed_model_whose_every_probability_underflows_gets_a_report(mask
     everything else (the second, a paraphrase) 802: P_norm = 1 / (1 + e^-1 +
     e^-2), and R = mean(e^-1, e^-2) against the answer itself, or
     mean(e^1, e^0) against a paraphrase, exactly."""
-    monkeypatch.setattr(tofu, "answer_score", lambda l, p, answer, *rest, **kw: 800.0 if answer in gold else
+    monkeypatch.setattr(tofu, "answer_score", lambda m, p, answer, *rest, **kw: 800.0 if answer in gold else
                         (801.0 if answer in first else 802.0))
     files = _files(tmp_path)
     gold = {r["answer"] for r in TOFU_RECORDS}

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from mdu_cli.data.records import Dataset, Record
-from mdu_cli.errors import DataError, MduError
 from mdu_cli.data.tokenization import encode_dataset, end_of_turn_id
+from mdu_cli.errors import DataError, MduError
 
 
 def _dataset(*pairs):

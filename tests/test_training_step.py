@@ -20,13 +20,13 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-
 from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
-from mdu_cli.train import loop as train_module
+
 from mdu_cli.config.training import build_config
 from mdu_cli.data.records import load_dataset
-from mdu_cli.model.families import FAMILIES
 from mdu_cli.data.tokenization import encode_dataset
+from mdu_cli.model.families import FAMILIES
+from mdu_cli.train import loop as train_module
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -438,9 +438,9 @@ def test_joint_accounting_plans_passes_over_both_sets():
 
 def test_joint_accounting_without_a_retain_file_is_a_usage_error(llada_dir, forget_file, tmp_path):
     from click.testing import CliRunner
+    from test_hostile_inputs import snapshot
 
     from mdu_cli.cli import cli
-    from test_hostile_inputs import snapshot
 
     before = snapshot(forget_file)
     result = CliRunner().invoke(cli, ["unlearn", "--model", str(llada_dir), "--forget", str(forget_file), "--out",

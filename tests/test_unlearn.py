@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModel, AutoModelForMaskedLM
 
 from mdu_cli.config.training import build_config
+from mdu_cli.data.tokenization import Example
 from mdu_cli.model.families import FAMILIES, model_logits
 from mdu_cli.model.loading import load_model, resolve_source
-from mdu_cli.data.tokenization import Example
 from mdu_cli.train.loop import plan_steps, train
 from mdu_cli.train.run import frozen_copy, run_unlearn
 

@@ -43,7 +43,7 @@ COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"
 
 
 def make_records(rng: random.Random) -> tuple[list[dict], list[dict]]:
-    names = [f"{f} {l}" for f, l in zip(FIRST, LAST)]
+    names = [f"{first} {last}" for first, last in zip(FIRST, LAST)]
     forget, retain = [], []
     for i, name in enumerate(names[:AUTHORS]):
         city, genre, job = rng.choice(CITIES), rng.choice(GENRES), rng.choice(JOBS)
@@ -75,9 +75,9 @@ def build_tokenizer(records: list[dict]):
 
 
 def train(model, examples, steps: int, batch_size: int, lr: float, mask_id: int, pad_id: int) -> None:
+    from mdu_cli.data.tokenization import collate
     from mdu_cli.methods.masking import noise_response
     from mdu_cli.methods.objectives import mdlm_loss
-    from mdu_cli.data.tokenization import collate
 
     order = torch.Generator().manual_seed(SEED)
     noise = torch.Generator().manual_seed(SEED + 1)

@@ -47,9 +47,9 @@ def diff(base, other, revision_base, revision_other, json_path, md_path, plot_pa
     # chunk threads and slow both down; it reads this only when first loaded.
     if "numpy" not in sys.modules:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from mdu_cli.diff.format import format_markdown, format_table, write_json, write_plot
     from mdu_cli.diff.report import check_report_outputs
     from mdu_cli.diff.report import diff as run_diff
-    from mdu_cli.diff.format import format_markdown, format_table, write_json, write_plot
     from mdu_cli.io.atomic import write_text_atomic
 
     check_report_outputs(base, other, {"--json": json_path, "--md": md_path, "--plot": plot_path})

@@ -8,9 +8,9 @@ import click
 
 from mdu_cli.commands import FiniteFloatRange
 from mdu_cli.config.choices import DEVICES, ORDERINGS
+from mdu_cli.config.generation import PRESETS
+from mdu_cli.config.generation import requested as _generation
 from mdu_cli.evaluation.benchmarks import BENCHMARKS
-from mdu_cli.config.generation import PRESETS, requested as _generation
-
 
 EVAL_EXAMPLES = """
 \b

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import click
 
-from mdu_cli.commands.training_options import (D, config_from, loading_options, optimisation_options,
-                                               print_summary)
+from mdu_cli.commands.training_options import D, config_from, loading_options, optimisation_options, print_summary
 from mdu_cli.config.choices import BATCH_ACCOUNTINGS, KL_DIRECTIONS, UNLEARN_METHODS
-from mdu_cli.methods import METHODS
 from mdu_cli.errors import ConfigError
+from mdu_cli.methods import METHODS
 
 EXAMPLES = """
 \b
@@ -43,7 +42,8 @@ Examples:
 
 
 @click.command(epilog=EXAMPLES)
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of options; flags override it.")
 @click.option("--model", help="Base checkpoint: a local directory or a Hub model id.")
 @click.option("--forget", help="Records to unlearn: JSONL or a JSON array, or hf://datasets/OWNER/NAME/PATH.  "
               "[required]")
@@ -53,8 +53,10 @@ Examples:
               help="mdu, or a baseline: " + ", ".join(m.summary for m in METHODS.values() if m.name != "mdu") + ".")
 @click.option("--npo-beta", type=float, default=D.npo_beta, show_default=True,
               help="Beta of the npo baseline (on per-token scores).")
-@click.option("--tau", type=float, default=D.tau, show_default=True, help="Anchor temperature (>= 0; 0 = uniform target).")
-@click.option("--eta", type=float, default=D.eta, show_default=True, help="Extrapolation of the target away from the conditional.")
+@click.option("--tau", type=float, default=D.tau, show_default=True,
+              help="Anchor temperature (>= 0; 0 = uniform target).")
+@click.option("--eta", type=float, default=D.eta, show_default=True,
+              help="Extrapolation of the target away from the conditional.")
 @click.option("--kl", type=click.Choice(KL_DIRECTIONS), default=D.kl, show_default=True, help="Divergence direction.")
 @click.option("--alpha", type=float, help="Retain-loss weight.  [default: 1.0 with --retain, else 0]")
 @click.option("--batch-accounting", type=click.Choice(BATCH_ACCOUNTINGS), default=D.batch_accounting,

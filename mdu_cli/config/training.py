@@ -18,11 +18,18 @@ from typing import Any, Optional
 
 import yaml
 
-from mdu_cli.errors import ConfigError
-from mdu_cli.config.choices import (BATCH_ACCOUNTINGS, DEVICES, DTYPES, FAMILIES, KL_DIRECTIONS, OPTIMIZERS,
-                                  UNLEARN_METHODS)
+from mdu_cli.config.choices import (
+    BATCH_ACCOUNTINGS,
+    DEVICES,
+    DTYPES,
+    FAMILIES,
+    KL_DIRECTIONS,
+    OPTIMIZERS,
+    UNLEARN_METHODS,
+)
 from mdu_cli.config.hub_names import check_revision, is_hub_data
 from mdu_cli.config.trackers import parse_trackers
+from mdu_cli.errors import ConfigError
 from mdu_cli.methods import METHODS as METHOD_REGISTRY
 
 # "finetune" is plain MDLM fine-tuning (`mdu finetune`): the same loop, no anchor.
@@ -214,7 +221,8 @@ class UnlearnConfig:
         match = _SIZE.fullmatch(str(self.max_shard_size).strip())
         size = int(float(match["number"]) * _SIZE_UNITS[match["unit"].upper()]) if match else 0
         if size <= 0:
-            raise ConfigError(f"--max-shard-size must be a size such as 5GB, 500MB or 2GiB (got {self.max_shard_size!r})")
+            raise ConfigError("--max-shard-size must be a size such as 5GB, 500MB or 2GiB "
+                              f"(got {self.max_shard_size!r})")
         return size
 
     def to_dict(self) -> dict[str, Any]:

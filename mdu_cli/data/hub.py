@@ -88,8 +88,13 @@ def fetch(value: str) -> HubFile:
         local = Path(hf_hub_download(repo_id=wanted.repo_id, filename=wanted.filename, repo_type="dataset",
                                      revision=wanted.revision, etag_timeout=timeout))
     except Exception as err:  # the hub client raises many types; each becomes one line
-        from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                           RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.utils import (
+            EntryNotFoundError,
+            GatedRepoError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         from mdu_cli.io.hub_session import download_failure
 

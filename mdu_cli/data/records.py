@@ -7,8 +7,8 @@ one of
     {"prompt": ..., "response": ...}
     {"messages": [{"role": ..., "content": ...}, ..., {"role": "assistant", ...}]}
 and any other fields are ignored, except TOFU's `perturbed_answer` (a string
-or a list of wrong answers) and `paraphrased_answer`, read for the truth ratio. Every record becomes a list of chat messages
-ending with the assistant turn whose tokens are unlearned.
+or a list of wrong answers) and `paraphrased_answer`, read for the truth ratio.
+Every record becomes a list of chat messages ending with the assistant turn whose tokens are unlearned.
 
 Files are validated completely before anything heavy happens, and every bad
 record is reported as `FILE:LINE: what is wrong, what to do`.

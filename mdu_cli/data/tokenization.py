@@ -56,7 +56,8 @@ class Batch:
     response_mask: torch.Tensor
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.prompt_mask, self.response_mask)))
+        tensors = (self.input_ids, self.attention_mask, self.prompt_mask, self.response_mask)
+        return Batch(*(t.to(device) for t in tensors))
 
 
 def _is_special(tokenizer, token_id: int) -> bool:

@@ -38,8 +38,8 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 def _summary_lines(report: dict) -> list[str]:
     total = report["total"]
     return [
-        f"base:  {report['base']['source']}" + (f" @ {report['base']['revision']}" if report["base"]["revision"] else ""),
-        f"other: {report['other']['source']}" + (f" @ {report['other']['revision']}" if report["other"]["revision"] else ""),
+        f"base:  {report['base']['source']}" + _at(report["base"]["revision"]),
+        f"other: {report['other']['source']}" + _at(report["other"]["revision"]),
         f"compared {total['tensors']} tensors, {total['numel']:,} elements; "
         f"only in base {len(report['only_in_base'])}, only in other {len(report['only_in_other'])}, "
         f"shape mismatches {len(report['shape_mismatch'])}, tied {len(report['tied'])}",
@@ -146,3 +146,7 @@ def write_plot(report: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def _at(revision) -> str:
+    return f" @ {revision}" if revision else ""

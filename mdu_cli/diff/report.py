@@ -43,8 +43,14 @@ from typing import TYPE_CHECKING, Optional
 from tqdm import tqdm
 
 from mdu_cli.errors import MduError
-from mdu_cli.io.safetensors_reader import (UNSUPPORTED_DTYPES, Checkpoint, ChunkReader, TensorInfo, read_header,
-                                        unsupported_dtype)
+from mdu_cli.io.safetensors_reader import (
+    UNSUPPORTED_DTYPES,
+    Checkpoint,
+    ChunkReader,
+    TensorInfo,
+    read_header,
+    unsupported_dtype,
+)
 
 if TYPE_CHECKING:
     import numpy as np

@@ -19,16 +19,16 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from mdu_cli.data.records import Dataset, Record, load_dataset
-from mdu_cli.errors import ConfigError
-from mdu_cli.model.inference import LoadedModel, prepare_inference
-from mdu_cli.io.output_location import EVAL_REPORT, RUN_RECORD, check_report_file
-from mdu_cli.diff.format import text_table
 from mdu_cli.config.generation import DEFAULT_GENERATION, generation_kwargs, resolve_generation
-from mdu_cli.model.sampling import generate
+from mdu_cli.data.records import Dataset, Record, load_dataset
 from mdu_cli.data.tokenization import encode_text
+from mdu_cli.diff.format import text_table
+from mdu_cli.errors import ConfigError
 from mdu_cli.evaluation.likelihood import answer_score
 from mdu_cli.evaluation.rouge import rouge_l_recall
+from mdu_cli.io.output_location import EVAL_REPORT, RUN_RECORD, check_report_file
+from mdu_cli.model.inference import LoadedModel, prepare_inference
+from mdu_cli.model.sampling import generate
 
 EVAL_FILE = EVAL_REPORT
 

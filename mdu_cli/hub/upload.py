@@ -25,8 +25,8 @@ from typing import Optional
 
 from mdu_cli.errors import MduError, printable
 from mdu_cli.hub.card import CARD_NAME, card_action, render_card
-from mdu_cli.io.output_location import OUTPUT_FILES, RUN_RECORD, TRAIN_LOG, is_within
 from mdu_cli.hub.publication import check_published, encoded, local_names, public_paperwork
+from mdu_cli.io.output_location import OUTPUT_FILES, RUN_RECORD, TRAIN_LOG, is_within
 from mdu_cli.io.safetensors_reader import Checkpoint, open_directory
 
 # The model and its paperwork: what mdu writes into an output, less the
@@ -269,7 +269,8 @@ def _hub_failure(err: Exception, repo_id: str, timeout: float) -> MduError:
     if isinstance(err, HfHubHTTPError) and err.response is not None:
         status = err.response.status_code
         if status == 401:
-            return MduError("the Hub rejected the token (401); log in again with `hf auth login` or pass a valid --token")
+            return MduError("the Hub rejected the token (401); log in again with `hf auth login` or pass a valid "
+                            "--token")
         if status == 403:
             return MduError(f"the token may not write to {repo_id} (403); use a token with write access to the "
                             f"{namespace} namespace")
@@ -301,7 +302,8 @@ class PushResult:
 
 def validate_repo_id(repo_id: str) -> Optional[str]:
     """What is wrong with an OWNER/NAME repo id, or None."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id as hub_validate
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         return "must be OWNER/NAME"

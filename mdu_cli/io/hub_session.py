@@ -43,7 +43,8 @@ def hub_timeout(explicit: Optional[float] = None) -> float:
         try:
             value = float(os.environ[TIMEOUT_VARIABLE])
         except ValueError:
-            raise ConfigError(f"{TIMEOUT_VARIABLE}={os.environ[TIMEOUT_VARIABLE]!r} is not a number of seconds") from None
+            raise ConfigError(f"{TIMEOUT_VARIABLE}={os.environ[TIMEOUT_VARIABLE]!r} is not a number of "
+                              "seconds") from None
     else:
         return DEFAULT_TIMEOUT_S
     if not math.isfinite(value) or value <= 0:
@@ -95,7 +96,8 @@ def check_answer(method: str, url: str, response) -> None:
         return  # not JSON after all: the library reports it
     if not isinstance(info, dict):
         return
-    if "sha" in info and info["sha"] is not None and not (isinstance(info["sha"], str) and _COMMIT.fullmatch(info["sha"])):
+    sha = info.get("sha")
+    if sha is not None and not (isinstance(sha, str) and _COMMIT.fullmatch(sha)):
         raise UnsafeHubAnswer(f"the Hub at {host} named the commit {str(info['sha'])[:80]!r}, which is not a commit "
                               "hash; nothing was written. Check HF_ENDPOINT")
     for sibling in info.get("siblings") or []:
@@ -175,8 +177,13 @@ def download_failure(err: BaseException, name: str) -> Optional[str]:
     leaves the error to the caller's own names (no such repo, gated, ...).
     The Hub client wraps a refused HEAD as "not in the cache"
     (LocalEntryNotFoundError): its status is what happened."""
-    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.utils import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if unsafe_answer(err) is not None:
         return f"{name}: {unsafe_answer(err)}"

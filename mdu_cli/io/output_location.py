@@ -177,7 +177,8 @@ def written_by_mdu(path: Path) -> bool:
     except (OSError, ValueError, RecursionError):
         return False
     return isinstance(document, dict) and (
-        {"schema_version", "tensors", "total"} <= document.keys() or {"splits", "mc_samples", "model"} <= document.keys())
+        {"schema_version", "tensors", "total"} <= document.keys()
+        or {"splits", "mc_samples", "model"} <= document.keys())
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -224,7 +225,8 @@ class OutputLock:
             try:
                 handle = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as err:
-                raise MduError(f"cannot write in {self.path.parent} ({err.strerror}); choose a writable --out") from None
+                raise MduError(f"cannot write in {self.path.parent} ({err.strerror}); "
+                               "choose a writable --out") from None
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
@@ -275,8 +277,8 @@ def check_free_space(directory: Path, needed: int, what: str) -> None:
     """Refuse to start a run whose output cannot fit, rather than fail at the end."""
     free = shutil.disk_usage(directory).free
     if free < needed + SPACE_MARGIN_BYTES:
-        raise MduError(f"{directory}: {human_size(free)} free, but {what} needs about {human_size(needed + SPACE_MARGIN_BYTES)}; "
-                       "free some space or choose another --out")
+        raise MduError(f"{directory}: {human_size(free)} free, but {what} needs about "
+                       f"{human_size(needed + SPACE_MARGIN_BYTES)}; free some space or choose another --out")
 
 
 def human_size(n: float) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 # Files copied verbatim from the base besides the weights and config: what
 # `from_pretrained` needs to load the tokenizer and the model's own code. An
 # allow-list, so nothing else the base directory may hold travels with it.

@@ -234,7 +234,8 @@ def open_directory(directory: Path, source: str) -> Checkpoint:
         except OSError as err:
             raise MduError(f"{index_path}: cannot read ({err.strerror})") from None
         except (ValueError, KeyError, TypeError, RecursionError):
-            raise MduError(f"{index_path}: not a valid index (no weight_map object); save the checkpoint again") from None
+            raise MduError(f"{index_path}: not a valid index (no weight_map object); "
+                           "save the checkpoint again") from None
         single = directory / "model.safetensors"
         if (single.is_file() or single.is_symlink()) and single.name not in weight_map.values():
             # transformers loads model.safetensors first and never reads the index:

@@ -11,11 +11,19 @@ from typing import Any, Optional
 
 import torch
 
+from mdu_cli.data.tokenization import encode_prompt, end_of_turn_id, pad_token_id
 from mdu_cli.errors import MduError
 from mdu_cli.model.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
-from mdu_cli.model.loading import (ModelSource, decide_remote_code, fetch_weights, load_model, load_tokenizer,
-                             max_positions, resolve_device, resolve_source)
-from mdu_cli.data.tokenization import encode_prompt, end_of_turn_id, pad_token_id
+from mdu_cli.model.loading import (
+    ModelSource,
+    decide_remote_code,
+    fetch_weights,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_device,
+    resolve_source,
+)
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from mdu_cli.io.hub_session import looks_like_path, snapshot
 from mdu_cli.errors import ConfigError, MduError
+from mdu_cli.io.hub_session import looks_like_path, snapshot
 
 log = logging.getLogger("mdu")
 

@@ -14,8 +14,8 @@ from typing import Optional
 
 import torch
 
-from mdu_cli.model.checkpointing import transformer_blocks
 from mdu_cli.errors import MduError
+from mdu_cli.model.checkpointing import transformer_blocks
 
 BLOCK_LISTS = "blocks|layers|layer|h"
 

@@ -20,10 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from mdu_cli.model.families import Family, model_logits
-
-
 from mdu_cli.config.choices import ORDERINGS
+from mdu_cli.model.families import Family, model_logits
 
 
 def transfer_schedule(width: int, steps: int) -> list[int]:

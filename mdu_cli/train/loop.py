@@ -26,16 +26,16 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from mdu_cli.train import optimizers
 from mdu_cli.config.training import UnlearnConfig
-from mdu_cli.errors import Interrupted, MduError
-from mdu_cli.model.families import Family, model_logits
-from mdu_cli.methods.masking import noise_response, stack_rows
-from mdu_cli.methods import method_of
-from mdu_cli.methods.objectives import mdlm_loss
-from mdu_cli.train.resume import TrainingState, save_state, trainable_state
-from mdu_cli.train.monitor import Probe, numeric_fields
 from mdu_cli.data.tokenization import Example, collate
+from mdu_cli.errors import Interrupted, MduError
+from mdu_cli.methods import method_of
+from mdu_cli.methods.masking import noise_response, stack_rows
+from mdu_cli.methods.objectives import mdlm_loss
+from mdu_cli.model.families import Family, model_logits
+from mdu_cli.train import optimizers
+from mdu_cli.train.monitor import Probe, numeric_fields
+from mdu_cli.train.resume import TrainingState, save_state, trainable_state
 
 log = logging.getLogger("mdu")
 
@@ -374,7 +374,8 @@ def _restore_sharded(resume_from: TrainingState, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, resume_from.optimizer, options=StateDictOptions(full_state_dict=True))
 
 
-def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: UnlearnConfig, step: int) -> tuple[float, float]:
+def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: UnlearnConfig,
+                  step: int) -> tuple[float, float]:
     """Clip and step (or, in backward, read the norm of the step already
     taken), then move the schedule on. Returns (learning rate used, gradient norm)."""
     lr = float(scheduler.get_last_lr()[0])  # torchao keeps it as a tensor
@@ -405,7 +406,10 @@ def _save(step: int, random_states: dict, model, optimizer, scheduler, accelerat
         states = gather_object([random_states])
     if sharded:
         from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict)
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         # Collective: the shards are gathered to the main process (on the
         # host); frozen weights are left out, so a LoRA state stays small.

@@ -17,7 +17,6 @@ from typing import Sequence
 
 import torch
 
-
 PROBE_SAMPLES = 32  # Monte Carlo samples per probed answer: a curve, not a measurement
 
 

@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdu_cli.io.output_location import STATE_SUFFIX, publish
 from mdu_cli.errors import MduError
+from mdu_cli.io.output_location import STATE_SUFFIX, publish
 
 # Options that may differ between the interrupted command and the resuming one.
 # Options that do not change the weights a run produces: a run may be resumed

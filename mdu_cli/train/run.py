@@ -25,30 +25,50 @@ from typing import Any, Optional
 import torch
 
 from mdu_cli import __version__
-from mdu_cli.io.output_writer import write_adapter, write_model
-from mdu_cli.model.checkpointing import enable_gradient_checkpointing
+from mdu_cli.config.hub_names import is_hub_data
+from mdu_cli.config.trackers import parse_trackers
 from mdu_cli.config.training import UnlearnConfig
 from mdu_cli.data.records import load_dataset
+from mdu_cli.data.tokenization import encode_dataset, pad_token_id
+from mdu_cli.diff.format import format_markdown, write_json
 from mdu_cli.diff.report import compare, compare_adapter, is_adapter_dir, top_layers
 from mdu_cli.errors import ConfigError, MduError
-from mdu_cli.config.hub_names import is_hub_data
-from mdu_cli.model.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
-from mdu_cli.train import optimizers
-from mdu_cli.methods import method_of
 from mdu_cli.hub.card import CARD_NAME, read_license, render_card
+from mdu_cli.io.atomic import write_text_atomic
+from mdu_cli.io.output_location import (
+    DELTA_JSON,
+    DELTA_MARKDOWN,
+    RUN_RECORD,
+    TRAIN_LOG,
+    OutputLock,
+    check_free_space,
+    check_out_dir,
+    is_within,
+    new_staging_dir,
+    publish,
+    remove_leftovers,
+    remove_state,
+    unwritable,
+)
+from mdu_cli.io.output_writer import write_adapter, write_model
+from mdu_cli.io.safetensors_reader import open_directory
+from mdu_cli.methods import method_of
+from mdu_cli.model.checkpointing import enable_gradient_checkpointing
+from mdu_cli.model.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.model.loading import (
+    decide_remote_code,
+    fetch_weights,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    resolve_device,
+    resolve_source,
+)
 from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, check_targets
-from mdu_cli.model.loading import (decide_remote_code, fetch_weights, load_model, load_tokenizer, max_positions,
-                             resolve_device, resolve_source)
-from mdu_cli.io.output_location import (DELTA_JSON, DELTA_MARKDOWN, RUN_RECORD, TRAIN_LOG, OutputLock, check_free_space, check_out_dir, is_within, new_staging_dir,
-                                     publish, remove_leftovers, remove_state, unwritable)
-from mdu_cli.config.trackers import parse_trackers
+from mdu_cli.train import optimizers
+from mdu_cli.train.loop import TrainResult, train
 from mdu_cli.train.monitor import Probe, tracker_config
 from mdu_cli.train.resume import fingerprint, load_state, state_dir_for, weights_identity
-from mdu_cli.diff.format import format_markdown, write_json
-from mdu_cli.io.atomic import write_text_atomic
-from mdu_cli.io.safetensors_reader import open_directory
-from mdu_cli.data.tokenization import encode_dataset, pad_token_id
-from mdu_cli.train.loop import TrainResult, train
 
 log = logging.getLogger("mdu")
 

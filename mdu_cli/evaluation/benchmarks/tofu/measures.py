@@ -31,12 +31,12 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from mdu_cli.config.generation import generation_kwargs
 from mdu_cli.data.records import Record
 from mdu_cli.errors import MduError
 from mdu_cli.evaluation.likelihood import answer_score
 from mdu_cli.evaluation.rouge import rouge_l_recall
 from mdu_cli.model.inference import LoadedModel
-from mdu_cli.config.generation import generation_kwargs
 from mdu_cli.model.sampling import generate
 
 TOFU_REPO = "locuslab/TOFU"
@@ -229,7 +229,8 @@ def read_reference(path: str, forget_sha256: Optional[str]) -> dict:
     except FileNotFoundError:
         raise MduError(f"--reference {path}: no such file; give the JSON report of the reference model") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise MduError(f"--reference {path}: cannot read ({err}); give the JSON report of the reference model") from None
+        raise MduError(f"--reference {path}: cannot read ({err}); give the JSON report of the reference "
+                       "model") from None
     except ValueError:
         raise MduError(f"--reference {path}: not JSON; give the report `mdu eval --benchmark tofu --json` printed "
                        "for the reference model") from None
