@@ -134,3 +134,22 @@ def test_help_does_not_import_torch(command):
             "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("NO-TORCH"), out[-400:]
+
+
+def test_every_imported_name_exists():
+    """Each `from mdu_cli.x import y` in the package names something x holds,
+    the imports inside functions included (they run only when the function
+    does, so a stale one would fail in the middle of a user's run)."""
+    import importlib
+
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                    and node.module.split(".")[0] == "mdu_cli":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and not _is_module(f"{node.module}.{alias.name}"):
+                        missing.append(f"{module_name(path)}: from {node.module} import {alias.name}")
+    assert not missing, "\n".join(missing)

@@ -63,7 +63,7 @@ class Probe:
 
     @torch.no_grad()
     def __call__(self, model, device) -> dict[str, float]:
-        from mdu_cli.evaluation.report import answer_scores, mc_masks
+        from mdu_cli.evaluation.likelihood import answer_scores, mc_masks
         from mdu_cli.model.inference import LoadedModel
 
         was_training = model.training
