@@ -99,7 +99,7 @@ def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int,
     from mdu_cli.model.checkpointing import enable_gradient_checkpointing
     from mdu_cli.model.families import FAMILIES
     from mdu_cli.model.lora import AdapterOffAnchor, apply_lora
-    from mdu_cli.train.loop import train
+    from mdu_cli.train.loop import TrainingRun, train
     from mdu_cli.train.run import frozen_copy
 
     name, checkpointed, in_backward, offload, lora = mode
@@ -123,8 +123,9 @@ def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int,
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     setup_s = time.perf_counter() - started
-    result = train(model, anchor, forget, retain, cfg, FAMILIES["llada"], shape["vocab_size"] - 1, 0, accelerator,
-                   show_progress=False)
+    result = train(TrainingRun(model=model, anchor=anchor, forget=forget, retain=retain, cfg=cfg,
+                               family=FAMILIES["llada"], mask_token_id=shape["vocab_size"] - 1, pad_id=0,
+                               accelerator=accelerator, show_progress=False))
     elapsed = [entry["elapsed_s"] for entry in result.history]
     step_s = [b - a for a, b in zip(elapsed, elapsed[1:])]
     row = {"mode": name, "params_billions": round(params / 1e9, 3),

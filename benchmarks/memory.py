@@ -87,8 +87,7 @@ def _child(mode: str, model_dir: str, args: dict, queue) -> None:
         both = stack_rows(noised, kept, 0)
         logits = model_logits(model, both.input_ids, both.attention_mask, family)
         rows = noised.input_ids.shape[0]
-        loss = mdu_forget_loss(logits[:rows], anchor_view, noised.masked, tau=1.0) + mdlm_loss(
-            logits[rows:], kept.targets, kept.masked, kept.response_mask, kept.mask_prob)
+        loss = mdu_forget_loss(logits[:rows], anchor_view, noised.masked, tau=1.0) + mdlm_loss(logits[rows:], kept)
         del logits, anchor_view
         loss.backward()
 

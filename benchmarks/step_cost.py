@@ -99,7 +99,7 @@ def mdlm_batch_loss(model, batch, mask_id: int, family, noise: torch.Generator) 
 
     noised = noise_response(batch, mask_id, noise)
     logits = model_logits(model, noised.input_ids, noised.attention_mask, family)
-    return mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob)
+    return mdlm_loss(logits, noised)
 
 
 def make_batches(vocab: int, batch: int, seq: int, prompt: int):

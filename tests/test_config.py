@@ -2,7 +2,8 @@
 
 import pytest
 
-from mdu_cli.config.training import UnlearnConfig, build_config, read_yaml
+from mdu_cli.config.training import FinetuneConfig, UnlearnConfig, build_config
+from mdu_cli.config.yaml_file import read_yaml
 from mdu_cli.errors import ConfigError
 
 
@@ -39,10 +40,10 @@ def test_every_path_in_a_yaml_file_is_relative_to_the_file(command, data_key, tm
         f"model: model\n{data_key}: data/f.jsonl\n{retain}chat-template: templates/chat.jinja\n"
         "out: ../outputs/o\nlogging-dir: logs\nreport-to: tensorboard\n")
     options = read_yaml(config_dir / "run.yaml", command)
-    fixed = {"method": "finetune"} if command == "finetune" else {}
-    cfg = build_config(options, fixed)
+    kind = FinetuneConfig if command == "finetune" else UnlearnConfig
+    cfg = build_config(options, {}, kind)
     assert cfg.model == str(config_dir / "model")
-    assert cfg.forget == str(config_dir / "data" / "f.jsonl")
+    assert cfg.records == str(config_dir / "data" / "f.jsonl")
     assert cfg.chat_template == str(config_dir / "templates" / "chat.jinja")
     assert cfg.out == str(tmp_path / "configs" / "outputs" / "o")
     assert cfg.logging_dir == str(config_dir / "logs")
@@ -50,8 +51,8 @@ def test_every_path_in_a_yaml_file_is_relative_to_the_file(command, data_key, tm
         assert cfg.retain == str(config_dir / "data" / "r.jsonl")
     (config_dir / "abs.yaml").write_text(f"model: model\n{data_key}: hf://datasets/o/n/f.json\n"
                                          f"out: {tmp_path / 'abs-out'}\n")
-    cfg = build_config(read_yaml(config_dir / "abs.yaml", command), fixed)
-    assert cfg.forget == "hf://datasets/o/n/f.json" and cfg.out == str(tmp_path / "abs-out")
+    cfg = build_config(read_yaml(config_dir / "abs.yaml", command), {}, kind)
+    assert cfg.records == "hf://datasets/o/n/f.json" and cfg.out == str(tmp_path / "abs-out")
 
 
 def test_hub_id_in_yaml_is_left_alone(tmp_path):

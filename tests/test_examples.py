@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from mdu_cli.cli import cli
-from mdu_cli.config.training import build_config, read_yaml
+from mdu_cli.config.training import build_config
+from mdu_cli.config.yaml_file import read_yaml
 from mdu_cli.data.records import load_dataset
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).

@@ -51,7 +51,7 @@ def test_finetune_reads_data_from_a_yaml_file(masked_lm_dir, tmp_path):
     config.write_text(f"model: {masked_lm_dir}\ndata: train.jsonl\nmax_steps: 1\nout: out\n")
     result = _run("finetune", "--config", str(config), "--json")
     assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "out" / "mdu_run.json").read_text())["config"]["forget"] == str(
+    assert json.loads((tmp_path / "out" / "mdu_run.json").read_text())["config"]["data"] == str(
         tmp_path / "train.jsonl")
 
 

@@ -1,4 +1,7 @@
+
 """The forward process and the anchor input."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -103,10 +106,11 @@ def test_inverse_t_losses_are_unbiased_with_the_forced_mask(length):
     noised = noise_response(batch, MASK, torch.Generator().manual_seed(length))
     logits, _ = _unit_ce_logits(rows, batch.input_ids.shape[1])
     targets = torch.where(noised.masked, torch.zeros_like(noised.targets), noised.targets)
-    loss = mdlm_loss(logits, targets, noised.masked, noised.response_mask, noised.mask_prob).item()
+    scored = dataclasses.replace(noised, targets=targets)
+    loss = mdlm_loss(logits, scored).item()
     assert loss == pytest.approx(1.0, rel=0.01)
     # The same estimate per row, as NPO reads it: minus the mean log-likelihood per token.
-    scores = sequence_log_likelihood(logits, targets, noised.masked, noised.mask_prob, noised.response_mask)
+    scores = sequence_log_likelihood(logits, scored)
     assert -scores.mean().item() == pytest.approx(1.0, rel=0.01)
     if length == 10:
         naive = (noised.masked.sum(1) / noised.t / length).mean().item()

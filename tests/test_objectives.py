@@ -10,7 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from mdu_cli.methods.masking import NoisedBatch
 from mdu_cli.methods.objectives import cart_weights, divergence, mdlm_loss, mdu_forget_loss
+
+
+def _batch(targets, masked, response, mask_prob, attention=None) -> NoisedBatch:
+    """What the losses read of a noised batch, from loose test tensors (the
+    noised input itself is not read by them)."""
+    return NoisedBatch(input_ids=targets, targets=targets,
+                       attention_mask=attention if attention is not None else torch.ones_like(targets),
+                       prompt_mask=~response.bool(), response_mask=response, masked=masked, t=mask_prob,
+                       mask_prob=mask_prob)
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
 pytestmark = pytest.mark.numerics
@@ -138,7 +148,7 @@ def test_mdlm_retain_loss_inverse_t_matches_reference():
     response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     masked = response & torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
     t = torch.tensor([0.3, 0.8])
-    got = mdlm_loss(logits, targets, masked, response, t).item()
+    got = mdlm_loss(logits, _batch(targets, masked, response, t)).item()
     want = _reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), t.numpy())
     assert got == pytest.approx(want, rel=1e-5)
 
@@ -171,7 +181,7 @@ def test_mdlm_retain_loss_with_cart_matches_reference():
     attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     masked = response & torch.tensor([[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
-    got = mdlm_loss(logits, targets, masked, response, torch.tensor([0.5, 0.5]), "cart", attention).item()
+    got = mdlm_loss(logits, _batch(targets, masked, response, torch.tensor([0.5, 0.5]), attention), "cart").item()
     weights = [_reference_cart(masked[r].tolist(), attention[r].tolist()) for r in range(2)]
     want = _reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), None, weights)
     assert got == pytest.approx(want, rel=1e-5)
@@ -200,7 +210,7 @@ def test_gradient_ascent_is_the_negated_mdlm_loss():
     t = torch.tensor([0.25, 0.6])
     from mdu_cli.methods.objectives import gradient_ascent_loss
 
-    got = gradient_ascent_loss(logits, targets, masked, response, t).item()
+    got = gradient_ascent_loss(logits, _batch(targets, masked, response, t)).item()
     want = -_reference_mdlm_loss(logits.numpy(), targets.numpy(), masked.numpy(), response.numpy(), t.numpy())
     assert got == pytest.approx(want, rel=1e-5)
 
@@ -220,8 +230,8 @@ def test_npo_matches_float64_reference(beta):
     masked &= response
     from mdu_cli.methods.objectives import sequence_log_likelihood
 
-    got = npo_loss(sequence_log_likelihood(logits, targets, masked, t, response),
-                   sequence_log_likelihood(anchor, targets, masked, t, response), beta).item()
+    got = npo_loss(sequence_log_likelihood(logits, _batch(targets, masked, response, t)),
+                   sequence_log_likelihood(anchor, _batch(targets, masked, response, t)), beta).item()
     s_model = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), t.numpy(), response.numpy())
     s_ref = _reference_sequence_ll(anchor.numpy(), targets.numpy(), masked.numpy(), t.numpy(), response.numpy())
     # (2 / beta) * mean log(1 + (pi / pi_ref) ** beta), written as in the NPO paper.
@@ -240,11 +250,11 @@ def test_npo_at_the_anchor_has_the_known_gradient():
     targets = torch.randint(0, 5, (2, 4), generator=gen)
     masked = torch.ones(2, 4, dtype=torch.bool)
     t = torch.tensor([0.5, 0.5])
-    reference = sequence_log_likelihood(logits.detach().clone(), targets, masked, t, masked)
-    npo_loss(sequence_log_likelihood(logits, targets, masked, t, masked), reference, beta=0.1).backward()
+    reference = sequence_log_likelihood(logits.detach().clone(), _batch(targets, masked, masked, t))
+    npo_loss(sequence_log_likelihood(logits, _batch(targets, masked, masked, t)), reference, beta=0.1).backward()
     npo_grad = logits.grad.clone()
     logits.grad = None
-    sequence_log_likelihood(logits, targets, masked, t, masked).mean().backward()
+    sequence_log_likelihood(logits, _batch(targets, masked, masked, t)).mean().backward()
     assert torch.allclose(npo_grad, logits.grad, atol=1e-6)
 
 
@@ -275,7 +285,7 @@ def test_npo_scores_with_cart_weights_for_dream():
     response = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     attention = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
     masked = response & torch.tensor([[1, 0, 1, 0, 1, 1], [0, 1, 0, 1, 1, 0]], dtype=torch.bool)
-    got = sequence_log_likelihood(logits, targets, masked, torch.tensor([0.5, 0.5]), response, "cart", attention)
+    got = sequence_log_likelihood(logits, _batch(targets, masked, response, torch.tensor([0.5, 0.5]), attention), "cart")
     weights = np.array([_reference_cart(masked[r].tolist(), attention[r].tolist()) for r in range(2)])
     want = _reference_sequence_ll(logits.numpy(), targets.numpy(), masked.numpy(), None, response.numpy(), weights)
     assert got.tolist() == pytest.approx(want, rel=1e-5)

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 from conftest import FORGET_RECORDS, RETAIN_RECORDS, write_jsonl
 
-from mdu_cli.config.training import build_config
+from mdu_cli.config.training import FinetuneConfig, build_config
 from mdu_cli.data.records import load_dataset
 from mdu_cli.data.tokenization import encode_dataset
 from mdu_cli.model.families import FAMILIES
@@ -158,10 +158,13 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     forget = encode_dataset(load_dataset(write_jsonl(tmp_path / "f.jsonl", forget_records)), tokenizer, 64)
     retain = encode_dataset(load_dataset(write_jsonl(tmp_path / "r.jsonl", RETAIN_RECORDS)), tokenizer, 64)
     finetune = method == "finetune"  # one stream of records, no retain term
-    cfg = build_config({}, dict(model="m", forget="f", retain=None if finetune else "r", method=method, tau=TAU,
-                                eta=ETA, npo_beta=BETA, alpha=None if finetune else alpha, lr=LR, max_steps=1, batch_size=2,
-                                grad_accum=grad_accum, max_grad_norm=max_grad_norm, warmup_ratio=warmup,
-                                weight_decay=0.01, batch_accounting=accounting, kl=kl, **options))
+    shared = dict(model="m", lr=LR, max_steps=1, batch_size=2, grad_accum=grad_accum, max_grad_norm=max_grad_norm,
+                  warmup_ratio=warmup, weight_decay=0.01, **options)
+    if finetune:
+        cfg = build_config({}, dict(data="f", **shared), FinetuneConfig)
+    else:
+        cfg = build_config({}, dict(forget="f", retain="r", method=method, tau=TAU, eta=ETA, npo_beta=BETA,
+                                    alpha=alpha, batch_accounting=accounting, kl=kl, **shared))
     recorded, captured = [], {}
     real_noise = train_module.noise_response
 
@@ -183,7 +186,9 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
     anchor = copy.deepcopy(model).requires_grad_(False).eval() if method in ("mdu", "npo") else None
     fam = FAMILIES[family]
     mask_id = model.config.mask_token_id if family == "dream" else tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
-    result = train_module.train(model, anchor, forget, [] if finetune else retain, cfg, fam, mask_id, tokenizer.pad_token_id, accelerator)
+    result = train_module.train(train_module.TrainingRun(
+        model=model, anchor=anchor, forget=forget, retain=[] if finetune else retain, cfg=cfg, family=fam,
+        mask_token_id=mask_id, pad_id=tokenizer.pad_token_id, accelerator=accelerator))
     return dict(model=model, start=start, forget=forget, recorded=recorded, grads=captured, history=result.history,
                 # Decided by the family's name here, not read from the package's
                 # Family: a Dream retain term trained with 1/t must fail.

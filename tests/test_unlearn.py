@@ -11,7 +11,7 @@ from mdu_cli.config.training import build_config
 from mdu_cli.data.tokenization import Example
 from mdu_cli.model.families import FAMILIES, model_logits
 from mdu_cli.model.loading import load_model, resolve_source
-from mdu_cli.train.loop import plan_steps, train
+from mdu_cli.train.loop import TrainingRun, plan_steps, train
 from mdu_cli.train.run import frozen_copy, run_unlearn
 
 # Assertions on floating-point results: rerun under every CPU kernel level (tests/cpu_kernels.py).
@@ -88,9 +88,9 @@ def test_anchor_never_changes_and_trainable_weights_do(llada_dir):
     from accelerate import Accelerator
 
     vocab = model.config.vocab_size
-    train(model, anchor, _examples(4, vocab, 0), _examples(4, vocab, 1), cfg, FAMILIES["llada"],
-          mask_token_id=source.config["mask_token_id"], pad_id=0, accelerator=Accelerator(cpu=True),
-          show_progress=False)
+    train(TrainingRun(model=model, anchor=anchor, forget=_examples(4, vocab, 0), retain=_examples(4, vocab, 1),
+                      cfg=cfg, family=FAMILIES["llada"], mask_token_id=source.config["mask_token_id"], pad_id=0,
+                      accelerator=Accelerator(cpu=True), show_progress=False))
     assert all(torch.equal(anchor_before[k], v) for k, v in anchor.state_dict().items())
     assert not any(p.requires_grad for p in anchor.parameters())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(model_before[k], v)}

@@ -21,7 +21,8 @@ GENERATION = {"max_new_tokens": 16, "steps": 16, "block_length": 16}
 
 
 def main() -> None:
-    from mdu_cli.config.training import build_config, read_yaml
+    from mdu_cli.config.training import build_config
+    from mdu_cli.config.yaml_file import read_yaml
     from mdu_cli.evaluation.report import run_eval
     from mdu_cli.train.run import run_unlearn
 

@@ -89,7 +89,7 @@ def train(model, examples, steps: int, batch_size: int, lr: float, mask_id: int,
         rows = torch.randint(0, len(examples), (batch_size,), generator=order).tolist()
         batch = noise_response(collate([examples[i] for i in rows], pad_id), mask_id, noise)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        loss = mdlm_loss(logits, batch.targets, batch.masked, batch.response_mask, batch.mask_prob)
+        loss = mdlm_loss(logits, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import click
 
-from mdu_cli.commands.training_options import config_from, loading_options, optimisation_options, print_summary
+from mdu_cli.commands.training_options import (
+    LOADING,
+    OPTIMISATION,
+    config_from,
+    config_options,
+    json_option,
+    print_summary,
+)
+from mdu_cli.config.training import FinetuneConfig
 
 EXAMPLES = """
 \b
@@ -24,13 +32,10 @@ Examples:
 @click.command("finetune", epilog=EXAMPLES)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="YAML file of options (data: instead of forget:); flags override it.")
-@click.option("--model", help="Base checkpoint: a local directory or a Hub model id.")
-@click.option("--data", help="Records to train on: JSONL or a JSON array, or hf://datasets/OWNER/NAME/PATH.  "
-              "[required]")
-@loading_options
-@optimisation_options
+@config_options(FinetuneConfig, ("model", "data", *LOADING, *OPTIMISATION))
+@json_option
 @click.pass_context
-def finetune(ctx: click.Context, config_file, as_json, data, **flags) -> None:
+def finetune(ctx: click.Context, config_file, as_json, **flags) -> None:
     """Fine-tune a masked diffusion LM on question-answer records.
 
     The MDLM loss: mask each answer token with probability t ~ U[0.001, 1),
@@ -39,9 +44,7 @@ def finetune(ctx: click.Context, config_file, as_json, data, **flags) -> None:
     the layout of `mdu unlearn`: weights loadable like the base, mdu_run.json,
     train_log.jsonl, the delta report and a card.
     """
-    # "forget" is the config's name for the one stream of records the loop trains on.
-    cfg = config_from(ctx, config_file, {**flags, "data": data}, "finetune", renames={"data": "forget"},
-                      fixed={"method": "finetune"})
+    cfg = config_from(ctx, config_file, flags, "finetune")
 
     from mdu_cli.train.run import run_unlearn
 

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from mdu_cli.config.fields import path_fields
+from mdu_cli.config.training import CONFIGS
 from mdu_cli.errors import MduError
 from mdu_cli.io.output_location import DELTA_JSON, EVAL_REPORT, RUN_RECORD
 
@@ -25,8 +27,10 @@ LOCAL = "(local)"
 PAPERWORK = (RUN_RECORD, DELTA_JSON, EVAL_REPORT, "adapter_config.json")
 # Keys whose string values name a model, a file or a folder, in any of them
 # (an adapter names its base in base_model_name_or_path).
-PATH_KEYS = frozenset({"model", "path", "source", "id", "forget", "retain", "out", "chat_template", "logging_dir",
-                       "config_file", "real_authors", "world_facts", "reference", "base_model_name_or_path"})
+PATH_KEYS = frozenset({"model", "path", "source", "id", "real_authors", "world_facts", "reference",
+                       "base_model_name_or_path",
+                       # every option of a training run that may name a local file or folder
+                       *(name for cls in CONFIGS.values() for name in path_fields(cls))})
 # Names shorter than this are words ("model", "data"), not identifying file names.
 MIN_NAME_LENGTH = 8
 

@@ -22,8 +22,7 @@ class FineTune(NoAnchor):
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
         from mdu_cli.methods.objectives import mdlm_loss
 
-        return mdlm_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,
-                         family.retain_weighting, noised.attention_mask)
+        return mdlm_loss(logits, noised, family.retain_weighting)
 
 
 # How cards and commit messages describe a fine-tuning run (not an entry of

@@ -32,8 +32,7 @@ class GradientAscent(NoAnchor):
     def loss(self, logits, anchor_view, noised: NoisedBatch, family: Family) -> torch.Tensor:
         from mdu_cli.methods.objectives import gradient_ascent_loss
 
-        return gradient_ascent_loss(logits, noised.targets, noised.masked, noised.response_mask, noised.mask_prob,
-                                    family.retain_weighting, noised.attention_mask)
+        return gradient_ascent_loss(logits, noised, family.retain_weighting)
 
 
 METHOD = Method(

@@ -35,8 +35,7 @@ class NPO:
 def _scores(logits: torch.Tensor, noised: NoisedBatch, weighting: str) -> torch.Tensor:
     from mdu_cli.methods.objectives import sequence_log_likelihood
 
-    return sequence_log_likelihood(logits, noised.targets, noised.masked, noised.mask_prob, noised.response_mask,
-                                   weighting, noised.attention_mask)
+    return sequence_log_likelihood(logits, noised, weighting)
 
 
 METHOD = Method(

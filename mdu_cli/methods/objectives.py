@@ -8,10 +8,14 @@ softmax over a 126k vocabulary loses the small probabilities KL depends on.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from mdu_cli.methods.masking import NoisedBatch
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # positions x vocabulary per block of the forget loss (16 MB in fp32)
 CART_P = 0.3
@@ -117,66 +121,45 @@ def position_weights(
     raise ValueError(f"unknown weighting {weighting!r}")
 
 
-def mdlm_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    masked: torch.Tensor,
-    response_mask: torch.Tensor,
-    mask_prob: torch.Tensor,
-    weighting: str = "inverse_t",
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def mdlm_loss(logits: torch.Tensor, noised: NoisedBatch, weighting: str = "inverse_t") -> torch.Tensor:
     """The MDLM fine-tuning loss (LLaDA SFT): cross-entropy of the clean token at
     each masked response position, weighted by 1/t (or CART for Dream), summed
     and divided by the number of response tokens in the batch.
 
-    logits: (batch, seq, vocab); targets, masked, response_mask: (batch, seq);
-    mask_prob: (batch,), the probability that a response position of the row is
-    masked (`NoisedBatch.mask_prob`; t itself where no mask is ever forced).
+    logits: (batch, seq, vocab); `noised` gives the targets, the masked set,
+    the response positions, each row's mask probability (`mask_prob`, t itself
+    where no mask is ever forced) and the attention mask (for CART).
     """
-    ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
-    weights = position_weights(masked, mask_prob, weighting, attention_mask)[masked]
-    return (ce * weights).sum() / response_mask.sum().clamp(min=1)
+    masked = noised.masked
+    ce = F.cross_entropy(logits[masked].float(), noised.targets[masked], reduction="none")
+    weights = position_weights(masked, noised.mask_prob, weighting, noised.attention_mask)[masked]
+    return (ce * weights).sum() / noised.response_mask.sum().clamp(min=1)
 
 
-def sequence_log_likelihood(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    masked: torch.Tensor,
-    mask_prob: torch.Tensor,
-    response_mask: torch.Tensor,
-    weighting: str = "inverse_t",
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def sequence_log_likelihood(logits: torch.Tensor, noised: NoisedBatch, weighting: str = "inverse_t") -> torch.Tensor:
     """Per-row, token-normalised MDLM bound on log p(response | prompt): the
     weighted sum over masked positions of log p(clean token), divided by the
     row's number of response tokens. (batch,) out.
 
-    logits: (batch, seq, vocab); targets, masked, response_mask: (batch, seq);
-    mask_prob: (batch,). This is the sequence score NPO compares between the
-    model and its anchor; per token, so that long and short answers weigh alike.
+    logits: (batch, seq, vocab); `noised` as for `mdlm_loss`. This is the
+    sequence score NPO compares between the model and its anchor; per token,
+    so that long and short answers weigh alike.
     """
+    masked = noised.masked
     # Only masked positions count: a softmax over the whole (batch, seq, vocab)
     # would cost a full fp32 copy of the logits for nothing.
-    log_probs = F.log_softmax(logits[masked].float(), dim=-1).gather(-1, targets[masked].unsqueeze(-1)).squeeze(-1)
-    weighted = log_probs * position_weights(masked, mask_prob, weighting, attention_mask)[masked].float()
+    targets = noised.targets[masked].unsqueeze(-1)
+    log_probs = F.log_softmax(logits[masked].float(), dim=-1).gather(-1, targets).squeeze(-1)
+    weighted = log_probs * position_weights(masked, noised.mask_prob, weighting, noised.attention_mask)[masked].float()
     rows = masked.nonzero()[:, 0]
     per_row = torch.zeros(masked.shape[0], dtype=log_probs.dtype, device=log_probs.device).index_add(0, rows, weighted)
-    return per_row / response_mask.sum(1).clamp(min=1).to(per_row.dtype)
+    return per_row / noised.response_mask.sum(1).clamp(min=1).to(per_row.dtype)
 
 
-def gradient_ascent_loss(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    masked: torch.Tensor,
-    response_mask: torch.Tensor,
-    mask_prob: torch.Tensor,
-    weighting: str = "inverse_t",
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def gradient_ascent_loss(logits: torch.Tensor, noised: NoisedBatch, weighting: str = "inverse_t") -> torch.Tensor:
     """GA baseline: the negated MDLM loss of the forget rows (minimising it
-    ascends the likelihood loss). Same shapes as `mdlm_loss`."""
-    return -mdlm_loss(logits, targets, masked, response_mask, mask_prob, weighting, attention_mask)
+    ascends the likelihood loss). Same arguments as `mdlm_loss`."""
+    return -mdlm_loss(logits, noised, weighting)
 
 
 def npo_loss(model_scores: torch.Tensor, reference_scores: torch.Tensor, beta: float = 0.1) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""The MDU training loop, written out (no Trainer).
+"""The training loop of `mdu unlearn` and `mdu finetune`, written out (no Trainer).
 
-`train()` reads top to bottom: set-up and resume; then per step and
-micro-batch, the forget loss (batch, mask, anchor forward, conditional
-forward, loss: `_forget_loss`) and the retain loss (batch, mask, forward, MDLM
-loss: `_retain_loss`), each with its backward; then clip, step, log, save.
-With --optimizer-in-backward both losses go into one backward, during which
-every parameter steps (mdu_cli/optimizers.py). The methods (MDU and the
-GA/NPO baselines) live in `methods.py`, their losses in `objectives.py`.
+`train(run)` takes a `TrainingRun` (built by keyword) and runs `_Loop`, which
+holds the loop's state: set-up and resume in `__init__`; then per step
+(`_step`) and micro-batch, the objective's loss (batch, mask, anchor forward,
+conditional forward, loss: `_Losses.forget_loss`) and the retain loss (batch,
+mask, forward, MDLM loss: `_Losses.retain_loss`), each with its backward; then
+clip, step, log, save. With --optimizer-in-backward both losses go into one
+backward, during which every parameter steps (mdu_cli/train/optimizers.py).
+The objectives (MDU, the GA/NPO baselines, fine-tuning) are the registry's
+(mdu_cli/methods/); the loop asks the config for its objective, never
+branches on a method's name.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from mdu_cli.config.training import UnlearnConfig
+from mdu_cli.config.training import TrainingConfig
 from mdu_cli.data.tokenization import Example, collate
 from mdu_cli.errors import Interrupted, MduError
-from mdu_cli.methods import method_of
 from mdu_cli.methods.masking import noise_response, stack_rows
 from mdu_cli.methods.objectives import mdlm_loss
 from mdu_cli.model.families import Family, model_logits
@@ -51,7 +54,7 @@ class TrainResult:
         return {"first": values[0], "last": values[-1]} if values else {"first": None, "last": None}
 
 
-def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
+def plan_steps(n_forget: int, cfg: TrainingConfig, generator: torch.Generator,
                processes: int = 1, n_retain: int = 0) -> list[list[list[int]]]:
     """Row indices for every optimizer step: steps -> micro-batches -> rows.
 
@@ -67,7 +70,7 @@ def plan_steps(n_forget: int, cfg: UnlearnConfig, generator: torch.Generator,
     i - n_forget.
     """
     per_step = cfg.grad_accum * processes
-    rows = n_forget + (n_retain if cfg.batch_accounting == "joint" else 0)
+    rows = n_forget + (n_retain if cfg.joint_accounting else 0)
     steps: list[list[list[int]]] = []
     epoch = 0
     while True:
@@ -155,6 +158,12 @@ class StopRequest:
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
+def is_sharded(accelerator) -> bool:
+    """Whether the model is sharded over the processes (FSDP): its weights,
+    gradients and optimizer state then go through full state dicts."""
+    return accelerator.distributed_type.name == "FSDP"
+
+
 def _check_finite(value: float, what: str, step: int) -> None:
     if not math.isfinite(value):
         raise MduError(
@@ -172,15 +181,16 @@ class _Losses:
     rows, whichever path computes them).
     """
 
-    def __init__(self, model, anchor, forget, retain, cfg: UnlearnConfig, family: Family, mask_token_id: int,
-                 pad_id: int, device, noise_generator: torch.Generator, retain_batches):
-        self.model, self.anchor, self.forget, self.retain = model, anchor, forget, retain
-        self.cfg, self.family, self.mask_token_id, self.pad_id = cfg, family, mask_token_id, pad_id
+    def __init__(self, run: "TrainingRun", model, device, noise_generator: torch.Generator, retain_batches):
+        # `model` is the trainable model as accelerate wrapped it.
+        self.model, self.anchor, self.forget, self.retain = model, run.anchor, run.forget, run.retain
+        self.cfg, self.family, self.mask_token_id, self.pad_id = run.cfg, run.family, run.mask_token_id, run.pad_id
         # retain_batches: the endless stream of separate accounting, None
         # when retain rows come in the plan (joint) or not at all.
         self.device, self.noise_generator, self.retain_batches = device, noise_generator, retain_batches
-        self.joint = bool(retain) and cfg.alpha > 0 and cfg.batch_accounting == "joint"
-        self.method = method_of(cfg.method).build(cfg)
+        self.alpha = run.cfg.retain_weight
+        self.joint = bool(self.retain) and self.alpha > 0 and run.cfg.joint_accounting
+        self.method = run.cfg.objective()
 
     def _noised(self, examples: Sequence[Example], rows: list[int]):
         return noise_response(collate([examples[i] for i in rows], self.pad_id).to(self.device),
@@ -199,8 +209,7 @@ class _Losses:
             return self.method.anchor_view(anchor_logits, forget_batch, self.family)
 
     def _retain_from_logits(self, logits: torch.Tensor, retain_batch) -> torch.Tensor:
-        return mdlm_loss(logits, retain_batch.targets, retain_batch.masked, retain_batch.response_mask,
-                         retain_batch.mask_prob, self.family.retain_weighting, retain_batch.attention_mask)
+        return mdlm_loss(logits, retain_batch, self.family.retain_weighting)
 
     def forget_loss(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of forget rows: for MDU, pull the conditional prediction
@@ -282,7 +291,7 @@ class _Losses:
                     total = forget_loss
                     sums.add_forget(forget_loss, masked)
                 if retain_loss is not None:
-                    total = cfg.alpha * retain_loss if total is None else total + cfg.alpha * retain_loss
+                    total = self.alpha * retain_loss if total is None else total + self.alpha * retain_loss
                     sums.add_retain(retain_loss, drawn)
                 accelerator.backward(total / len(micro_batches))
                 continue
@@ -295,7 +304,7 @@ class _Losses:
             if self.retain_batches is not None:
                 drawn = next(self.retain_batches)
                 retain_loss = self.retain_loss(drawn)
-                accelerator.backward(cfg.alpha * retain_loss / len(micro_batches))
+                accelerator.backward(self.alpha * retain_loss / len(micro_batches))
                 sums.add_retain(retain_loss, drawn)
                 del retain_loss
         return sums
@@ -327,7 +336,7 @@ class _StepSums:
         self.retain_rows += rows
 
 
-def _build_optimizer(model, cfg: UnlearnConfig, plan_length: int, optimizer_name: Optional[str]):
+def _build_optimizer(model, cfg: TrainingConfig, plan_length: int, optimizer_name: Optional[str]):
     """The optimizer over the trainable weights, its record, and the schedule."""
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     weight_dtype = trainable_params[0].dtype
@@ -374,7 +383,7 @@ def _restore_sharded(resume_from: TrainingState, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, resume_from.optimizer, options=StateDictOptions(full_state_dict=True))
 
 
-def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: UnlearnConfig,
+def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: TrainingConfig,
                   step: int) -> tuple[float, float]:
     """Clip and step (or, in backward, read the norm of the step already
     taken), then move the schedule on. Returns (learning rate used, gradient norm)."""
@@ -396,192 +405,225 @@ def _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg: Unlear
     return lr, grad_norm
 
 
-def _save(step: int, random_states: dict, model, optimizer, scheduler, accelerator, sharded: bool,
-          state_dir: Optional[Path], state_key: str, history: list[dict]) -> None:
-    """The resumable state after `step`. Collective: every rank hands its
-    random states to the main process, which alone writes (the weights and
-    optimizer are the same on all; under FSDP their shards are gathered)."""
-    states = [random_states]
-    if accelerator.num_processes > 1:
-        states = gather_object([random_states])
-    if sharded:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+@dataclass
+class TrainingRun:
+    """What one run of the loop trains, on what, and where its records go;
+    built by keyword (`train.run` builds it from a prepared run).
 
-        # Collective: the shards are gathered to the main process (on the
-        # host); frozen weights are left out, so a LoRA state stays small.
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-        trainable = {name: t.contiguous() for name, t in get_model_state_dict(model, options=options).items()}
-        optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-    if state_dir is None or not accelerator.is_main_process:
-        return
-    if not sharded:
-        trainable = trainable_state(accelerator.unwrap_model(model))
-        optimizer_state = optimizers.state_dict(optimizer)
-    save_state(state_dir, TrainingState(
-        step=step, history=history, trainable=trainable, optimizer=optimizer_state,
-        scheduler=scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
-        torch_rng=[s["torch"] for s in states], sharded=sharded,
-    ), state_key)
+    `forget` holds the rows of the objective (the records to unlearn, or
+    those `mdu finetune` trains on), `retain` the rows of the retain term."""
+
+    model: torch.nn.Module
+    anchor: Optional[torch.nn.Module]  # the frozen starting model; None for objectives without one
+    forget: Sequence[Example]
+    retain: Sequence[Example]
+    cfg: TrainingConfig
+    family: Family
+    mask_token_id: int
+    pad_id: int
+    accelerator: Accelerator
+    log_path: Optional[Path] = None
+    show_progress: bool = True
+    state_dir: Optional[Path] = None
+    state_key: str = ""
+    resume_from: Optional[TrainingState] = None
+    probe: Optional[Probe] = None
+    optimizer_name: Optional[str] = None
 
 
-def train(
-    model,
-    anchor,
-    forget: Sequence[Example],
-    retain: Sequence[Example],
-    cfg: UnlearnConfig,
-    family: Family,
-    mask_token_id: int,
-    pad_id: int,
-    accelerator,
-    log_path: Optional[Path] = None,
-    show_progress: bool = True,
-    state_dir: Optional[Path] = None,
-    state_key: str = "",
-    resume_from: Optional[TrainingState] = None,
-    probe: Optional[Probe] = None,
-    optimizer_name: Optional[str] = None,
-) -> TrainResult:
-    """Unlearn `forget` from `model` (trainable) with the configured method,
-    against `anchor` (the frozen starting model; None for methods without one).
+def train(run: TrainingRun) -> TrainResult:
+    """Train `run.model` on its objective (MDU, a baseline, or fine-tuning),
+    against `run.anchor`: the set-up in `_Loop.__init__`, then `_Loop.train`."""
+    return _Loop(run).train()
 
-    In order: the plan of steps and the random streams; the optimizer and the
-    schedule; the restored state (with --resume); accelerate's wrap; then per
-    step, every micro-batch's losses and backward (`_Losses.backward`), the
-    update (`_apply_update`), the log entry, and the periodic save or a
+
+class _Loop:
+    """The loop's state, as a recipe holds it: the plan of steps and the random
+    streams, the optimizer and schedule, the wrapped model, the history.
+
+    In order: the plan and the streams; the optimizer and the schedule; the
+    restored state (with --resume); accelerate's wrap. Then per step
+    (`_step`): every micro-batch's losses and backward (`_Losses.backward`),
+    the update (`_apply_update`), the log entry, and the periodic save or a
     requested stop."""
-    rank, processes = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(cfg.seed)
-    # The forget order is shared (each rank takes its own micro-batches of it);
-    # retain draws and masks differ per rank, or every rank would repeat the others.
-    order_generator = torch.Generator().manual_seed(cfg.seed)
-    retain_generator = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
-    noise_generator = torch.Generator().manual_seed(cfg.seed + 2 + 1000 * rank)
-    device = accelerator.device
-    use_retain = bool(retain) and cfg.alpha > 0
-    joint = use_retain and cfg.batch_accounting == "joint"
-    n_forget = len(forget)
-    plan = plan_steps(n_forget, cfg, order_generator, processes, n_retain=len(retain))
-    # Separate accounting draws retain rows from their own endless stream; joint
-    # accounting finds them in the plan, beside the forget rows.
-    retain_batches = cycle_batches(len(retain), cfg.batch_size, retain_generator) if use_retain and not joint else None
 
-    optimizer, optimizer_choice, scheduler = _build_optimizer(model, cfg, len(plan), optimizer_name)
-    result = TrainResult(steps=len(plan), optimizer=optimizer_choice.record())
-    done = 0
-    # Under FSDP each rank holds shards of the weights and of the optimizer:
-    # the saved state goes through torch's full state dicts instead.
-    sharded = accelerator.distributed_type.name == "FSDP"
-    if resume_from is not None:
-        _restore(resume_from, model, optimizer, scheduler, noise_generator, sharded, rank, processes, state_dir)
-        done = resume_from.step
-        result.history = list(resume_from.history)
-        if retain_batches is not None:  # replayed: the stream is indices only
-            for _ in range(sum(len(step[rank::processes]) for step in plan[:done])):
-                next(retain_batches)
-    # The scheduler stays outside prepare(): accelerate would step it once per
-    # process, while the plan already counts global steps.
-    raw_optimizer = optimizer
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None and sharded:
-        _restore_sharded(resume_from, model, optimizer)
-    # Stepping inside backward: each parameter's hook applies the optimizer
-    # and frees its gradient; the loop then only steps the schedule.
-    stepper = optimizers.StepInBackward(model, raw_optimizer) if cfg.optimizer_in_backward else None
-    model.train()
-    if anchor is not None:
-        anchor.eval()
-    losses = _Losses(model, anchor, forget, retain, cfg, family, mask_token_id, pad_id, device, noise_generator,
-                     retain_batches)
+    def __init__(self, run: TrainingRun):
+        self.run, cfg, accelerator = run, run.cfg, run.accelerator
+        self.rank, self.processes = accelerator.process_index, accelerator.num_processes
+        torch.manual_seed(cfg.seed)
+        # The forget order is shared (each rank takes its own micro-batches of it);
+        # retain draws and masks differ per rank, or every rank would repeat the others.
+        order_generator = torch.Generator().manual_seed(cfg.seed)
+        retain_generator = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * self.rank)
+        self.noise_generator = torch.Generator().manual_seed(cfg.seed + 2 + 1000 * self.rank)
+        self.device = accelerator.device
+        self.use_retain = bool(run.retain) and cfg.retain_weight > 0
+        joint = self.use_retain and cfg.joint_accounting
+        self.n_forget = len(run.forget)
+        self.plan = plan_steps(self.n_forget, cfg, order_generator, self.processes, n_retain=len(run.retain))
+        # Separate accounting draws retain rows from their own endless stream; joint
+        # accounting finds them in the plan, beside the forget rows.
+        retain_batches = (cycle_batches(len(run.retain), cfg.batch_size, retain_generator)
+                          if self.use_retain and not joint else None)
 
-    # Random states as of the last completed step: an interrupt mid-step must
-    # not save the draws of the step it abandoned.
-    random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
+        model = run.model
+        optimizer, choice, self.scheduler = _build_optimizer(model, cfg, len(self.plan), run.optimizer_name)
+        self.result = TrainResult(steps=len(self.plan), optimizer=choice.record())
+        self.done = 0
+        # Under FSDP each rank holds shards of the weights and of the optimizer:
+        # the saved state goes through torch's full state dicts instead.
+        self.sharded = is_sharded(accelerator)
+        resume_from = run.resume_from
+        if resume_from is not None:
+            _restore(resume_from, model, optimizer, self.scheduler, self.noise_generator, self.sharded, self.rank,
+                     self.processes, run.state_dir)
+            self.done = resume_from.step
+            self.result.history = list(resume_from.history)
+            if retain_batches is not None:  # replayed: the stream is indices only
+                for _ in range(sum(len(step[self.rank::self.processes]) for step in self.plan[:self.done])):
+                    next(retain_batches)
+        # The scheduler stays outside prepare(): accelerate would step it once per
+        # process, while the plan already counts global steps.
+        raw_optimizer = optimizer
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if resume_from is not None and self.sharded:
+            _restore_sharded(resume_from, self.model, self.optimizer)
+        # Stepping inside backward: each parameter's hook applies the optimizer
+        # and frees its gradient; the loop then only steps the schedule.
+        self.stepper = optimizers.StepInBackward(self.model, raw_optimizer) if cfg.optimizer_in_backward else None
+        self.model.train()
+        if run.anchor is not None:
+            run.anchor.eval()
+        self.losses = _Losses(run, self.model, self.device, self.noise_generator, retain_batches)
+        # Random states as of the last completed step: an interrupt mid-step must
+        # not save the draws of the step it abandoned.
+        self.random_states = self._random_states()
+        self.log_file = None
+        self.trackers = bool(accelerator.log_with)
 
-    def save(step: int) -> None:
-        _save(step, random_states, model, optimizer, scheduler, accelerator, sharded, state_dir, state_key,
-              result.history)
+    def _random_states(self) -> dict:
+        return {"noise": self.noise_generator.get_state(), "torch": torch.get_rng_state()}
 
-    log_file = open(log_path, "w", encoding="utf-8") if log_path else None
-    if log_file:
-        log_file.writelines(json.dumps(entry) + "\n" for entry in result.history)
-    bar = tqdm(total=len(plan), initial=done, desc=f"mdu {'unlearn' if method_of(cfg.method).unlearns else 'finetune'}",
-               unit="step", disable=not show_progress, dynamic_ncols=True)
-    start = time.perf_counter()
-    stop = StopRequest(announce=accelerator.is_main_process)
-    trackers = bool(accelerator.log_with)
+    def train(self) -> TrainResult:
+        run, cfg, plan = self.run, self.run.cfg, self.plan
+        self.log_file = open(run.log_path, "w", encoding="utf-8") if run.log_path else None
+        if self.log_file:
+            self.log_file.writelines(json.dumps(entry) + "\n" for entry in self.result.history)
+        bar = tqdm(total=len(plan), initial=self.done, desc=f"mdu {cfg.command}", unit="step",
+                   disable=not run.show_progress, dynamic_ncols=True)
+        self.start = time.perf_counter()
+        stop = StopRequest(announce=run.accelerator.is_main_process)
+        try:
+            stop.__enter__()
+            if run.probe is not None and self.done == 0:
+                # Where the curve starts: the model as it came.
+                self._record({"step": 0, "eval": run.probe(self.model, self.device)})
+            for step, micro_batches in enumerate(plan, start=1):
+                if step <= self.done:
+                    continue
+                entry = self._step(step, micro_batches)
+                postfix = {"forget": f"{self._forget_mean:.4f}"}
+                if self.use_retain:
+                    postfix["retain"] = f"{entry['retain_loss']:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                self.done = step
+                self.random_states = self._random_states()
+                if cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
+                    self._save(step)
+                # After the last step the run goes on to write its output instead.
+                if step < len(plan) and stop.agreed(run.accelerator):
+                    self._stop()
+        finally:
+            stop.__exit__()
+            if self.stepper is not None:
+                self.stepper.remove()
+            bar.close()
+            if self.log_file:
+                self.log_file.close()
+        return self.result
 
-    def record(entry: dict) -> None:
+    def _step(self, step: int, micro_batches: list[list[int]]) -> dict:
+        """One optimizer step: losses and backward, the update, the log entry."""
+        run, cfg, accelerator = self.run, self.run.cfg, self.run.accelerator
+        sums = self.losses.backward(micro_batches[self.rank::self.processes], accelerator, step)
+        # Every rank sees the same averaged losses, so a NaN stops all of
+        # them together, before the optimizer could apply it.
+        # Means over the step's micro-batches of all ranks; with joint
+        # accounting a step can hold no forget (or no retain) row at all.
+        totals = accelerator.reduce(torch.stack([sums.forget_total, sums.forget_micro, sums.retain_total,
+                                                 sums.retain_micro]), reduction="sum").tolist()
+        forget_mean, forget_seen = totals[0] / max(1.0, totals[1]), totals[1] > 0
+        retain_mean = totals[2] / max(1.0, totals[3])
+        _check_finite(forget_mean, "forget", step)
+        _check_finite(retain_mean, "retain", step)
+        lr, grad_norm = _apply_update(self.model, self.optimizer, self.scheduler, self.stepper, accelerator, cfg,
+                                      step)
+        alpha = cfg.retain_weight
+        entry = {
+            "step": step,
+            "forget_loss": forget_mean if forget_seen else None,
+            "retain_loss": retain_mean if self.use_retain else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "masked_positions": int(accelerator.reduce(sums.masked_positions, reduction="sum").item()),
+            "forget_rows": sum(1 for rows in micro_batches for i in rows if i < self.n_forget),
+            # Indices, never content: which retain rows each process drew.
+            "retain_rows": gather_object([sums.retain_rows]) if self.processes > 1 else [sums.retain_rows],
+            "elapsed_s": round(time.perf_counter() - self.start, 3),
+            "loss": (forget_mean if forget_seen else 0.0) + (alpha * retain_mean if self.use_retain else 0.0),
+        }
+        if run.probe is not None and (step % cfg.eval_every == 0 or step == len(self.plan)):
+            entry["eval"] = run.probe(self.model, self.device)
+        self._record(entry)
+        self._forget_mean = forget_mean
+        return entry
+
+    def _record(self, entry: dict) -> None:
         """One entry to the history, the log file and the trackers."""
-        result.history.append(entry)
-        if log_file:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-        if trackers:
-            accelerator.log(numeric_fields(entry), step=entry["step"])
+        self.result.history.append(entry)
+        if self.log_file:
+            self.log_file.write(json.dumps(entry) + "\n")
+            self.log_file.flush()
+        if self.trackers:
+            self.run.accelerator.log(numeric_fields(entry), step=entry["step"])
 
-    try:
-        stop.__enter__()
-        if probe is not None and done == 0:
-            record({"step": 0, "eval": probe(model, device)})  # where the curve starts: the model as it came
-        for step, micro_batches in enumerate(plan, start=1):
-            if step <= done:
-                continue
-            sums = losses.backward(micro_batches[rank::processes], accelerator, step)
+    def _stop(self) -> None:
+        """A requested stop after a completed step: save it, if there is a place, and leave."""
+        total, state_dir = len(self.plan), self.run.state_dir
+        if not state_dir:
+            raise Interrupted(f"stopped after step {self.done} of {total}; nothing was saved")
+        self._save(self.done)
+        raise Interrupted(f"stopped after step {self.done} of {total}; the state is saved in {state_dir}. "
+                          "Run the same command with --resume to continue")
 
-            # Every rank sees the same averaged losses, so a NaN stops all of
-            # them together, before the optimizer could apply it.
-            # Means over the step's micro-batches of all ranks; with joint
-            # accounting a step can hold no forget (or no retain) row at all.
-            totals = accelerator.reduce(torch.stack([sums.forget_total, sums.forget_micro, sums.retain_total,
-                                                     sums.retain_micro]), reduction="sum").tolist()
-            forget_mean, forget_seen = totals[0] / max(1.0, totals[1]), totals[1] > 0
-            retain_mean = totals[2] / max(1.0, totals[3])
-            _check_finite(forget_mean, "forget", step)
-            _check_finite(retain_mean, "retain", step)
-            lr, grad_norm = _apply_update(model, optimizer, scheduler, stepper, accelerator, cfg, step)
+    def _save(self, step: int) -> None:
+        """The resumable state after `step`. Collective: every rank hands its
+        random states to the main process, which alone writes (the weights and
+        optimizer are the same on all; under FSDP their shards are gathered)."""
+        run, accelerator = self.run, self.run.accelerator
+        states = [self.random_states]
+        if accelerator.num_processes > 1:
+            states = gather_object([self.random_states])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
-            entry = {
-                "step": step,
-                "forget_loss": forget_mean if forget_seen else None,
-                "retain_loss": retain_mean if use_retain else None,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "masked_positions": int(accelerator.reduce(sums.masked_positions, reduction="sum").item()),
-                "forget_rows": sum(1 for rows in micro_batches for i in rows if i < n_forget),
-                # Indices, never content: which retain rows each process drew.
-                "retain_rows": gather_object([sums.retain_rows]) if processes > 1 else [sums.retain_rows],
-                "elapsed_s": round(time.perf_counter() - start, 3),
-                "loss": (forget_mean if forget_seen else 0.0) + (cfg.alpha * retain_mean if use_retain else 0.0),
-            }
-            if probe is not None and (step % cfg.eval_every == 0 or step == len(plan)):
-                entry["eval"] = probe(model, device)
-            record(entry)
-            postfix = {"forget": f"{forget_mean:.4f}"}
-            if use_retain:
-                postfix["retain"] = f"{entry['retain_loss']:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            done = step
-            random_states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
-            if cfg.save_every and step % cfg.save_every == 0 and step < len(plan):
-                save(step)
-            # After the last step the run goes on to write its output instead.
-            if step < len(plan) and stop.agreed(accelerator):
-                if not state_dir:
-                    raise Interrupted(f"stopped after step {done} of {len(plan)}; nothing was saved")
-                save(done)
-                raise Interrupted(f"stopped after step {done} of {len(plan)}; the state is saved in {state_dir}. "
-                                  "Run the same command with --resume to continue")
-    finally:
-        stop.__exit__()
-        if stepper is not None:
-            stepper.remove()
-        bar.close()
-        if log_file:
-            log_file.close()
-    return result
+            # Collective: the shards are gathered to the main process (on the
+            # host); frozen weights are left out, so a LoRA state stays small.
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+            trainable = {name: t.contiguous() for name, t in get_model_state_dict(self.model, options=options).items()}
+            optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        if run.state_dir is None or not accelerator.is_main_process:
+            return
+        if not self.sharded:
+            trainable = trainable_state(accelerator.unwrap_model(self.model))
+            optimizer_state = optimizers.state_dict(self.optimizer)
+        save_state(run.state_dir, TrainingState(
+            step=step, history=self.result.history, trainable=trainable, optimizer=optimizer_state,
+            scheduler=self.scheduler.state_dict(), generators={"noise": [s["noise"] for s in states]},
+            torch_rng=[s["torch"] for s in states], sharded=self.sharded,
+        ), run.state_key)

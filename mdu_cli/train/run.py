@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from mdu_cli import __version__
 from mdu_cli.config.hub_names import is_hub_data
 from mdu_cli.config.trackers import parse_trackers
-from mdu_cli.config.training import UnlearnConfig
-from mdu_cli.data.records import load_dataset
-from mdu_cli.data.tokenization import encode_dataset, pad_token_id
+from mdu_cli.config.training import TrainingConfig
+from mdu_cli.data.records import Dataset, load_dataset
+from mdu_cli.data.tokenization import Example, encode_dataset, pad_token_id
 from mdu_cli.diff.format import format_markdown, write_json
 from mdu_cli.diff.report import compare, compare_adapter, is_adapter_dir, top_layers
 from mdu_cli.errors import ConfigError, MduError
@@ -52,10 +53,10 @@ from mdu_cli.io.output_location import (
 )
 from mdu_cli.io.output_writer import write_adapter, write_model
 from mdu_cli.io.safetensors_reader import open_directory
-from mdu_cli.methods import method_of
 from mdu_cli.model.checkpointing import enable_gradient_checkpointing
-from mdu_cli.model.families import FAMILIES, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.model.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
 from mdu_cli.model.loading import (
+    ModelSource,
     decide_remote_code,
     fetch_weights,
     load_model,
@@ -66,7 +67,7 @@ from mdu_cli.model.loading import (
 )
 from mdu_cli.model.lora import AdapterOffAnchor, apply_lora, check_targets
 from mdu_cli.train import optimizers
-from mdu_cli.train.loop import TrainResult, train
+from mdu_cli.train.loop import TrainingRun, TrainResult, is_sharded, train
 from mdu_cli.train.monitor import Probe, tracker_config
 from mdu_cli.train.resume import fingerprint, load_state, state_dir_for, weights_identity
 
@@ -99,17 +100,12 @@ def is_main_process_env() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def default_out_dir(cfg: UnlearnConfig) -> Path:
+def default_out_dir(cfg: TrainingConfig) -> Path:
     name = Path(cfg.model.rstrip("/")).name or "model"
-    return Path(f"{name}-{method_of(cfg.method).out_suffix(cfg.to_dict())}")
+    return Path(f"{name}-{cfg.described.out_suffix(cfg.to_dict())}")
 
 
-def command_name(cfg: UnlearnConfig) -> str:
-    """The command a config belongs to: finetune runs share unlearn's machinery."""
-    return "unlearn" if method_of(cfg.method).unlearns else "finetune"
-
-
-def choose_device_and_dtype(cfg: UnlearnConfig) -> tuple[str, str, torch.dtype, str]:
+def choose_device_and_dtype(cfg: TrainingConfig) -> tuple[str, str, torch.dtype, str]:
     """(device, dtype name, weight dtype, accelerate mixed precision).
 
     bf16 keeps the weights themselves in bf16, which is what makes full MDU on
@@ -211,11 +207,12 @@ def write_delta_report(source, staging: Path, out: Path, show_progress: bool) ->
     return report
 
 
-def _inputs(cfg: UnlearnConfig, out: Path) -> list[Path]:
+def _inputs(cfg: TrainingConfig, out: Path) -> list[Path]:
     """Every path the run reads that the user owns: what no output may replace."""
     # A Hub data file (hf://datasets/...) is read from the Hugging Face cache,
     # never from a path an output could take.
-    paths = [Path(p) for p in (cfg.forget, cfg.retain, cfg.config_file, cfg.chat_template) if p and not is_hub_data(p)]
+    paths = [Path(p) for p in (cfg.records, cfg.retain_records, cfg.config_file, cfg.chat_template)
+             if p and not is_hub_data(p)]
     model = Path(cfg.model).expanduser()
     if model.exists():
         paths.append(model)
@@ -227,7 +224,7 @@ def _inputs(cfg: UnlearnConfig, out: Path) -> list[Path]:
 _BYTES_PER_DTYPE = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2, "float64": 8}
 
 
-def expected_output_bytes(source, cfg: UnlearnConfig, weight_dtype: torch.dtype) -> int:
+def expected_output_bytes(source, cfg: TrainingConfig, weight_dtype: torch.dtype) -> int:
     """About how many bytes the run writes (the weights, and with --save-every
     the resumable state: weights and two AdamW moments), from the base's files.
     0 when the size is not known before download (a single-file Hub model)."""
@@ -253,18 +250,18 @@ class PreparedRun:
     """Everything `mdu unlearn` settles before any weights load: every check
     that can fail cheaply has passed once this exists."""
 
-    cfg: UnlearnConfig
+    cfg: TrainingConfig
     out: Path
-    inputs: list[Path]
-    source: Any
-    family: Any
-    trust: bool
-    tokenizer: Any
+    inputs: list[Path]           # what no output may replace
+    source: ModelSource
+    family: Family
+    trust: bool                  # the remote-code decision
+    tokenizer: PreTrainedTokenizerBase
     mask_token_id: int
-    forget_data: Any
-    retain_data: Any
-    forget: list
-    retain: list
+    forget_data: Dataset         # the objective's records (the training records of `mdu finetune`)
+    retain_data: Optional[Dataset]
+    forget: list[Example]
+    retain: list[Example]
     device: str
     dtype_name: str
     weight_dtype: torch.dtype
@@ -276,7 +273,7 @@ class PreparedRun:
     optimizer: str  # the resolved --optimizer
 
 
-def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
+def prepare_run(cfg: TrainingConfig) -> PreparedRun:
     """The checks, in the order that fails cheapest first: the output location
     against the inputs, the data files, the checkpoint's small files (family,
     remote-code policy, tokenizer, mask token), the tokenised lengths against
@@ -289,8 +286,8 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     # Before anything else: no input may be, or lie inside, what the run replaces.
     local_model = Path(cfg.model).expanduser()
     check_out_dir(out, cfg.overwrite, base_dir=local_model if local_model.is_dir() else None, protected=inputs)
-    forget_data = load_dataset(cfg.forget)
-    retain_data = load_dataset(cfg.retain) if cfg.retain else None
+    forget_data = load_dataset(cfg.records)
+    retain_data = load_dataset(cfg.retain_records) if cfg.retain_records else None
     # A Hub data file is read from the Hugging Face cache: that copy is an input too.
     inputs += [data.path for data in (forget_data, retain_data) if data is not None and data.hub]
 
@@ -315,7 +312,7 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
         # have averaged it, after its hook would already have stepped.
         raise ConfigError("--optimizer-in-backward runs in one process; for several GPUs drop it "
                           "(FSDP shards the gradients instead)")
-    if cfg.batch_accounting == "joint" and method_of(cfg.method).unlearns:
+    if cfg.joint_accounting:
         # The plan is fixed by the seed: a joint run whose steps draw no forget
         # row at all would publish an "unlearned" model that never saw one.
         import torch
@@ -349,12 +346,14 @@ def prepare_run(cfg: UnlearnConfig) -> PreparedRun:
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None,
                                             "base": weights_identity(source)})
-    return PreparedRun(cfg, out, inputs, source, family, trust, tokenizer, mask_token_id, forget_data, retain_data,
-                       forget, retain, device, dtype_name, weight_dtype, mixed_precision, state_dir_for(out),
-                       state_key, trackers, logging_dir, optimizer)
+    return PreparedRun(cfg=cfg, out=out, inputs=inputs, source=source, family=family, trust=trust, tokenizer=tokenizer,
+                       mask_token_id=mask_token_id, forget_data=forget_data, retain_data=retain_data, forget=forget,
+                       retain=retain, device=device, dtype_name=dtype_name, weight_dtype=weight_dtype,
+                       mixed_precision=mixed_precision, state_dir=state_dir_for(out), state_key=state_key,
+                       trackers=trackers, logging_dir=logging_dir, optimizer=optimizer)
 
 
-def run_unlearn(cfg: UnlearnConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
+def run_unlearn(cfg: TrainingConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:
     started = time.perf_counter()
     run = prepare_run(cfg)
     cfg, out, state_dir = run.cfg, run.out, run.state_dir
@@ -402,22 +401,22 @@ def _train_and_write(run: PreparedRun, resume_from, staging: Optional[Path], sta
                               log_with=run.trackers or None, project_dir=run.logging_dir)
     if run.trackers:
         public = {run.source.name} if run.source.is_hub else set()
-        accelerator.init_trackers(f"mdu-{command_name(cfg)}", config=tracker_config(cfg.to_dict(), public))
+        accelerator.init_trackers(f"mdu-{cfg.command}", config=tracker_config(cfg.to_dict(), public))
     if accelerator.num_processes > 1 and not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of every notice, from the main process
     try:
         model, anchor = _load_for_training(run, accelerator)
-        result: TrainResult = train(
-            model, anchor, run.forget, run.retain, cfg, run.family, run.mask_token_id, pad_token_id(run.tokenizer),
-            accelerator, log_path=staging / TRAIN_LOG if accelerator.is_main_process else None,
-            show_progress=show_progress and accelerator.is_main_process,
-            state_dir=run.state_dir, state_key=run.state_key,
-            resume_from=resume_from,
-            optimizer_name=run.optimizer,
-            probe=Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
-                        cfg.eval_records, run.tokenizer, run.family, run.mask_token_id, cfg.seed)
-            if cfg.eval_every else None,
-        )
+        probe = None
+        if cfg.eval_every:
+            probe = Probe(run.forget_data.records, run.retain_data.records if run.retain_data else [],
+                          cfg.eval_records, run.tokenizer, run.family, run.mask_token_id, cfg.seed)
+        result: TrainResult = train(TrainingRun(
+            model=model, anchor=anchor, forget=run.forget, retain=run.retain, cfg=cfg, family=run.family,
+            mask_token_id=run.mask_token_id, pad_id=pad_token_id(run.tokenizer), accelerator=accelerator,
+            log_path=staging / TRAIN_LOG if accelerator.is_main_process else None,
+            show_progress=show_progress and accelerator.is_main_process, state_dir=run.state_dir,
+            state_key=run.state_key, resume_from=resume_from, probe=probe, optimizer_name=run.optimizer,
+        ))
         model, full_state = _gather_trained(model, run, accelerator)
         if not accelerator.is_main_process:
             return UnlearnResult(out_dir=out, record=None)
@@ -443,9 +442,10 @@ def _load_for_training(run: PreparedRun, accelerator):
     sharded under FSDP), the model itself with the adapter off (LoRA), or
     None (methods without one)."""
     cfg, source, trust, weight_dtype = run.cfg, run.source, run.trust, run.weight_dtype
-    needs_anchor = method_of(cfg.method).build(cfg).needs_anchor
-    sharded = accelerator.distributed_type.name == "FSDP"
-    if sharded and cfg.anchor_offload:  # before any weight loads
+    needs_anchor = cfg.objective().needs_anchor
+    offload = needs_anchor and cfg.anchor_offload  # only an unlearning run has an anchor to offload
+    sharded = is_sharded(accelerator)
+    if sharded and offload:  # before any weight loads
         raise ConfigError("--anchor-offload does not combine with FSDP, which already shards the anchor")
     if run.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -463,7 +463,7 @@ def _load_for_training(run: PreparedRun, accelerator):
     elif needs_anchor:
         if sharded:
             anchor = sharded_anchor(source, trust, weight_dtype, accelerator)
-        elif cfg.anchor_offload:
+        elif offload:
             anchor = host_anchor(model, source, trust, weight_dtype, accelerator.device)
         else:
             anchor = frozen_copy(model)
@@ -472,7 +472,7 @@ def _load_for_training(run: PreparedRun, accelerator):
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
-    if not method_of(cfg.method).unlearns:
+    if not cfg.described.unlearns:
         log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(run.forget),
                  run.family.name, run.mask_token_id, run.device, run.dtype_name)
     else:
@@ -485,7 +485,7 @@ def _gather_trained(model, run: PreparedRun, accelerator):
     """The trained model as one process can write it, and under FSDP the
     gathered full weights (None otherwise). Collective: every rank calls it."""
     cfg = run.cfg
-    sharded = accelerator.distributed_type.name == "FSDP"
+    sharded = is_sharded(accelerator)
     accelerator.wait_for_everyone()
     # Under FSDP each rank holds a shard: gathering the full weights takes
     # every rank, so it happens before the non-main ranks leave.
@@ -542,8 +542,8 @@ def _run_record(run: PreparedRun, result: TrainResult, delta: dict, changed: int
     return {
         "tool": "mdu",
         "version": __version__,
-        "command": command_name(cfg),
-        "method": cfg.method,
+        "command": cfg.command,
+        "method": cfg.described.name,
         "config": cfg.to_dict(),
         "base_model": {"id": source.name, "is_hub": source.is_hub, "revision": source.revision,
                        "license": read_license(source.path)},
