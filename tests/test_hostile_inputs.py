@@ -513,6 +513,12 @@ def private_output(tmp_path_factory, llada_dir):
         run_unlearn(build_config({}, dict(model=str(base), forget=str(forget), out=str(out), max_steps=1, **extra)),
                     show_progress=False)
         outputs[kind] = out
+    # Fine-tuned on the same file: its config names it `data`.
+    from mdu_cli.config.training import FinetuneConfig
+
+    outputs["finetune"] = home / "outputs" / "llada-tuned-on-john-doe"
+    run_unlearn(build_config({}, dict(model=str(base), data=str(forget), out=str(outputs["finetune"]), max_steps=1,
+                                      lr=1e-3), FinetuneConfig), show_progress=False)
     evaluation = json.loads((outputs["full"] / "mdu_run.json").read_text())["data"]
     (outputs["full"] / "eval.json").write_text(json.dumps({"benchmark": "tofu",
         "model": str(outputs["full"]), "data": evaluation, "reference": {"path": str(data / "reference-john.json"),
@@ -554,6 +560,24 @@ def test_push_publishes_no_local_path_or_file_name(kind, hub, private_output):
         assert json.loads(files["eval.json"])["reference"] == {"path": "(local)", "model": "(local)"}
         assert "| reference model | (local) |" in files["README.md"].decode()
     assert snapshot(out) == before, "the local record keeps its paths"
+
+
+def test_a_finetune_output_publishes_no_local_path_or_file_name(hub, private_output):
+    """A fine-tuned output's config names its records `data`: that path and
+    file name stay home too (every config field that may hold a path is
+    redacted, whichever command's config it belongs to)."""
+    home, outputs = private_output
+    out = outputs["finetune"]
+    before = snapshot(out)
+    result = run("push", out, "--repo-id", "me/tuned", "--json")
+    assert result.exit_code == 0, result.stderr
+    files = hub.committed_files()
+    for name, blob in files.items():
+        assert not _leaks(blob, home), (name, _leaks(blob, home))
+    published = json.loads(files["mdu_run.json"])
+    assert published["config"]["data"] == "(local)" and published["data"]["forget"]["path"] == "(local)"
+    assert "fine-tuned with mdu" in hub.commits[-1]["header"]["summary"]
+    assert snapshot(out) == before
 
 
 def test_local_paths_go_up_only_when_asked(hub, private_output):

@@ -4,7 +4,7 @@ Wherever `mdu` takes a data file (--forget, --retain, --data, the eval splits)
 it also takes such a name, e.g. `hf://datasets/locuslab/TOFU/forget10.json`.
 The file is fetched through huggingface_hub's cache (so HF_HUB_OFFLINE and
 HF_HOME apply, and a second run reads the cache), with the Hub timeout of
-`hub_session`. What was read is pinned by the resolved commit, which goes into
+`io.hub_session`. What was read is pinned by the resolved commit, which goes into
 `mdu_run.json` and `eval.json` beside the file's sha256.
 
 The revision may also be written after the repository name, as

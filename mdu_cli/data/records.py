@@ -256,7 +256,7 @@ def capped(problems: list[str], where: str, max_problems: int = MAX_PROBLEMS, wh
 def load_dataset(path: str | Path, max_problems: int = MAX_PROBLEMS) -> Dataset:
     """Read and validate a forget or retain file: a local path, or a Hub
     dataset file named `hf://datasets/OWNER/NAME/PATH[@REVISION]` (fetched
-    through the Hugging Face cache; see `hub_data`).
+    through the Hugging Face cache; see `data.hub`).
 
     Raises DataError listing every bad record (at most `max_problems` lines,
     plus a count of the rest) and MduError for a missing or unreadable file.

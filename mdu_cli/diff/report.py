@@ -51,6 +51,7 @@ from mdu_cli.io.safetensors_reader import (
     read_header,
     unsupported_dtype,
 )
+from mdu_cli.model.block_names import BLOCK_LIST_PATTERN
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,7 +63,7 @@ CHUNK_ELEMENTS = 1 << 17
 MODULE_KINDS = ("embedding", "attention_q", "attention_k", "attention_v", "attention_qkv", "attention_out",
                 "mlp", "norm", "head", "other")
 
-_LAYER = re.compile(r"(?:^|\.)(?:blocks|layers|layer|h)\.(\d+)(?:\.|$)")
+_LAYER = re.compile(rf"(?:^|\.)(?:{BLOCK_LIST_PATTERN})\.(\d+)(?:\.|$)")
 _EMBEDDING = ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_positions", "wpe",
               "position_embeddings", "token_type_embeddings")
 _HEAD_TAILS = ("lm_head.weight", "lm_head.bias", "decoder.weight", "decoder.bias", "transformer.ff_out.weight")

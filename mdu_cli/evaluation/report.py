@@ -1,12 +1,11 @@
-"""Measuring forgetting (docs/method.md section 4).
+"""`mdu eval`'s report (docs/method.md section 4): `run_eval` evaluates one
+model (and a base beside it) through a benchmark's hooks; without
+--benchmark, the plain forget/retain evaluation of this module:
 
-- Answer probability: the Monte Carlo estimator of LLaDA (Eq. 14 style). For
-  each of n samples draw l ~ U{1..L} (L = answer length), mask l answer tokens
-  chosen uniformly without replacement, and score the mean cross-entropy at
-  the masked positions; probability = exp(-mean score over the samples).
-- ROUGE-L recall of a greedy generation against the gold answer, with Porter
-  stemming, tokenised as the rouge-score package does.
-- Truth ratio (TOFU): exp(score(gold) - mean score(perturbed answers)).
+- answer probability, by the Monte Carlo estimator of `likelihood.py`;
+- ROUGE-L recall of a greedy generation against the gold answer (`rouge.py`);
+- the geometric truth ratio exp(score(gold) - mean score(perturbed answers))
+  for records with perturbed answers (not TOFU's R: docs/eval.md).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Iterable, Optional
 from mdu_cli.errors import MduError
 from mdu_cli.io.output_writer import TOKENIZER_FILES
 
-# A resumable state sits beside its output as OUT.mdu-state (see resume.py).
+# A resumable state sits beside its output as OUT.mdu-state (see train/resume.py).
 STATE_SUFFIX = ".mdu-state"
 # The output layout's own files, named once.
 RUN_RECORD, TRAIN_LOG, EVAL_REPORT = "mdu_run.json", "train_log.jsonl", "eval.json"

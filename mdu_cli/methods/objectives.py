@@ -1,6 +1,6 @@
 """Loss functions: the MDU forget objective and the MDLM retain loss.
 
-Both take logits already aligned by `families.align_logits` (position i scores
+Both take logits already aligned by `model.families.align_logits` (position i scores
 token i) and are computed in fp32 whatever the model's dtype, since a bf16
 softmax over a 126k vocabulary loses the small probabilities KL depends on.
 """

@@ -15,14 +15,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from mdu_cli.errors import MduError
-
-_BLOCK_LIST_NAMES = ("blocks", "layers", "layer", "h")
+from mdu_cli.model.block_names import BLOCK_LIST_NAMES
 
 
 def transformer_blocks(model) -> torch.nn.ModuleList:
     """The longest ModuleList named like a stack of transformer blocks."""
     candidates = [module for name, module in model.named_modules()
-                  if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in _BLOCK_LIST_NAMES]
+                  if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in BLOCK_LIST_NAMES]
     if not candidates:
         raise MduError("cannot find the transformer blocks of this model for --gradient-checkpointing")
     return max(candidates, key=len)

@@ -15,9 +15,8 @@ from typing import Optional
 import torch
 
 from mdu_cli.errors import MduError
+from mdu_cli.model.block_names import BLOCK_LIST_PATTERN
 from mdu_cli.model.checkpointing import transformer_blocks
-
-BLOCK_LISTS = "blocks|layers|layer|h"
 
 
 def default_targets(model) -> list[str]:
@@ -32,7 +31,7 @@ def default_targets(model) -> list[str]:
 def target_regex(names: list[str]) -> str:
     """A PEFT target_modules pattern matching those names inside a block only."""
     alternatives = "|".join(re.escape(n) for n in names)
-    return rf".*\.(?:{BLOCK_LISTS})\.\d+\.(?:.*\.)?(?:{alternatives})$"
+    return rf".*\.(?:{BLOCK_LIST_PATTERN})\.\d+\.(?:.*\.)?(?:{alternatives})$"
 
 
 def check_targets(targets: Optional[str], tensor_names) -> None:
@@ -43,7 +42,7 @@ def check_targets(targets: Optional[str], tensor_names) -> None:
     names = [t.strip() for t in targets.split(",") if t.strip()]
     if not names:
         raise MduError("--lora-targets is empty; name linear layers inside the blocks (e.g. q_proj,v_proj)")
-    in_blocks = re.compile(rf"(?:^|\.)(?:{BLOCK_LISTS})\.\d+\.(?:.*\.)?(?P<leaf>[^.]+)\.weight$")
+    in_blocks = re.compile(rf"(?:^|\.)(?:{BLOCK_LIST_PATTERN})\.\d+\.(?:.*\.)?(?P<leaf>[^.]+)\.weight$")
     leaves = {match["leaf"] for match in map(in_blocks.search, tensor_names) if match}
     unknown = [name for name in names if name not in leaves]
     if unknown:

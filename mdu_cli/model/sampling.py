@@ -6,7 +6,7 @@ semi-autoregressive sampler does); within a block, each of the block's steps
 predicts every masked position and commits the most confident predictions,
 so that the block is complete after its share of `steps`. Temperature 0 is
 greedy; above 0, Gumbel noise on the logits samples. Dream's right-shifted
-logits are read through `families.align_logits`, like everywhere else.
+logits are read through `model.families.align_logits`, like everywhere else.
 
 Which predictions count as most confident is the `ordering`: "confidence"
 (LLaDA's low-confidence remasking: the probability of the chosen token) or

@@ -293,11 +293,7 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
 
     source = resolve_source(cfg.model, cfg.revision)
     check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=inputs)
-    if cfg.family:
-        check_not_autoregressive(source.config, source.name)
-        family = FAMILIES[cfg.family]
-    else:
-        family = detect_family(source.config, source.name)
+    family = _family_of(cfg, source)
     trust = decide_remote_code(source, cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, trust, cfg.chat_template)
     mask_token_id = resolve_mask_token_id(family, source.config, tokenizer, source.name)
@@ -313,35 +309,9 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
         raise ConfigError("--optimizer-in-backward runs in one process; for several GPUs drop it "
                           "(FSDP shards the gradients instead)")
     if cfg.joint_accounting:
-        # The plan is fixed by the seed: a joint run whose steps draw no forget
-        # row at all would publish an "unlearned" model that never saw one.
-        import torch
-
-        from mdu_cli.train.loop import plan_steps
-
-        plan = plan_steps(len(forget), cfg, torch.Generator().manual_seed(cfg.seed),
-                          int(os.environ.get("WORLD_SIZE", "1")), n_retain=len(retain))
-        if not any(i < len(forget) for step in plan for micro in step for i in micro):
-            raise MduError(f"--batch-accounting joint draws no forget row in the {len(plan)} steps of this run "
-                           f"({len(forget)} forget and {len(retain)} retain rows, seed {cfg.seed}); raise "
-                           "--max-steps or --epochs, or use --batch-accounting separate")
+        _check_joint_plan(cfg, len(forget), len(retain))
     trackers = parse_trackers(cfg.report_to)
-    logging_dir = None
-    if trackers:
-        logging_dir = Path(os.path.abspath(Path(cfg.logging_dir).expanduser() if cfg.logging_dir
-                                           else out.parent / f"{out.name}-logs"))
-        # The output is replaced as a whole when it is published: logs inside it
-        # would vanish. Nor may they go into an input (the base model's folder
-        # included) or hold one.
-        if is_within(logging_dir, out) or any(is_within(logging_dir, p) or is_within(p, logging_dir)
-                                              for p in [*inputs, source.path]):
-            raise ConfigError(f"--logging-dir {logging_dir} lies inside --out or holds an input; "
-                              "put the tracker logs elsewhere")
-        if logging_dir.exists() and not logging_dir.is_dir():
-            raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
-        problem = unwritable(logging_dir)
-        if problem:
-            raise ConfigError(f"--logging-dir {logging_dir}: {problem}; name a directory the tracker can write")
+    logging_dir = _logging_dir(cfg, out, [*inputs, source.path]) if trackers else None
     # Every run: a Ctrl-C saves a state even without --save-every. A few MB read.
     state_key = fingerprint(cfg.to_dict(), {"forget": forget_data.sha256,
                                             "retain": retain_data.sha256 if retain_data else None,
@@ -351,6 +321,45 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
                        retain=retain, device=device, dtype_name=dtype_name, weight_dtype=weight_dtype,
                        mixed_precision=mixed_precision, state_dir=state_dir_for(out), state_key=state_key,
                        trackers=trackers, logging_dir=logging_dir, optimizer=optimizer)
+
+
+def _family_of(cfg: TrainingConfig, source: ModelSource) -> Family:
+    """--family, or the family the checkpoint's config.json says."""
+    if cfg.family:
+        check_not_autoregressive(source.config, source.name)
+        return FAMILIES[cfg.family]
+    return detect_family(source.config, source.name)
+
+
+def _check_joint_plan(cfg: TrainingConfig, n_forget: int, n_retain: int) -> None:
+    """The plan is fixed by the seed: a joint run whose steps draw no forget
+    row at all would publish an "unlearned" model that never saw one."""
+    from mdu_cli.train.loop import plan_steps
+
+    plan = plan_steps(n_forget, cfg, torch.Generator().manual_seed(cfg.seed),
+                      int(os.environ.get("WORLD_SIZE", "1")), n_retain=n_retain)
+    if not any(i < n_forget for step in plan for micro in step for i in micro):
+        raise MduError(f"--batch-accounting joint draws no forget row in the {len(plan)} steps of this run "
+                       f"({n_forget} forget and {n_retain} retain rows, seed {cfg.seed}); raise "
+                       "--max-steps or --epochs, or use --batch-accounting separate")
+
+
+def _logging_dir(cfg: TrainingConfig, out: Path, protected: list[Path]) -> Path:
+    """Where the trackers write: --logging-dir, or OUT-logs beside the output."""
+    logging_dir = Path(os.path.abspath(Path(cfg.logging_dir).expanduser() if cfg.logging_dir
+                                       else out.parent / f"{out.name}-logs"))
+    # The output is replaced as a whole when it is published: logs inside it
+    # would vanish. Nor may they go into an input (the base model's folder
+    # included) or hold one.
+    if is_within(logging_dir, out) or any(is_within(logging_dir, p) or is_within(p, logging_dir) for p in protected):
+        raise ConfigError(f"--logging-dir {logging_dir} lies inside --out or holds an input; "
+                          "put the tracker logs elsewhere")
+    if logging_dir.exists() and not logging_dir.is_dir():
+        raise ConfigError(f"--logging-dir {logging_dir} is a file; name a directory")
+    problem = unwritable(logging_dir)
+    if problem:
+        raise ConfigError(f"--logging-dir {logging_dir}: {problem}; name a directory the tracker can write")
+    return logging_dir
 
 
 def run_unlearn(cfg: TrainingConfig, show_progress: bool = True, keep_model: bool = False) -> UnlearnResult:

@@ -2,7 +2,7 @@
 
 Every probability here is per token: exp(-score), where score is the Monte
 Carlo estimate of the mean cross-entropy of the answer's tokens (the Eq. 14
-estimator of `evaluation.answer_score`), so P^(1/len) of TOFU's definitions.
+estimator of `evaluation.likelihood.answer_score`), so P^(1/len) of TOFU's definitions.
 
 Per record:
 - probability: of the gold answer;
