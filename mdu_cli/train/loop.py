@@ -500,6 +500,8 @@ class _Loop:
         self.random_states = self._random_states()
         self.log_file = None
         self.trackers = bool(accelerator.log_with)
+        self.start = time.perf_counter()
+        self.forget_mean = 0.0  # the last step's, for the progress bar
 
     def _random_states(self) -> dict:
         return {"noise": self.noise_generator.get_state(), "torch": torch.get_rng_state()}
@@ -522,7 +524,7 @@ class _Loop:
                 if step <= self.done:
                     continue
                 entry = self._step(step, micro_batches)
-                postfix = {"forget": f"{self._forget_mean:.4f}"}
+                postfix = {"forget": f"{self.forget_mean:.4f}"}
                 if self.use_retain:
                     postfix["retain"] = f"{entry['retain_loss']:.4f}"
                 bar.set_postfix(postfix, refresh=False)
@@ -576,7 +578,7 @@ class _Loop:
         if run.probe is not None and (step % cfg.eval_every == 0 or step == len(self.plan)):
             entry["eval"] = run.probe(self.model, self.device)
         self._record(entry)
-        self._forget_mean = forget_mean
+        self.forget_mean = forget_mean
         return entry
 
     def _record(self, entry: dict) -> None:
