@@ -51,8 +51,7 @@ class TrainingConfig:
 
     # What to train, and where the result goes.
     model: Optional[str] = option(path=True, help="Base checkpoint: a local directory or a Hub model id.")
-    out: Optional[str] = option(path=True, help="Output directory.  [default: <model name>-mdu-tau<tau> (-ga, "
-                                "-npo-beta<beta>), or -finetuned]")
+    out: Optional[str] = option(path=True, help="Output directory.")
     overwrite: bool = option(False, help="Replace --out when it holds a previous mdu output (its run record and "
                              "nothing mdu did not write); any other non-empty folder is refused.")
     # How to load it.
@@ -260,6 +259,9 @@ class TrainingConfig:
 class UnlearnConfig(TrainingConfig):
     """`mdu unlearn`: the records to forget (and keep), and the method."""
 
+    # Each command names its default output after what it does.
+    out: Optional[str] = option(path=True, help="Output directory.  [default: <model name>-mdu-tau<tau>, -ga or "
+                                "-npo-beta<beta>]")
     forget: Optional[str] = option(path=True, help="Records to unlearn: JSONL or a JSON array, or "
                                    "hf://datasets/OWNER/NAME/PATH.  [required]")
     retain: Optional[str] = option(path=True, help="Records whose behaviour to keep (optional; a file or "
@@ -345,6 +347,7 @@ class UnlearnConfig(TrainingConfig):
 class FinetuneConfig(TrainingConfig):
     """`mdu finetune`: plain MDLM fine-tuning on one set of records."""
 
+    out: Optional[str] = option(path=True, help="Output directory.  [default: <model name>-finetuned]")
     data: Optional[str] = option(path=True, help="Records to train on: JSONL or a JSON array, or "
                                  "hf://datasets/OWNER/NAME/PATH.  [required]")
 
