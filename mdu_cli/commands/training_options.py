@@ -10,6 +10,7 @@ from click.core import ParameterSource
 from mdu_cli.config.fields import declared, default_of
 from mdu_cli.config.training import CONFIGS, TrainingConfig, build_config, kind_of
 from mdu_cli.config.yaml_file import read_yaml
+from mdu_cli.methods import method_of
 
 # The order the shared options appear in --help.
 LOADING = ("out", "overwrite", "family", "revision", "trust_remote_code", "chat_template", "max_length")
@@ -72,7 +73,7 @@ def print_summary(result, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
         return
     forget = summary["forget_loss"]
-    name = "training loss" if result.record["command"] == "finetune" else "forget loss"
+    name = "forget loss" if method_of(result.record["method"]).unlearns else "training loss"
     click.echo(f"Wrote {summary['out_dir']} after {summary['steps']} steps "
                f"({name} {forget['first']:.4f} -> {forget['last']:.4f}"
                + (f", retain loss {summary['retain_loss']['first']:.4f} -> {summary['retain_loss']['last']:.4f}"
