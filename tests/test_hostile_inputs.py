@@ -533,6 +533,18 @@ def _leaks(blob: bytes, home: Path) -> list[str]:
     return [word for word in (str(home), "john-doe", "forget-john-doe.jsonl", "/tmp/") if word in text]
 
 
+def _push_without_leaks(out: Path, repo_id: str, hub, home: Path) -> dict:
+    """Push `out` and check that no committed file, nor the commit message,
+    names anything of the user's; returns the committed files."""
+    result = run("push", out, "--repo-id", repo_id, "--json")
+    assert result.exit_code == 0, result.stderr
+    files = hub.committed_files()
+    for name, blob in files.items():
+        assert not _leaks(blob, home), (name, _leaks(blob, home))
+    assert not _leaks(json.dumps(hub.commits[-1]["header"]).encode(), home), hub.commits[-1]["header"]
+    return files
+
+
 @pytest.mark.parametrize("kind", ["full", "adapter"])
 def test_push_publishes_no_local_path_or_file_name(kind, hub, private_output):
     """What goes up says what the model is and how it was made (hashes, options,
@@ -542,12 +554,7 @@ def test_push_publishes_no_local_path_or_file_name(kind, hub, private_output):
     home, outputs = private_output
     out = outputs[kind]
     before = snapshot(out)
-    result = run("push", out, "--repo-id", "me/forgot", "--json")
-    assert result.exit_code == 0, result.stderr
-    files = hub.committed_files()
-    for name, blob in files.items():
-        assert not _leaks(blob, home), (name, _leaks(blob, home))
-    assert not _leaks(json.dumps(hub.commits[-1]["header"]).encode(), home), hub.commits[-1]["header"]
+    files = _push_without_leaks(out, "me/forgot", hub, home)
     published = json.loads(files["mdu_run.json"])
     local = json.loads((out / "mdu_run.json").read_text())
     assert published["data"]["forget"]["sha256"] == local["data"]["forget"]["sha256"], "the hash still identifies"
@@ -569,11 +576,7 @@ def test_a_finetune_output_publishes_no_local_path_or_file_name(hub, private_out
     home, outputs = private_output
     out = outputs["finetune"]
     before = snapshot(out)
-    result = run("push", out, "--repo-id", "me/tuned", "--json")
-    assert result.exit_code == 0, result.stderr
-    files = hub.committed_files()
-    for name, blob in files.items():
-        assert not _leaks(blob, home), (name, _leaks(blob, home))
+    files = _push_without_leaks(out, "me/tuned", hub, home)
     published = json.loads(files["mdu_run.json"])
     assert published["config"]["data"] == "(local)" and published["data"]["forget"]["path"] == "(local)"
     assert "fine-tuned with mdu" in hub.commits[-1]["header"]["summary"]

@@ -13,6 +13,7 @@ repeated. Each field declares its own option (help, choices) in its metadata
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -369,15 +370,23 @@ class FinetuneConfig(TrainingConfig):
 CONFIGS = {cls.command: cls for cls in (UnlearnConfig, FinetuneConfig)}
 
 
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    # get_type_hints evaluates every (string) annotation of the class: once per
+    # class, not once per field asked about (it is asked for each option when
+    # the commands are built, and for each float on every validation).
+    return typing.get_type_hints(cls)
+
+
 def kind_of(cls, name: str) -> type:
     """The scalar type a field holds: bool, int, float or str."""
-    hint = typing.get_type_hints(cls)[name]
+    hint = _hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
 
 def is_optional(cls, name: str) -> bool:
-    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
+    return type(None) in typing.get_args(_hints(cls)[name])
 
 
 def float_fields(cls) -> list[str]:

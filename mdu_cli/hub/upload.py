@@ -377,9 +377,9 @@ def push(directory: Path, repo_id: str, *, private: bool = False, revision: Opti
 
 def _commit_message(run: dict, base: str) -> str:
     """`Upload <base> unlearned with mdu (mdu-tau2)`: the method and its knobs, as in the default output name."""
-    from mdu_cli.methods import method_of
+    from mdu_cli.methods import method_of_record
 
-    method = method_of(run.get("method", "mdu"))
+    method = method_of_record(run)
     if not method.unlearns:
         return f"Upload {base} fine-tuned with mdu"
     return f"Upload {base} unlearned with mdu ({method.settings(run['config'])})"

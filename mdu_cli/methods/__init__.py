@@ -15,3 +15,8 @@ def method_of(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}")
     return METHODS[name]
+
+
+def method_of_record(record: dict) -> Method:
+    """The entry an `mdu_run.json` names (records without a method are MDU runs)."""
+    return method_of(record.get("method", "mdu"))

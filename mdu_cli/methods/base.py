@@ -44,9 +44,5 @@ class Method:
     build: Callable[[Any], Loss]              # the run's config -> its loss
     objective: Callable[[Mapping], str]       # the card's "objective" row
     description: tuple[str, str]              # the card: what was run, what it did to the forget records
-    settings: Callable[[Mapping], str]        # the knobs in a few characters: output names, commit messages
+    settings: Callable[[Mapping], str]        # the knobs in a few characters: `<model>-<settings>`, commit messages
     unlearns: bool = True                     # False: fine-tuning, described without a forget set
-
-    def out_suffix(self, config: Mapping) -> str:
-        """The default output name's suffix, `<model>-<this>`."""
-        return self.settings(config)

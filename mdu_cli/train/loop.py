@@ -500,7 +500,6 @@ class _Loop:
         self.random_states = self._random_states()
         self.log_file = None
         self.trackers = bool(accelerator.log_with)
-        self.start = time.perf_counter()
         self.forget_mean = 0.0  # the last step's, for the progress bar
 
     def _random_states(self) -> dict:

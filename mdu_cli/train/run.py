@@ -102,7 +102,7 @@ def is_main_process_env() -> bool:
 
 def default_out_dir(cfg: TrainingConfig) -> Path:
     name = Path(cfg.model.rstrip("/")).name or "model"
-    return Path(f"{name}-{cfg.described.out_suffix(cfg.to_dict())}")
+    return Path(f"{name}-{cfg.described.settings(cfg.to_dict())}")
 
 
 def choose_device_and_dtype(cfg: TrainingConfig) -> tuple[str, str, torch.dtype, str]:
