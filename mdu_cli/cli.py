@@ -42,6 +42,7 @@ COMMANDS = {
     "push": ("mdu_cli.commands.push", "push"),
     "eval": ("mdu_cli.commands.evaluate", "eval_command"),
     "generate": ("mdu_cli.commands.evaluate", "generate_command"),
+    "corpus": ("mdu_cli.commands.corpus", "corpus"),
 }
 
 

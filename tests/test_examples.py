@@ -101,3 +101,33 @@ def test_the_tofu_example_separates_the_target_from_the_reference_and_unlearning
         assert not math.isnan(report["model_utility"])
     table = capsys.readouterr().out
     assert "| MDU, tau = 1 |" in table and "| model | forget quality | model utility |" in table
+
+
+def test_the_rwku_example_forgets_the_target_from_a_corpus_the_model_wrote(tmp_path, capsys):
+    """examples/rwku/run.py, the whole protocol offline (at one tau): the model
+    writes its corpus, MDU unlearns it forget-only, and RWKU's forget probes
+    fall well below the original's; the aggregated table is the reports' own
+    numbers.
+
+    Margins (examples/rwku/README.md, measured under AVX-512, AVX2 and the
+    scalar kernels): the original scores 0.444 on the forget probes (its
+    numbers involve no training, so every CPU gives them); MDU at tau 1
+    0.156, against the asserted < 0.75 x 0.444 = 0.333."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rwku_example", EXAMPLES / "rwku" / "run.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    inputs = {p: p.read_bytes() for p in [*(EXAMPLES / "rwku" / "data" / "All").iterdir(),
+                                          *(EXAMPLES / "demo" / "model").iterdir()]}
+    [report] = example.main(tmp_path, taus=("1",))
+    assert {p: p.read_bytes() for p in inputs} == inputs, "the example's inputs are untouched"
+    corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert len(corpus) == 32 and all(r["prompt"].endswith("biography of elspeth moraine.") for r in corpus)
+    base, model = report["base"]["table"], report["table"]
+    assert base["forget All"] == pytest.approx(4 / 9), "the original knows the target"
+    assert model["forget All"] < 0.75 * base["forget All"], "unlearning its own corpus makes it forget"
+    assert report["change"]["forget All"] == pytest.approx(model["forget All"] - base["forget All"])
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert f"| {base['forget All']:.3f} |" in rows["original"] and f"| {model['forget All']:.3f} |" in rows["mdu"]

@@ -57,5 +57,6 @@ def test_every_benchmark_option_is_on_the_command_line_and_needs_its_benchmark(t
         for option in entry.options:
             assert option.flag in help_text
             if option.default is None:
-                result = CliRunner().invoke(cli, ["eval", str(tmp_path), option.flag, "x"])
+                value = option.choices[0] if option.choices else "x"
+                result = CliRunner().invoke(cli, ["eval", str(tmp_path), option.flag, value])
                 assert result.exit_code == 2 and f"{option.flag} needs --benchmark {name}" in result.output

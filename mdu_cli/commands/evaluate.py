@@ -25,6 +25,10 @@ Examples:
   # TOFU forget10 from the Hub: first the retain-only reference, then the unlearned model
   mdu eval ./llada-tofu-retain90 --benchmark tofu --preset paper --json > retain90.json
   mdu eval ./llada-tofu-mdu --benchmark tofu --preset paper --reference retain90.json
+\b
+  # RWKU: one real person, the unlearned model beside the original
+  mdu eval ./dream-forgot-stephen-king --benchmark rwku --target "Stephen King" \\
+      --base Dream-org/Dream-v0-Instruct-7B
 """
 
 GENERATE_EXAMPLES = """
@@ -61,7 +65,8 @@ def _benchmark_options(function):
         for option in entry.options:
             kind = click.Path(dir_okay=False) if option.is_file else (
                 click.Choice(option.choices) if option.choices else None)
-            options.append(click.option(option.flag, option.name, type=kind, default=option.default,
+            options.append(click.option(option.flag, option.name, type=kind, multiple=option.multiple,
+                                        default=() if option.multiple else option.default,
                                         show_default=option.default is not None, help=option.help))
     for option in reversed(options):
         function = option(function)
@@ -106,10 +111,13 @@ def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size,
             value = benchmark_options[option.name]
             if name == benchmark:
                 options[option.name] = value
-            elif value is not None and value != option.default:
+            elif value not in (None, ()) and value != option.default:
                 raise click.UsageError(f"{option.flag} needs --benchmark {name}")
-    generation = _generation(preset, max_new_tokens=max_new_tokens, steps=steps, block_length=block_length,
-                             ordering=ordering)
+    given = {"max_new_tokens": max_new_tokens, "steps": steps, "block_length": block_length, "ordering": ordering}
+    if benchmark and getattr(BENCHMARKS[benchmark], "own_generation", False):
+        generation = {"preset": preset, **{k: v for k, v in given.items() if v is not None}}
+    else:
+        generation = _generation(preset, **given)
     report = run_eval(model, forget, retain, base, mc_samples=mc_samples, limit=limit, seed=seed,
                       generation=generation, batch_size=batch_size, device=device,
                       trust_remote_code=trust_remote_code, show_progress=not as_json, benchmark=benchmark,

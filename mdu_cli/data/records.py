@@ -271,9 +271,7 @@ def load_dataset(path: str | Path, max_problems: int = MAX_PROBLEMS) -> Dataset:
     return _load_file(Path(path), str(path), max_problems)
 
 
-def _load_file(path: Path, label: str, max_problems: int) -> Dataset:
-    """Read and validate one local file; messages name it as `label`."""
-    display = label
+def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise MduError(f"{path}: no such file; check the path")
     if path.is_dir():
@@ -281,10 +279,30 @@ def _load_file(path: Path, label: str, max_problems: int) -> Dataset:
     if not path.is_file():  # a FIFO or a device would block or never end
         raise MduError(f"{path}: not a regular file; give a .jsonl or .json file")
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except OSError as err:
         raise MduError(f"{path}: cannot read ({err.strerror}); check the file's permissions") from None
 
+
+def read_objects(path: Path, label: str) -> tuple[list[tuple[int, object]], str]:
+    """The (line, value) of every record of a JSON array or JSONL file in any
+    shape, and the file's sha256, for readers with their own fields (a
+    benchmark's files); DataError names the file and line of bad JSON."""
+    raw = _read_bytes(path)
+    parsed = _parse(label, _decode(label, raw))
+    problems = [f"{label}:{line}: invalid JSON ({value.msg} at column {value.colno}); fix the syntax"
+                for line, value in parsed if isinstance(value, json.JSONDecodeError)]
+    problems += [f"{label}:{line}: nested too deeply; a record is a flat object"
+                 for line, value in parsed if isinstance(value, RecursionError)]
+    if problems:
+        raise DataError(capped(problems, label))
+    return parsed, hashlib.sha256(raw).hexdigest()
+
+
+def _load_file(path: Path, label: str, max_problems: int) -> Dataset:
+    """Read and validate one local file; messages name it as `label`."""
+    display = label
+    raw = _read_bytes(path)
     text = _decode(display, raw)
     records: list[Record] = []
     problems: list[str] = []

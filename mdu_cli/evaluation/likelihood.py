@@ -54,3 +54,66 @@ def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, sample
         return float("nan")
     scores = answer_scores(loaded, prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator), batch_size)
     return sum(scores) / len(scores)
+
+
+def covering_masks(length: int, samples: int, generator: torch.Generator) -> list[list[int]]:
+    """`mc_masks`, plus one mask of the positions none of them masked, so that
+    every token has a per-token estimate."""
+    masks = mc_masks(length, samples, generator)
+    missed = sorted(set(range(length)) - {p for mask in masks for p in mask})
+    return masks + ([missed] if missed else [])
+
+
+@torch.no_grad()
+def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[int], masks: list[list[int]],
+                          batch_size: int = 32) -> tuple[list[float], list[float]]:
+    """Per-token log-likelihoods of `ids` after `prefix_ids` (docs/method.md
+    section 4): token i's value is the mean, over the masks that hide it, of
+    log p(x_i | the unmasked tokens). Beside it, the same per-token mean of
+    Min-K%++'s normalised value (log p(x_i) - mu) / sigma, mu and sigma^2 the
+    mean and variance of log p under the predicted distribution at i."""
+    sequence = torch.tensor(prefix_ids + ids, dtype=torch.long, device=loaded.device)
+    start, length = len(prefix_ids), len(ids)
+    totals = torch.zeros(length, dtype=torch.float64)
+    normalised_totals = torch.zeros(length, dtype=torch.float64)
+    counts = torch.zeros(length, dtype=torch.float64)
+    for first in range(0, len(masks), batch_size):
+        chunk = masks[first:first + batch_size]
+        inputs = sequence.repeat(len(chunk), 1)
+        masked = torch.zeros_like(inputs, dtype=torch.bool)
+        for row, positions in enumerate(chunk):
+            masked[row, [start + p for p in positions]] = True
+        inputs[masked] = loaded.mask_token_id
+        logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
+        log_probs = torch.log_softmax(logits[masked].float(), dim=-1)
+        token = log_probs.gather(1, sequence.repeat(len(chunk), 1)[masked][:, None]).squeeze(1)
+        probs = log_probs.exp()
+        mu = (probs * log_probs).sum(-1)
+        sigma = ((probs * log_probs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
+        where = (masked.nonzero()[:, 1] - start).cpu()
+        totals.index_add_(0, where, token.double().cpu())
+        normalised_totals.index_add_(0, where, ((token - mu) / sigma).double().cpu())
+        counts.index_add_(0, where, torch.ones_like(where, dtype=torch.float64))
+    return (totals / counts).tolist(), (normalised_totals / counts).tolist()
+
+
+@torch.no_grad()
+def next_token_log_probs(loaded: LoadedModel, prompts: list[list[int]], candidates: list[int],
+                         batch_size: int = 32) -> list[list[float]]:
+    """log p(candidate) at one masked position right after each prompt: a
+    single-token answer's likelihood, exact (nothing else is masked)."""
+    results = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first:first + batch_size]
+        width = max(len(p) for p in chunk) + 1
+        inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(inputs)
+        for row, prompt in enumerate(chunk):
+            inputs[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+            inputs[row, len(prompt)] = loaded.mask_token_id
+            attention[row, :len(prompt) + 1] = 1
+        logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device), loaded.family)
+        at = torch.tensor([len(p) for p in chunk], device=logits.device)
+        log_probs = torch.log_softmax(logits[torch.arange(len(chunk), device=logits.device), at].float(), dim=-1)
+        results += log_probs[:, candidates].tolist()
+    return results

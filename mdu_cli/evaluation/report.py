@@ -143,14 +143,18 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     unknown = sorted(set(benchmark_options) - known)
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} apply to another --benchmark than {benchmark or 'none'}")
-    if base and bench is not FORGET_RETAIN:
+    if base and not getattr(bench, "takes_base", bench is FORGET_RETAIN):
         raise ConfigError(f"--base does not combine with --benchmark {benchmark}; evaluate each model on its own "
                           "and compare the reports")
     files = bench.files(forget, retain, benchmark_options)
-    datasets: dict[str, Dataset] = {name: load_dataset(path) for name, path in files.items() if path}
     generation = dict(generation if generation is not None else DEFAULT_GENERATION)
-    splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
-    checked = bench.check(datasets, splits, benchmark_options, limit, mc_samples, seed)
+    if hasattr(bench, "read"):
+        # A benchmark with files of its own shape reads and checks them itself.
+        datasets, splits, checked = bench.read(benchmark_options, limit)
+    else:
+        datasets: dict[str, Dataset] = {name: load_dataset(path) for name, path in files.items() if path}
+        splits = {name: list(data.records[:limit] if limit else data.records) for name, data in datasets.items()}
+        checked = bench.check(datasets, splits, benchmark_options, limit, mc_samples, seed)
 
     model_dir = Path(model)
     target = model_dir / EVAL_FILE if write and model_dir.is_dir() and (model_dir / RUN_RECORD).is_file() else None
@@ -162,9 +166,14 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     prepared = {name: prepare_inference(name, trust_remote_code=trust_remote_code, device=device)
                 for name in ([model, base] if base else [model])}
     # A preset's values depend on the family; the report names what was used.
-    generation = resolve_generation(generation, prepared[model].family.name)
+    family = prepared[model].family.name
+    generation = (bench.resolve_generation(generation, family) if hasattr(bench, "resolve_generation")
+                  else resolve_generation(generation, family))
     for loaded in prepared.values():
-        check_lengths(loaded, [r for records in splits.values() for r in records], generation)
+        if hasattr(bench, "check_lengths"):
+            bench.check_lengths(loaded, splits, generation)
+        else:
+            check_lengths(loaded, [r for records in splits.values() for r in records], generation)
 
     def evaluate(name: str) -> dict:
         loaded = prepared[name].load_weights()
@@ -179,7 +188,10 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     report = bench.finish(report, checked)
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
-        report["change"] = relative_change(report["splits"], report["base"]["splits"])
+        if hasattr(bench, "with_base"):
+            report = bench.with_base(report, report["base"]["splits"])
+        else:
+            report["change"] = relative_change(report["splits"], report["base"]["splits"])
     if target is not None:
         from mdu_cli.io.atomic import write_text_atomic
 

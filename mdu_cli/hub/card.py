@@ -143,15 +143,19 @@ def _eval_section(evaluation: dict) -> list[str]:
     # Aggregates only: per-record lists stay in eval.json.
     metrics = sorted({m for values in splits.values() if isinstance(values, dict) for m, v in values.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if not metrics:
-        return []
     lines = ["## Evaluation", ""]
     benchmark = evaluation.get("benchmark")
     if benchmark:
         from mdu_cli.evaluation.benchmarks import BENCHMARKS
 
-        if benchmark in BENCHMARKS:
-            lines += BENCHMARKS[benchmark].card_lines(evaluation, _fmt)
+        entry = BENCHMARKS.get(benchmark)
+        if entry is not None:
+            lines += entry.card_lines(evaluation, _fmt)
+            if getattr(entry, "card_table_only", False):
+                # Its splits nest several levels deep; the benchmark's own table says it all.
+                return lines
+    if not metrics:
+        return []
     lines += ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in splits.items():
         lines.append(f"| {split} | " + " | ".join(_fmt(values.get(m)) if isinstance(values.get(m), (int, float))

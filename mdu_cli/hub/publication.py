@@ -31,6 +31,12 @@ PATH_KEYS = frozenset({"model", "path", "source", "id", "real_authors", "world_f
                        "base_model_name_or_path",
                        # every option of a training run that may name a local file or folder
                        *(name for cls in CONFIGS.values() for name in path_fields(cls))})
+# Keys whose values name whom the model was made to forget (an RWKU --target):
+# taken out like a local path, so the last check also refuses any text naming them.
+SUBJECT_KEYS = frozenset({"target", "subject"})
+# Per-probe lists of a benchmark report (RWKU's "results"): they quote the forget
+# probes, which are about the target; the aggregates beside them go up.
+RECORD_KEYS = frozenset({"results"})
 # Names shorter than this are words ("model", "data"), not identifying file names.
 MIN_NAME_LENGTH = 8
 
@@ -50,9 +56,12 @@ def _redact(value, public_ids: set[str], found: set[str], key: Optional[str] = N
     local path under PATH_KEYS replaced by LOCAL; what was replaced is added
     to `found`."""
     if isinstance(value, dict):
-        return {k: _redact(v, public_ids, found, k) for k, v in value.items()}
+        return {k: _redact(v, public_ids, found, k) for k, v in value.items() if k not in RECORD_KEYS}
     if isinstance(value, list):
         return [_redact(v, public_ids, found, key) for v in value]
+    if isinstance(value, str) and key in SUBJECT_KEYS and value:
+        found.add(value)
+        return LOCAL
     if isinstance(value, str) and key in PATH_KEYS and value and not _is_public(value, public_ids):
         found.add(value)
         return LOCAL

@@ -5,7 +5,9 @@ filled block by block (`block_length` tokens, left to right, as LLaDA's
 semi-autoregressive sampler does); within a block, each of the block's steps
 predicts every masked position and commits the most confident predictions,
 so that the block is complete after its share of `steps`. Temperature 0 is
-greedy; above 0, Gumbel noise on the logits samples. Dream's right-shifted
+greedy; above 0, Gumbel noise on the logits samples, from the nucleus when
+`top_p` < 1 (the smallest set of most probable tokens whose probabilities,
+after the temperature, sum to at least top_p). Dream's right-shifted
 logits are read through `model.families.align_logits`, like everywhere else.
 
 Which predictions count as most confident is the `ordering`: "confidence"
@@ -30,6 +32,19 @@ def transfer_schedule(width: int, steps: int) -> list[int]:
     return [base + (1 if k < extra else 0) for k in range(steps)]
 
 
+def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`logits` with every token outside the nucleus at -inf: per row, keep the
+    most probable tokens until their probability reaches top_p (the token that
+    crosses it included, so at least one token stays)."""
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probabilities = torch.softmax(ordered, dim=-1)
+    # The mass before each token: a token is kept when what precedes it is still short of top_p.
+    before = probabilities.cumsum(-1) - probabilities
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, -math.inf)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -44,6 +59,7 @@ def generate(
     stop_ids: Sequence[int] = (),
     generator: Optional[torch.Generator] = None,
     ordering: str = "confidence",
+    top_p: float = 1.0,
 ) -> list[list[int]]:
     """Complete each prompt (token ids); returns the new tokens of each, cut
     before the first stop id."""
@@ -51,6 +67,8 @@ def generate(
         raise ValueError("max_new_tokens, steps and block_length must be >= 1")
     if ordering not in ORDERINGS:
         raise ValueError(f"ordering must be one of {ORDERINGS}")
+    if not 0 < top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
     device = next(model.parameters()).device
     rows, lengths = len(prompts), [len(p) for p in prompts]
     width = max(lengths) + max_new_tokens
@@ -78,8 +96,11 @@ def generate(
             block_logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
             block_logits[..., mask_token_id] = -math.inf  # never "fill" a mask with a mask
             if temperature > 0:
+                scaled = block_logits / temperature
+                if top_p < 1:
+                    scaled = nucleus(scaled, top_p)
                 uniform = torch.rand(block_logits.shape, generator=generator).to(device).clamp_(1e-20, 1.0)
-                choice = (block_logits / temperature - torch.log(-torch.log(uniform))).argmax(-1)
+                choice = (scaled - torch.log(-torch.log(uniform))).argmax(-1)
             else:
                 choice = block_logits.argmax(-1)
             probabilities = torch.softmax(block_logits, dim=-1)

@@ -2,9 +2,9 @@
 module (or package) per benchmark following `base.Benchmark`, one line here.
 Torch-free to import."""
 
-from mdu_cli.evaluation.benchmarks import tofu
+from mdu_cli.evaluation.benchmarks import rwku, tofu
 from mdu_cli.evaluation.benchmarks.base import Benchmark, BenchmarkOption
 
-BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (tofu.BENCHMARK,)}
+BENCHMARKS: dict[str, Benchmark] = {benchmark.name: benchmark for benchmark in (tofu.BENCHMARK, rwku.BENCHMARK)}
 
 __all__ = ["BENCHMARKS", "Benchmark", "BenchmarkOption"]

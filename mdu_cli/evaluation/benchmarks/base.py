@@ -6,6 +6,12 @@ cheap check, before any weights load; returns what `finish` needs), `evaluate`
 (one model's split reports) and `finish` (the whole report). `format` prints
 it, `card_lines` puts its headline into a model card. A spec module imports
 no torch, so that `mdu eval --help` lists the benchmarks and their options.
+
+Optional hooks, for a benchmark with files of its own shape (RWKU): `read`
+(options, limit -> files, sets, checked) in place of `files` and `check`;
+`resolve_generation` (its own lengths per part); `check_lengths`; and, with
+`takes_base = True`, `with_base` (the side-by-side change). With
+`own_generation = True` the command passes only the generation options given.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class BenchmarkOption:
     choices: Optional[tuple[str, ...]] = None
     default: Optional[str] = None
     is_file: bool = False      # a local file (a report), not a data file that may be hf://...
+    multiple: bool = False     # repeatable; the value is a tuple
 
 
 class Benchmark(Protocol):
