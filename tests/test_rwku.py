@@ -272,6 +272,9 @@ def test_the_corpus_never_replaces_a_file_it_did_not_write(dream_dir, rwku_dir, 
     assert mine.read_text() == "my own notes\n"
     result = _corpus(dream_dir, rwku_dir, tmp_path / "x.jsonl", "--target", "elspeth moran")
     assert result.exit_code == 1 and "closest: 'elspeth moraine'" in result.stderr
+    for inside in (dream_dir / "corpus.jsonl", rwku_dir / "All" / "corpus.jsonl"):
+        result = _corpus(dream_dir, rwku_dir, inside)
+        assert result.exit_code == 1 and "which this command reads" in result.stderr and not inside.exists()
     result = _corpus(dream_dir, rwku_dir, tmp_path / "x.jsonl", "--top-p", "0")
     assert result.exit_code == 2
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "x.jsonl.meta.json").exists()
@@ -310,3 +313,46 @@ def test_generations_are_read_as_rwku_reads_them(monkeypatch):
     trivia = evaluate.factuality(None, [{"question": "q", "answers": ["x", "the burning orchard"], "subject": "s"}],
                                  [[1]], {}, False, 8, False)
     assert trivia["EM"] == 1.0 and trivia["F1"] == 1.0
+
+
+def test_every_choice_of_a_question_is_scored_on_the_same_mask_draws(dream_dir):
+    """Common random numbers: two choices that tokenise alike get the same
+    log-likelihood exactly, which independent draws would not give."""
+    from mdu_cli.evaluation.benchmarks.rwku import evaluate
+    from mdu_cli.model.inference import load_for_inference
+
+    loaded = load_for_inference(str(dream_dir), trust_remote_code=True, device="cpu")
+    targets = {"choices": ["the cat was born in paris", "the cat was born  in paris", "no"], "labels": [1, 0, 0]}
+    row = {"question": "q", "subject": "s", "mc1_targets": targets, "mc2_targets": targets}
+    prompt = evaluate.Prompts(loaded)("where was the cat born ?", "A:")
+    [result] = evaluate.truthfulness(loaded, [row], [prompt], 16, 0, 8, False)["results"]
+    true, false = result["scores"]["mc1_targets"]["true"], result["scores"]["mc1_targets"]["false"]
+    assert true[0] == false[0] and false[0] != false[1]
+
+
+def test_aggregate_means_over_targets_per_tau(tmp_path):
+    """examples/rwku/aggregate.py: one row per tau, the mean over targets;
+    the original once per target, however many taus sit beside it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aggregate", EXAMPLE_DATA.parent / "aggregate.py")
+    aggregate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(aggregate)
+    reports = []
+    for target, base_value, values in (("a", 0.8, {"1": 0.2, "2": 0.4}), ("b", 0.6, {"1": 0.4, "2": 0.0})):
+        for tau, value in values.items():
+            model = tmp_path / f"{target}-{tau}"
+            model.mkdir()
+            (model / "mdu_run.json").write_text(json.dumps({"config": {"method": "mdu", "tau": float(tau)}}))
+            reports.append({"benchmark": "rwku", "target": target, "model": str(model),
+                            "table": {"forget All": value, "Gen": None},
+                            "base": {"table": {"forget All": base_value, "Gen": None}}})
+    paths = []
+    for i, report in enumerate(reports):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    table = aggregate.main([str(p) for p in paths])
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines()[2:]}
+    assert rows[("original", "-")].endswith("| 2 | 0.700 |")
+    assert rows[("mdu", "1.0")].endswith("| 2 | 0.300 |") and rows[("mdu", "2.0")].endswith("| 2 | 0.200 |")
+    assert "Gen" not in table, "a measure no report has is left out"

@@ -41,8 +41,21 @@ def test_rouge_l_recall_as_the_rouge_package_gives_it(prediction, answer, want):
     assert measures.rouge_l_recall(prediction, answer) == pytest.approx(want)
 
 
-def test_the_paper_preset_rouge_stems_and_lowercases():
-    assert measures.paper_rouge_l_recall("The Cats, running", "the cat runs") == pytest.approx(1.0)
+def test_the_paper_preset_rouge_is_rouge_scores_stemmed_recall():
+    """Against the reference package itself, on hand-picked and random strings."""
+    import random
+
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    words = ["The", "cats", "running", "runs", "cat", "Stephen", "King", "wrote", "Carrie,", "in", "1974.", "a"]
+    rng = random.Random(0)
+    cases = [("The Cats, running", "the cat runs"), ("Stephen King wrote Carrie in 1974.", "carrie by king")]
+    cases += [(" ".join(rng.choices(words, k=rng.randint(1, 9))), " ".join(rng.choices(words, k=rng.randint(1, 6))))
+              for _ in range(200)]
+    for prediction, answer in cases:
+        want = scorer.score(answer, prediction)["rougeL"].recall
+        assert measures.paper_rouge_l_recall(prediction, answer) == pytest.approx(want), (prediction, answer)
 
 
 def test_exact_match_f1_and_containment_by_hand():
@@ -67,13 +80,13 @@ def test_mia_scores_by_hand():
     ll = [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0, -9.0, -10.0]
     normalised = [0.5, -0.5, 1.5, -2.5, 0.0, 3.0, -1.0, 2.0, 1.0, -3.5]
     text = "Stephen King wrote Carrie."
-    scores = measures.mia_scores(text, ll, normalised)
-    assert scores["loss"] == pytest.approx(-5.5)
-    assert scores["zlib"] == pytest.approx(-5.5 / len(zlib.compress(text.encode())))
+    scores = measures.mia_scores(text, -5.25, ll, normalised)
+    assert scores["loss"] == -5.25
+    assert scores["zlib"] == pytest.approx(-5.25 / len(zlib.compress(text.encode())))
     assert scores["mink"] == pytest.approx((-10 - 9) / 2)          # the lowest 20% of 10: two values
     assert scores["mink++"] == pytest.approx((-3.5 - 2.5) / 2)
     # Fewer than five tokens: RWKU's int(n * 0.2) is 0; one token, not an empty mean.
-    assert measures.mia_scores("ab", [-1.0, -3.0], [0.0, -1.0])["mink"] == -3.0
+    assert measures.mia_scores("ab", -2.0, [-1.0, -3.0], [0.0, -1.0])["mink"] == -3.0
 
 
 def test_auc_by_hand():
@@ -108,21 +121,23 @@ def test_covering_masks_hide_every_token():
     assert masks[:3] == mc_masks(40, 3, torch.Generator().manual_seed(0)), "the Monte Carlo masks come first"
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
-def test_token_log_likelihoods_against_float64(family):
+@pytest.mark.parametrize("family, samples", [("llada", 7), ("dream", 7), ("llada", 1)])
+def test_token_log_likelihoods_against_float64(family, samples):
     gen = torch.Generator().manual_seed(3)
     table = torch.randn(12, 9, generator=gen)
     loaded = _loaded(TableModel(table, reads_input=True), family)
     prefix, ids = [5], [6, 7, 8, 2, 1, 4]
-    masks = covering_masks(len(ids), 7, torch.Generator().manual_seed(4))
-    ll, normalised = token_log_likelihoods(loaded, prefix, ids, masks, batch_size=3)
+    masks = covering_masks(len(ids), samples, torch.Generator().manual_seed(4))
+    bound, ll, normalised = token_log_likelihoods(loaded, prefix, ids, masks, batch_size=3, bound_masks=samples)
     sums, norm_sums, counts = np.zeros(len(ids)), np.zeros(len(ids)), np.zeros(len(ids))
+    per_mask = []
     shift = 1 if family == "dream" else 0
     for mask in masks:
         tokens = np.array(prefix + ids)
         for p in mask:
             tokens[len(prefix) + p] = 0
         logits = table.double().numpy()[:len(tokens)] + 0.01 * tokens[:, None]
+        mask_values = []
         for p in mask:
             at = len(prefix) + p - shift   # Dream reads token i at position i - 1
             row = logits[at] - np.log(np.exp(logits[at]).sum())
@@ -131,6 +146,13 @@ def test_token_log_likelihoods_against_float64(family):
             sums[p] += row[ids[p]]
             norm_sums[p] += (row[ids[p]] - mu) / math.sqrt(var)
             counts[p] += 1
+            mask_values.append(row[ids[p]])
+        per_mask.append(np.mean(mask_values))
+    # The per-token bound: the Monte Carlo masks' own means (the covering mask is not one of them).
+    assert bound == pytest.approx(np.mean(per_mask[:samples]), rel=1e-5)
+    assert bound == pytest.approx(-np.mean(answer_scores(loaded, prefix, ids, masks[:samples])), rel=1e-5)
+    if samples == 1:
+        assert len(masks) == 2, "one sample leaves tokens unmasked: the covering mask scores them"
     assert ll == pytest.approx(list(sums / counts), rel=1e-5)
     assert normalised == pytest.approx(list(norm_sums / counts), rel=1e-5, abs=1e-6)
 

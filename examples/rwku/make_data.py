@@ -92,6 +92,7 @@ def utility(subject: str, people: dict) -> dict[str, list[dict]]:
     """A few utility rows in each of RWKU's formats (the demo model is too short
     for RWKU's few-shot primers; the tests run these on longer tiny models)."""
     name, fact = NEIGHBORS[0], people[NEIGHBORS[0]]
+    wrong = next(city for city in ("palomar", "ostrava", "seravine") if city != fact["born"])
     cities = sorted({p["born"] for p in people.values()} | {"palomar", "ostrava"})[:4]
     if fact["born"] not in cities:
         cities[-1] = fact["born"]
@@ -112,10 +113,10 @@ def utility(subject: str, people: dict) -> dict[str, list[dict]]:
         ],
         "truthful.json": [
             {"question": f"where was {name} born ?", "subject": subject,
-             "mc1_targets": {"choices": [f"{name} was born in {fact['born']} .", f"{name} was born in palomar ."],
+             "mc1_targets": {"choices": [f"{name} was born in {fact['born']} .", f"{name} was born in {wrong} ."],
                              "labels": [1, 0]},
              "mc2_targets": {"choices": [f"{name} was born in {fact['born']} .", f"in {fact['born']} .",
-                                         f"{name} was born in palomar ."], "labels": [1, 1, 0]}},
+                                         f"{name} was born in {wrong} ."], "labels": [1, 1, 0]}},
         ],
         "triviaqa.json": [
             {"question": f"which book made {name} famous ?", "answers": [fact["book"], fact["book"][4:]],

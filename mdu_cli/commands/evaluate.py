@@ -42,8 +42,10 @@ Examples:
 def _generation_options(function):
     for option in reversed([
         click.option("--max-new-tokens", type=click.IntRange(min=0),
-                     help="Length of the generated answer (0 skips generation in eval).  [default: 128]"),
-        click.option("--steps", type=click.IntRange(min=1), help="Denoising steps over all blocks.  [default: 128]"),
+                     help="Length of the generated answer (0 skips generation in eval).  [default: 128; "
+                     "--benchmark rwku: each part's own]"),
+        click.option("--steps", type=click.IntRange(min=1), help="Denoising steps over all blocks.  [default: 128; "
+                     "--benchmark rwku: one per new token]"),
         click.option("--block-length", type=click.IntRange(min=1),
                      help="Tokens filled per block, left to right.  [default: 32]"),
         click.option("--ordering", type=click.Choice(ORDERINGS),
@@ -76,7 +78,7 @@ def _benchmark_options(function):
 @click.command("eval", epilog=EVAL_EXAMPLES)
 @click.argument("model")
 @click.option("--forget", help="Forget records (JSONL, JSON array or hf://datasets/...).  [required without "
-              "--benchmark tofu]")
+              "--benchmark]")
 @click.option("--retain", help="Retain records.")
 @_benchmark_options
 @click.option("--base", help="A second model (the base) to show side by side, with the change.")
@@ -87,7 +89,8 @@ def _benchmark_options(function):
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--preset", type=click.Choice(tuple(PRESETS)),
               help="Generation settings of the paper's evaluation for the model's family (LLaDA: 256 tokens, "
-              "blocks of 128, 256 steps; Dream: one block, entropy ordering); explicit options win.")
+              "blocks of 128, 256 steps; Dream: one block, entropy ordering); explicit options win. With "
+              "--benchmark rwku: the MDU paper's variant of RWKU (raw queries, 64 tokens).")
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
 def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size, limit, seed, preset, max_new_tokens,
@@ -100,6 +103,9 @@ def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size,
     ratio needs records with a "perturbed_answer" list. With --benchmark tofu,
     TOFU's forget quality (KS test against --reference) and model utility
     (harmonic mean over retain, real authors and world facts) head the report.
+    With --benchmark rwku --target NAME, RWKU's evaluation of one person:
+    forget probes (levels 1-3), neighbor probes, membership inference and
+    utility, by RWKU's definitions (--preset paper: the MDU paper's).
     When MODEL is an `mdu` output, the report is also written there as
     eval.json, and `mdu push` puts it in the model card.
     """

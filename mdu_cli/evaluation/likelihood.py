@@ -6,6 +6,8 @@ cross-entropy at the masked positions; probability = exp(-mean score).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -66,17 +68,24 @@ def covering_masks(length: int, samples: int, generator: torch.Generator) -> lis
 
 @torch.no_grad()
 def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[int], masks: list[list[int]],
-                          batch_size: int = 32) -> tuple[list[float], list[float]]:
-    """Per-token log-likelihoods of `ids` after `prefix_ids` (docs/method.md
-    section 4): token i's value is the mean, over the masks that hide it, of
-    log p(x_i | the unmasked tokens). Beside it, the same per-token mean of
-    Min-K%++'s normalised value (log p(x_i) - mu) / sigma, mu and sigma^2 the
-    mean and variance of log p under the predicted distribution at i."""
+                          batch_size: int = 32, bound_masks: Optional[int] = None
+                          ) -> tuple[float, list[float], list[float]]:
+    """The text's log-likelihood per token and its per-token log-likelihoods,
+    from one set of forwards (docs/method.md section 4).
+
+    - The per-token bound: over the first `bound_masks` masks (all by
+      default), the mean of each mask's mean log p at its masked tokens: the
+      Monte Carlo estimate `answer_score` makes, negated.
+    - Token i's value: the mean, over the masks that hide it, of
+      log p(x_i | the unmasked tokens); beside it the same mean of Min-K%++'s
+      normalised value (log p(x_i) - mu) / sigma, mu and sigma^2 the mean and
+      variance of log p under the predicted distribution at i."""
     sequence = torch.tensor(prefix_ids + ids, dtype=torch.long, device=loaded.device)
     start, length = len(prefix_ids), len(ids)
     totals = torch.zeros(length, dtype=torch.float64)
     normalised_totals = torch.zeros(length, dtype=torch.float64)
     counts = torch.zeros(length, dtype=torch.float64)
+    per_mask: list[float] = []
     for first in range(0, len(masks), batch_size):
         chunk = masks[first:first + batch_size]
         inputs = sequence.repeat(len(chunk), 1)
@@ -94,7 +103,11 @@ def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[
         totals.index_add_(0, where, token.double().cpu())
         normalised_totals.index_add_(0, where, ((token - mu) / sigma).double().cpu())
         counts.index_add_(0, where, torch.ones_like(where, dtype=torch.float64))
-    return (totals / counts).tolist(), (normalised_totals / counts).tolist()
+        rows = masked.nonzero()[:, 0]
+        sums = torch.zeros(len(chunk), device=token.device).index_add_(0, rows, token)
+        per_mask += (sums / masked.sum(1)).tolist()
+    bound = per_mask[:bound_masks if bound_masks is not None else len(per_mask)]
+    return sum(bound) / len(bound), (totals / counts).tolist(), (normalised_totals / counts).tolist()
 
 
 @torch.no_grad()

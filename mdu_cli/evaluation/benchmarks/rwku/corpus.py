@@ -40,12 +40,13 @@ def meta_path(out: Path) -> Path:
 def check_out(out: Path, overwrite: bool, inputs: list[Path]) -> None:
     """The corpus and its record may only replace a corpus this command wrote
     (with --overwrite), never an input nor another file."""
-    from mdu_cli.io.output_location import unwritable
+    from mdu_cli.io.output_location import is_within, unwritable
 
     for path in (out, meta_path(out)):
         for source in inputs:
-            if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
-                raise MduError(f"--out {out}: {path} is {source}, which this command reads; write elsewhere")
+            if Path(source).exists() and is_within(path, source):
+                raise MduError(f"--out {out} is inside {source}, which this command reads; write the corpus "
+                               "elsewhere")
         if path.is_dir():
             raise MduError(f"--out {out}: {path} is a directory; give a file name")
     if out.exists() or out.is_symlink() or meta_path(out).exists():

@@ -143,9 +143,10 @@ def mia_part(loaded, sets, mc_samples, seed, batch_size, show_progress) -> dict:
             ids = encode_text(tokenizer, row["text"])
             if not ids:
                 continue
-            ll, normalised = token_log_likelihoods(loaded, prefix, ids, covering_masks(len(ids), mc_samples,
-                                                                                       generator), batch_size)
-            results.append({"subject": row["subject"], **measures.mia_scores(row["text"], ll, normalised)})
+            loss, ll, normalised = token_log_likelihoods(loaded, prefix, ids,
+                                                         covering_masks(len(ids), mc_samples, generator),
+                                                         batch_size, bound_masks=mc_samples)
+            results.append({"subject": row["subject"], **measures.mia_scores(row["text"], loss, ll, normalised)})
         report[name] = {score: measures.mean([r[score] for r in results]) for score in ("loss", "zlib", "mink",
                                                                                       "mink++")}
         report[name]["results"] = results
@@ -201,17 +202,19 @@ def truthfulness(loaded, rows, prompts, mc_samples, seed, batch_size, show_progr
     """MC1 and MC2 from each answer's log-likelihood after the prompt
     (RWKU's sum of token log-probabilities; here the masked-diffusion ELBO,
     the answer's length times its Monte Carlo mean log-probability)."""
-    generator = torch.Generator().manual_seed(seed)
     results = []
-    for row, prompt in tqdm(list(zip(rows, prompts)), desc="rwku truthfulness", unit="question",
-                            disable=not show_progress, dynamic_ncols=True):
+    for index, (row, prompt) in enumerate(tqdm(list(zip(rows, prompts)), desc="rwku truthfulness",
+                                               unit="question", disable=not show_progress, dynamic_ncols=True)):
         cache: dict[str, float] = {}
 
         def log_likelihood(choice: str) -> float:
             if choice not in cache:
-                # RWKU scores " " + choice after a prompt that ends in "A:".
+                # RWKU scores " " + choice after a prompt that ends in "A:". Every
+                # choice of a question draws its masks from the same seed (common
+                # random numbers): the comparison cancels most of the noise.
                 answer = " " + choice
                 length = len(encode_text(loaded.tokenizer, answer))
+                generator = torch.Generator().manual_seed(seed + index)
                 cache[choice] = -length * answer_score(loaded, prompt, answer, mc_samples, generator, batch_size)
             return cache[choice]
 

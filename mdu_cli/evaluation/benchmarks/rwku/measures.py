@@ -92,12 +92,12 @@ def first_letter(output: str, letters: int) -> Optional[int]:
     return ord(found.group(1)) - ord("A") if found else None
 
 
-def mia_scores(text: str, log_likelihoods: Sequence[float], normalised: Sequence[float]) -> dict:
+def mia_scores(text: str, loss: float, log_likelihoods: Sequence[float], normalised: Sequence[float]) -> dict:
     """RWKU's four membership scores of one text (larger: more likely seen in
-    training). `log_likelihoods` are the per-token log-probabilities of the
-    text's tokens, `normalised` the same minus the mean log-probability under
-    the predicted distribution, over its standard deviation (Min-K%++)."""
-    loss = sum(log_likelihoods) / len(log_likelihoods)
+    training). `loss` is the text's log-likelihood per token (RWKU's LOSS,
+    the negated mean loss), `log_likelihoods` the per-token ones, `normalised`
+    each minus the mean log-probability under the predicted distribution,
+    over its standard deviation (Min-K%++)."""
     k = max(1, int(len(log_likelihoods) * MIN_K))   # RWKU's int(n * k); at least one token
     return {
         "loss": loss,
