@@ -356,3 +356,53 @@ def test_aggregate_means_over_targets_per_tau(tmp_path):
     assert rows[("original", "-")].endswith("| 2 | 0.700 |")
     assert rows[("mdu", "1.0")].endswith("| 2 | 0.300 |") and rows[("mdu", "2.0")].endswith("| 2 | 0.200 |")
     assert "Gen" not in table, "a measure no report has is left out"
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "masked-lm"])
+def test_batched_single_position_scores_equal_one_prompt_at_a_time(family, family_dirs):
+    """Prompts of different lengths padded into one batch score as alone: the
+    padding is hidden from every family's attention."""
+    from mdu_cli.evaluation.likelihood import next_token_log_probs
+    from mdu_cli.model.inference import load_for_inference
+
+    loaded = load_for_inference(str(family_dirs[family]), trust_remote_code=True, device="cpu")
+    prompts = [loaded.prompt_ids([{"role": "user", "content": text}]) for text in
+               ("where was the cat born ?", "who", "what did the father of the young painter do in paris ?")]
+    together = next_token_log_probs(loaded, prompts, [5, 6, 7], batch_size=3)
+    alone = [next_token_log_probs(loaded, [p], [5, 6, 7], batch_size=1)[0] for p in prompts]
+    for got, want in zip(together, alone):
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_multiple_choice_accuracy_by_hand(monkeypatch):
+    """RWKU's MMLU: the most likely of the row's own choice letters, rows with
+    different numbers of choices scored apart; accuracy the share right."""
+    from mdu_cli.evaluation.benchmarks.rwku import evaluate
+
+    letters = {3: [10, 11, 12], 4: [10, 11, 12, 13]}
+    scores = {(1,): [-3.0, -0.5, -2.0, -9.0], (2,): [-1.0, -2.0, -3.0, -0.1], (3,): [-5.0, -4.0, -0.2]}
+    monkeypatch.setattr(evaluate, "_letter_candidates", lambda loaded, count: letters[count])
+
+    def fake_scores(loaded, prompts, candidates, batch_size):
+        assert all(len(scores[tuple(p)]) == len(candidates) for p in prompts), "each group has its own letters"
+        return [scores[tuple(p)] for p in prompts]
+
+    monkeypatch.setattr(evaluate, "next_token_log_probs", fake_scores)
+    rows = [{"question": "q1", "choices": list("abcd"), "answer": 1, "subject": "s"},
+            {"question": "q2", "choices": list("abcd"), "answer": 0, "subject": "s"},
+            {"question": "q3", "choices": list("abc"), "answer": 2, "subject": "s"}]
+    report = evaluate.general(None, rows, [[1], [2], [3]], {}, False, 8, False)
+    assert [r["prediction"] for r in report["results"]] == [1, 3, 2]   # argmax of each row's scores
+    assert report["acc"] == pytest.approx(2 / 3)
+
+
+def test_the_paper_preset_lengths_and_a_model_too_short_for_a_part(dream_dir, rwku_dir):
+    result = _eval(dream_dir, rwku_dir, "--preset", "paper", "--part", "utility", "--mc-samples", "4",
+                   "--device", "cpu", "--trust-remote-code")
+    assert result.exit_code == 0, result.stderr
+    lengths = json.loads(result.stdout)["generation"]["max_new_tokens"]
+    assert lengths["general"] == 64 and lengths["factuality"] == 64 and lengths["reasoning"] == 256
+    demo = EXAMPLE_DATA.parents[1] / "demo" / "model"
+    result = _eval(demo, rwku_dir, "--part", "utility", "--device", "cpu")
+    assert result.exit_code == 1 and "more than the 64 positions" in result.stderr
+    assert "leave that --part out" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -92,7 +92,8 @@ class ForgetRetain:
 
     def files(self, forget: Optional[str], retain: Optional[str], options: dict) -> dict[str, Optional[str]]:
         if not forget:
-            raise ConfigError("--forget is required (or --benchmark tofu, which has default files)")
+            raise ConfigError("--forget is required (or a --benchmark, which has its own files: "
+                              "tofu or rwku)")
         return {"forget": forget, "retain": retain}
 
     def inputs(self, options: dict) -> list[Path]:

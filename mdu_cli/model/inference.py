@@ -44,12 +44,12 @@ class LoadedModel:
             self.model = load_model(self.source, self.trust, dtype).to(self.device).eval()
         return self
 
-    def check_length(self, tokens: int, where: str, what: str) -> None:
+    def check_length(self, tokens: int, where: str, what: str, fix: str = "shorten it") -> None:
         """Refuse a sequence the model has no positions for: it would not fail,
         it would silently compute garbage."""
         if self.positions is not None and tokens > self.positions:
             raise MduError(f"{where}: {what} is {tokens} tokens, more than the {self.positions} positions "
-                           f"{self.source.name} takes; shorten it")
+                           f"{self.source.name} takes; {fix}")
 
     @property
     def pad_id(self) -> int:

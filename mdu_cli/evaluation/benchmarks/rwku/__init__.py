@@ -38,6 +38,10 @@ TABLE = (
 )
 
 
+TOO_LONG = ("leave that --part out, or give a shorter --max-new-tokens (RWKU's prompts are fixed; a model "
+            "with more positions takes them)")
+
+
 def _mean(values: list) -> Optional[float]:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
@@ -119,25 +123,34 @@ class Rwku:
         return resolve(requested, family)
 
     def check_lengths(self, loaded, splits: dict, generation: dict) -> None:
-        """Every prompt, with its part's new tokens, within the model's positions."""
+        """Every prompt with what follows it (its part's new tokens, a choice
+        letter's one position, the longest TruthfulQA answer), and every MIA
+        text, within the model's positions."""
+        from mdu_cli.data.tokenization import encode_text
         from mdu_cli.evaluation.benchmarks.rwku.evaluate import part_prompts
         from mdu_cli.evaluation.benchmarks.rwku.settings import part_settings
 
         paper = generation.get("preset") == "paper"
-        part_of = {"forget_level": "forget", "neighbor_level": "neighbor"}
+
+        def following(name: str, row: dict) -> tuple[int, str]:
+            if name == "truthfulness":
+                choices = row["mc1_targets"]["choices"] + row["mc2_targets"]["choices"]
+                return max(len(encode_text(loaded.tokenizer, " " + c)) for c in choices), "its longest answer"
+            if name == "general" and not paper:
+                return 1, "the answer's one position"
+            part = "forget" if name.startswith(("forget_level", "neighbor_level")) else name
+            tokens = part_settings(generation, part)["max_new_tokens"]
+            return tokens, f"{tokens} new tokens"
+
         for name, prompts in part_prompts(loaded, splits, paper).items():
-            part = next((p for prefix, p in part_of.items() if name.startswith(prefix)), name)
-            new = part_settings(generation, part)["max_new_tokens"] if part in (
-                "forget", "neighbor", "reasoning", "factuality", "fluency") or paper else 1
-            for row, ids in enumerate(prompts, start=1):
-                loaded.check_length(len(ids) + new, f"RWKU {name} row {row} of the target",
-                                    f"the prompt with {new} new tokens")
+            for row, (item, ids) in enumerate(zip(splits[name], prompts), start=1):
+                tokens, what = following(name, item)
+                loaded.check_length(len(ids) + tokens, f"RWKU {name} row {row} of the target",
+                                    f"the prompt with {what}", fix=TOO_LONG)
         for name in ("forget_mia", "retain_mia"):
             for row, item in enumerate(splits.get(name, ()), start=1):
-                from mdu_cli.data.tokenization import encode_text
-
                 loaded.check_length(len(encode_text(loaded.tokenizer, item["text"])) + 1,
-                                    f"RWKU {name} row {row} of the target", "the text")
+                                    f"RWKU {name} row {row} of the target", "the text", fix=TOO_LONG)
 
     def evaluate(self, loaded, splits: dict, mc_samples: int, seed: int, generation: dict, batch_size: int,
                  show_progress: bool) -> dict:

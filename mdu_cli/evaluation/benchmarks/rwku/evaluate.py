@@ -93,11 +93,6 @@ def _first_line(text: str) -> str:
     return line or measures.NO_ANSWER
 
 
-def _probe_results(rows: list[dict], predictions: list[str], rouge) -> list[dict]:
-    return [{**{k: row[k] for k in PROBE_FIELDS if k in row}, "prediction": prediction,
-             "rouge_l_r": rouge(prediction, row["answer"])} for row, prediction in zip(rows, predictions)]
-
-
 def _levels(results: list[dict], names: list[str]) -> dict:
     report = {}
     for name in names:
@@ -107,14 +102,19 @@ def _levels(results: list[dict], names: list[str]) -> dict:
 
 
 def probe_part(loaded, sets, prompts, names, settings, paper, batch_size, show_progress, part) -> dict:
+    """Forget or neighbor probes: every level's probes in one run of batched
+    passes, each answer's ROUGE-L recall, the mean per level (and per attack
+    type at level 3)."""
     rouge = measures.paper_rouge_l_recall if paper else measures.rouge_l_recall
     names = [n for n in names if n in sets]
     flat = [(name, row, ids) for name in names for row, ids in zip(sets[name], prompts[name])]
     outputs = _generate(loaded, [ids for _, _, ids in flat], settings, batch_size, f"rwku {part}", show_progress)
     results = []
     for (name, row, _), output in zip(flat, outputs):
-        [result] = _probe_results([row], [_first_line(output)], rouge)
-        results.append({"set": name, **result})
+        prediction = _first_line(output)
+        # As RWKU's own output keeps a probe: its fields, the prediction, the score.
+        results.append({"set": name, **{k: row[k] for k in PROBE_FIELDS if k in row}, "prediction": prediction,
+                        "rouge_l_r": rouge(prediction, row["answer"])})
     report = _levels(results, names)
     if "forget_level3" in names:
         by_type: dict[str, list[float]] = {}
