@@ -82,6 +82,15 @@ def _benchmark_options(function):
 @click.option("--retain", help="Retain records.")
 @_benchmark_options
 @click.option("--base", help="A second model (the base) to show side by side, with the change.")
+@click.option("--tasks", help="lm-evaluation-harness tasks, comma-separated (e.g. mmlu,truthfulqa_mc1,triviaqa), "
+              "run through the masked-diffusion `mdu` model; alone or beside the other measures. Needs "
+              "pip install 'mdu-cli[lm-eval]'.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="With --tasks: few-shot examples per prompt.  "
+              "[default: each task's own]")
+@click.option("--include-path", type=click.Path(file_okay=False), help="With --tasks: a folder of your own lm-eval "
+              "task configs.")
+@click.option("--apply-chat-template", is_flag=True, help="With --tasks: put each prompt through the model's chat "
+              "template (lm-eval's option of the same name).")
 @click.option("--mc-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Monte Carlo samples per answer probability.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per forward.")
@@ -93,8 +102,9 @@ def _benchmark_options(function):
               "--benchmark rwku: the MDU paper's variant of RWKU (raw queries, 64 tokens).")
 @_generation_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document; no progress bars.")
-def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size, limit, seed, preset, max_new_tokens,
-                 steps, block_length, ordering, device, trust_remote_code, as_json, **benchmark_options) -> None:
+def eval_command(model, forget, retain, benchmark, base, tasks, num_fewshot, include_path, apply_chat_template,
+                 mc_samples, batch_size, limit, seed, preset, max_new_tokens, steps, block_length, ordering, device,
+                 trust_remote_code, as_json, **benchmark_options) -> None:
     """Measure forgetting: answer probability, ROUGE-L and truth ratio per split.
 
     Answer probability is the Monte Carlo estimator of masked diffusion LMs
@@ -106,10 +116,19 @@ def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size,
     With --benchmark rwku --target NAME, RWKU's evaluation of one person:
     forget probes (levels 1-3), neighbor probes, membership inference and
     utility, by RWKU's definitions (--preset paper: the MDU paper's).
-    When MODEL is an `mdu` output, the report is also written there as
-    eval.json, and `mdu push` puts it in the model card.
+    With --tasks, lm-evaluation-harness tasks run through the `mdu` model
+    (masked-diffusion likelihoods, the sampler for generation), alone or
+    beside the rest. When MODEL is an `mdu` output, the report is also
+    written there as eval.json, and `mdu push` puts it in the model card.
     """
     from mdu_cli.evaluation.report import format_eval, run_eval
+
+    if not tasks and (num_fewshot is not None or include_path or apply_chat_template):
+        raise click.UsageError("--num-fewshot, --include-path and --apply-chat-template need --tasks")
+    if tasks:
+        from mdu_cli.evaluation.harness import parse_tasks
+
+        tasks = parse_tasks(tasks)
 
     options = {}
     for name, entry in BENCHMARKS.items():
@@ -127,7 +146,8 @@ def eval_command(model, forget, retain, benchmark, base, mc_samples, batch_size,
     report = run_eval(model, forget, retain, base, mc_samples=mc_samples, limit=limit, seed=seed,
                       generation=generation, batch_size=batch_size, device=device,
                       trust_remote_code=trust_remote_code, show_progress=not as_json, benchmark=benchmark,
-                      **options)
+                      tasks=tasks, num_fewshot=num_fewshot, include_path=include_path,
+                      apply_chat_template=apply_chat_template, **options)
     click.echo(json.dumps(report, indent=2) if as_json else format_eval(report))
 
 

@@ -133,12 +133,26 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
              mc_samples: int = 128, limit: Optional[int] = None, seed: int = 0, generation: Optional[dict] = None,
              batch_size: int = 32, device: str = "auto", trust_remote_code: bool = False,
              show_progress: bool = True, write: bool = True, benchmark: Optional[str] = None,
+             tasks: Optional[list[str]] = None, num_fewshot: Optional[int] = None,
+             include_path: Optional[str] = None, apply_chat_template: bool = False,
              **benchmark_options) -> dict:
     """Evaluate MODEL (and BASE, side by side) on the forget and retain files,
     or on a benchmark's splits (`--benchmark tofu`: TOFU's four, with forget
     quality and model utility; its options, such as `reference=`, are the
-    keywords its registry entry declares). When MODEL is an `mdu` output
-    directory, the report is also written there as eval.json, for the card."""
+    keywords its registry entry declares), and on lm-eval `tasks` (alone, or
+    beside either). When MODEL is an `mdu` output directory, the report is
+    also written there as eval.json, for the card."""
+    harness = None
+    if tasks:
+        # lm-eval installed, every task known: before any file is read or weight loaded.
+        from mdu_cli.evaluation.harness import check_tasks, require_lm_eval, task_manager
+
+        version = require_lm_eval()
+        manager = task_manager(include_path)
+        harness = {"lm_eval_version": version, "tasks": check_tasks(list(tasks), manager),
+                   "num_fewshot": num_fewshot, "limit": limit, "apply_chat_template": apply_chat_template,
+                   "include_path": include_path, "mc_samples": mc_samples, "manager": manager}
+    tasks_only = harness is not None and benchmark is None and not forget and not retain
     bench = benchmark_named(benchmark)
     known = {option.name for option in bench.options}
     unknown = sorted(set(benchmark_options) - known)
@@ -147,9 +161,11 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
     if base and not getattr(bench, "takes_base", bench is FORGET_RETAIN):
         raise ConfigError(f"--base does not combine with --benchmark {benchmark}; evaluate each model on its own "
                           "and compare the reports")
-    files = bench.files(forget, retain, benchmark_options)
+    files = {} if tasks_only else bench.files(forget, retain, benchmark_options)
     generation = dict(generation if generation is not None else DEFAULT_GENERATION)
-    if hasattr(bench, "read"):
+    if tasks_only:
+        datasets, splits, checked = {}, {}, None
+    elif hasattr(bench, "read"):
         # A benchmark with files of its own shape reads and checks them itself.
         datasets, splits, checked = bench.read(benchmark_options, limit)
     else:
@@ -176,23 +192,38 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
         else:
             check_lengths(loaded, [r for records in splits.values() for r in records], generation)
 
+    tasks_results: dict[str, dict] = {}
+
     def evaluate(name: str) -> dict:
         loaded = prepared[name].load_weights()
         try:
-            return bench.evaluate(loaded, splits, mc_samples, seed, generation, batch_size, show_progress)
+            splits_report = {} if tasks_only else bench.evaluate(loaded, splits, mc_samples, seed, generation,
+                                                                 batch_size, show_progress)
+            if harness is not None:
+                from mdu_cli.evaluation.harness.run import run_tasks
+
+                tasks_results[name] = run_tasks(loaded, harness["tasks"], harness["manager"], num_fewshot, limit,
+                                                apply_chat_template, mc_samples, batch_size, seed, show_progress)
+            return splits_report
         finally:
             loaded.model = None  # one model in memory at a time
 
     report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
               "data": {split: data.summary() for split, data in datasets.items()}}
     report["splits"] = evaluate(model)
-    report = bench.finish(report, checked)
+    if not tasks_only:
+        report = bench.finish(report, checked)
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
-        if hasattr(bench, "with_base"):
+        if tasks_only:
+            pass
+        elif hasattr(bench, "with_base"):
             report = bench.with_base(report, report["base"]["splits"])
         else:
             report["change"] = relative_change(report["splits"], report["base"]["splits"])
+    if harness is not None:
+        report["lm_eval"] = {**{k: v for k, v in harness.items() if k != "manager"},
+                             "model": tasks_results[model], **({"base": tasks_results[base]} if base else {})}
     if target is not None:
         from mdu_cli.io.atomic import write_text_atomic
 
@@ -211,8 +242,16 @@ def relative_change(model_splits: dict, base_splits: dict) -> dict:
 
 
 def format_eval(report: dict) -> str:
-    """The report as a terminal table, by the benchmark that wrote it."""
-    return benchmark_named(report.get("benchmark")).format(report)
+    """The report as a terminal table, by the benchmark that wrote it, then
+    the lm-eval tasks' (when it ran any)."""
+    parts = []
+    if report.get("splits"):
+        parts.append(benchmark_named(report.get("benchmark")).format(report))
+    if report.get("lm_eval"):
+        from mdu_cli.evaluation.harness.run import format_tasks
+
+        parts.append(format_tasks(report))
+    return "\n\n".join(parts)
 
 
 def format_forget_retain(report: dict) -> str:

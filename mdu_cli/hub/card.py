@@ -138,12 +138,22 @@ def _delta_section(delta: dict) -> list[str]:
 
 
 def _eval_section(evaluation: dict) -> list[str]:
-    """eval.json: {"splits": {name: {metric: value}}} (written by `mdu eval`)."""
+    """eval.json: {"splits": {name: {metric: value}}} (written by `mdu eval`),
+    and the lm-eval tasks' results when it ran any."""
+    lines = _splits_lines(evaluation)
+    if evaluation.get("lm_eval"):
+        from mdu_cli.evaluation.harness.run import card_lines
+
+        lines += card_lines(evaluation["lm_eval"], _fmt)
+    return ["## Evaluation", "", *lines] if lines else []
+
+
+def _splits_lines(evaluation: dict) -> list[str]:
     splits = evaluation.get("splits") or {}
     # Aggregates only: per-record lists stay in eval.json.
     metrics = sorted({m for values in splits.values() if isinstance(values, dict) for m, v in values.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    lines = ["## Evaluation", ""]
+    lines = []
     benchmark = evaluation.get("benchmark")
     if benchmark:
         from mdu_cli.evaluation.benchmarks import BENCHMARKS
@@ -155,7 +165,7 @@ def _eval_section(evaluation: dict) -> list[str]:
                 # Its splits nest several levels deep; the benchmark's own table says it all.
                 return lines
     if not metrics:
-        return []
+        return lines
     lines += ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for split, values in splits.items():
         lines.append(f"| {split} | " + " | ".join(_fmt(values.get(m)) if isinstance(values.get(m), (int, float))
