@@ -213,3 +213,42 @@ def test_an_unknown_task_or_a_missing_extra_is_named_before_loading(dream_dir, t
     result = CliRunner().invoke(cli, ["eval", str(dream_dir), "--tasks", "mmlu", "--trust-remote-code"])
     assert result.exit_code == 1 and "pip install 'mdu-cli[lm-eval]'" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_chat_template_option_renders_prompts_through_the_model_template(dream_dir, task_dir):
+    from mdu_cli.evaluation.harness.model import MduLM
+
+    lm = MduLM(pretrained=str(dream_dir), trust_remote_code=True, device="cpu", show_progress=False)
+    rendered = lm.apply_chat_template([{"role": "user", "content": "where was the cat born ?"}])
+    assert "<|im_start|>user" in rendered and rendered.rstrip().endswith("<|im_start|>assistant")
+    assert lm.tok_encode(rendered)[:1] == [lm.tokenizer.convert_tokens_to_ids("<|im_start|>")], \
+        "the template's markup is read as its special tokens"
+    result = CliRunner().invoke(cli, ["eval", str(dream_dir), "--tasks", "mdu_mc", "--include-path", str(task_dir),
+                                      "--apply-chat-template", "--mc-samples", "4", "--limit", "1", "--device", "cpu",
+                                      "--trust-remote-code", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["lm_eval"]["apply_chat_template"] is True
+
+
+def test_the_lm_eval_extra_is_the_set_these_tests_run_on():
+    """The extra's pins (as the installed package declares them) hold for what
+    is installed here, the test extra installs the same set on a fresh
+    machine, and that set imports beside transformers."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    declared = [Requirement(r) for r in requires("mdu-cli")]
+
+    def extra(name):
+        return [r for r in declared if r.marker is not None and r.marker.evaluate({"extra": name})]
+
+    pins = extra("lm-eval")
+    assert {p.name for p in pins} == {"lm-eval", "datasets"}
+    test_pins = {(r.name, str(r.specifier)) for r in extra("test")}
+    for pin in pins:
+        assert pin.specifier.contains(version(pin.name)), f"{pin.name} {version(pin.name)} is outside {pin}"
+        assert (pin.name, str(pin.specifier)) in test_pins, "the test extra installs the same set"
+    assert any(p.name == "datasets" and not p.specifier.contains("5.0.0") for p in pins), "datasets 5 breaks hub < 1"
+    import lm_eval  # noqa: F401
+    import transformers  # noqa: F401  (datasets 5 would have pulled a huggingface-hub that breaks this import)
