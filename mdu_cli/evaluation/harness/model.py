@@ -111,13 +111,15 @@ class MduLM(TemplateLM):
 
     # ---- scoring ----------------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
-        """Log-softmax at the listed positions of each (tokens, positions)
-        row, the masked positions holding the mask token; rows run in
-        length order, `batch_size` per forward."""
+    def _forward(self, rows: list[tuple[list[int], list[int], list[int]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """For each (tokens, masked positions, targets) row: the log-probability
+        of each target at its masked position, and the most likely token
+        there. Rows run in length order, `batch_size` per forward; only these
+        numbers are kept (a task of 50,000 rows must not hold 50,000
+        vocabulary-wide distributions)."""
         loaded = self.loaded
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        out: list[Optional[torch.Tensor]] = [None] * len(rows)
+        out: list = [None] * len(rows)
         for first in tqdm(range(0, len(order), self.batch_size), desc="mdu forwards", unit="batch",
                           disable=not self.show_progress, dynamic_ncols=True):
             chunk = order[first:first + self.batch_size]
@@ -125,7 +127,7 @@ class MduLM(TemplateLM):
             inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
             attention = torch.zeros_like(inputs)
             for r, i in enumerate(chunk):
-                tokens, positions = rows[i]
+                tokens, positions, _ = rows[i]
                 inputs[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
                 inputs[r, positions] = loaded.mask_token_id
                 attention[r, :len(tokens)] = 1
@@ -133,7 +135,10 @@ class MduLM(TemplateLM):
                 logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device),
                                       loaded.family)
             for r, i in enumerate(chunk):
-                out[i] = F.log_softmax(logits[r, rows[i][1]].float(), dim=-1).cpu()
+                _, positions, targets = rows[i]
+                log_probs = F.log_softmax(logits[r, positions].float(), dim=-1)
+                picked = log_probs.gather(1, torch.tensor(targets, device=log_probs.device)[:, None]).squeeze(1)
+                out[i] = (picked.cpu(), log_probs.argmax(-1).cpu())
         return out
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
@@ -145,33 +150,30 @@ class MduLM(TemplateLM):
         return context[-room:]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        rows: list[tuple[list[int], list[int]]] = []
-        plan = []   # per request: (kind, row indices, continuation)
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        plan = []   # per request: the index of its all-masked row, and of its Monte Carlo rows
         for _, context, continuation in requests:
             context = self._fit(context, continuation)
             start, length = len(context), len(continuation)
             tokens = context + continuation
-            greedy_row = len(rows)
-            rows.append((tokens, list(range(start, start + length))))   # everything masked: exact if one token
-            if length == 1:
-                plan.append(("single", [greedy_row], continuation))
-                continue
-            masks = mc_masks(length, self.mc_samples, torch.Generator().manual_seed(self.seed))
-            sample_rows = list(range(len(rows), len(rows) + len(masks)))
-            rows += [(tokens, [start + p for p in mask]) for mask in masks]
-            plan.append(("mc", [greedy_row, *sample_rows], continuation, masks))
+            everything = len(rows)
+            # Everything masked: the exact value of a one-token continuation, and is_greedy.
+            rows.append((tokens, list(range(start, start + length)), continuation))
+            samples = []
+            if length > 1:
+                for mask in mc_masks(length, self.mc_samples, torch.Generator().manual_seed(self.seed)):
+                    samples.append(len(rows))
+                    rows.append((tokens, [start + p for p in mask], [continuation[p] for p in mask]))
+            plan.append((everything, samples, continuation))
         scored = self._forward(rows)
         results = []
-        for item in plan:
-            kind, indices, continuation = item[0], item[1], item[2]
-            target = torch.tensor(continuation)
-            everything = scored[indices[0]]
-            greedy = bool((everything.argmax(-1) == target).all())
-            if kind == "single":
-                results.append((float(everything[0, continuation[0]]), greedy))
+        for everything, samples, continuation in plan:
+            picked, argmax = scored[everything]
+            greedy = argmax.tolist() == continuation
+            if not samples:
+                results.append((float(picked[0]), greedy))
                 continue
-            masks = item[3]
-            means = [float(scored[i].gather(1, target[mask][:, None]).mean()) for i, mask in zip(indices[1:], masks)]
+            means = [float(scored[i][0].mean()) for i in samples]
             # The bound: L x the mean, over samples, of the masked tokens' mean log-probability.
             results.append((len(continuation) * sum(means) / len(means), greedy))
         return results
