@@ -26,6 +26,20 @@ def mc_masks(length: int, samples: int, generator: torch.Generator) -> list[list
     return masks
 
 
+def _masked_logits(loaded: LoadedModel, sequence: torch.Tensor, start: int,
+                   chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of `sequence` once per mask of `chunk` (positions counted
+    from `start`), each with its positions masked: the (rows, length) mask and
+    the logits at the masked positions, row by row."""
+    inputs = sequence.repeat(len(chunk), 1)
+    masked = torch.zeros_like(inputs, dtype=torch.bool)
+    for row, positions in enumerate(chunk):
+        masked[row, [start + p for p in positions]] = True
+    inputs[masked] = loaded.mask_token_id
+    logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
+    return masked, logits[masked]
+
+
 @torch.no_grad()
 def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[int], masks: list[list[int]],
                   batch_size: int = 32) -> list[float]:
@@ -35,13 +49,8 @@ def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[i
     scores = []
     for first in range(0, len(masks), batch_size):
         chunk = masks[first:first + batch_size]
-        inputs = sequence.repeat(len(chunk), 1)
-        masked = torch.zeros_like(inputs, dtype=torch.bool)
-        for row, positions in enumerate(chunk):
-            masked[row, [start + p for p in positions]] = True
-        inputs[masked] = loaded.mask_token_id
-        logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
-        ce = F.cross_entropy(logits[masked].float(), sequence.repeat(len(chunk), 1)[masked], reduction="none")
+        masked, logits = _masked_logits(loaded, sequence, start, chunk)
+        ce = F.cross_entropy(logits.float(), sequence.repeat(len(chunk), 1)[masked], reduction="none")
         counts = masked.sum(1)
         sums = torch.zeros(len(chunk), device=ce.device).index_add_(0, masked.nonzero()[:, 0], ce)
         scores += (sums / counts).tolist()
@@ -88,13 +97,8 @@ def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[
     per_mask: list[float] = []
     for first in range(0, len(masks), batch_size):
         chunk = masks[first:first + batch_size]
-        inputs = sequence.repeat(len(chunk), 1)
-        masked = torch.zeros_like(inputs, dtype=torch.bool)
-        for row, positions in enumerate(chunk):
-            masked[row, [start + p for p in positions]] = True
-        inputs[masked] = loaded.mask_token_id
-        logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
-        log_probs = torch.log_softmax(logits[masked].float(), dim=-1)
+        masked, logits = _masked_logits(loaded, sequence, start, chunk)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         token = log_probs.gather(1, sequence.repeat(len(chunk), 1)[masked][:, None]).squeeze(1)
         probs = log_probs.exp()
         mu = (probs * log_probs).sum(-1)

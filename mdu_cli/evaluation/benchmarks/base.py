@@ -52,3 +52,8 @@ class Benchmark(Protocol):
     def format(self, report: dict) -> str: ...
 
     def card_lines(self, report: dict, fmt) -> list[str]: ...
+
+
+def format_number(value) -> str:
+    """A table cell of a benchmark's number: four significant digits, '-' for none."""
+    return "-" if value is None else f"{value:.4g}"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from mdu_cli.errors import ConfigError
-from mdu_cli.evaluation.benchmarks.base import BenchmarkOption
+from mdu_cli.evaluation.benchmarks.base import BenchmarkOption, format_number
 from mdu_cli.evaluation.benchmarks.rwku.data import DEFAULT_SOURCE, PARTS
 
 # The headline table: (key, part, what) in RWKU's column order and names.
@@ -69,10 +69,6 @@ def table(parts: dict) -> dict[str, Optional[float]]:
                     "Fac": factuality["F1"] if "F1" in factuality else factuality["match"],
                     "Flu": utility["fluency"]["entropy"]})
     return out
-
-
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 class Rwku:
@@ -181,16 +177,16 @@ class Rwku:
             value = report["table"][key]
             if base:
                 change = report["change"].get(key)
-                rows.append([key, _number(base.get(key)), _number(value),
+                rows.append([key, format_number(base.get(key)), format_number(value),
                              "-" if change is None else f"{change:+.4g}"])
             else:
-                rows.append([key, _number(value)])
+                rows.append([key, format_number(value)])
         lines = [f"RWKU target {report['target']!r}" + (" (paper preset)" if report["generation"].get("preset")
                                                          else ""), text_table(header, rows)]
         forget = report["splits"].get("forget") or {}
         if forget.get("level_3_by_type"):
             lines += ["", "level 3 by attack type: " + ", ".join(
-                f"{kind} {_number(value)}" for kind, value in forget["level_3_by_type"].items())]
+                f"{kind} {format_number(value)}" for kind, value in forget["level_3_by_type"].items())]
         return "\n".join(lines)
 
     def card_lines(self, report: dict, fmt) -> list[str]:

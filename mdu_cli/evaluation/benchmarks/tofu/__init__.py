@@ -9,13 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 from mdu_cli.errors import ConfigError
-from mdu_cli.evaluation.benchmarks.base import BenchmarkOption
+from mdu_cli.evaluation.benchmarks.base import BenchmarkOption, format_number
 
 SPLIT_CHOICES = ("forget01", "forget05", "forget10")
-
-
-def _number(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 class Tofu:
@@ -80,11 +76,11 @@ class Tofu:
         """The two headline numbers, then each split's aggregates."""
         from mdu_cli.diff.format import text_table
 
-        lines = [f"forget quality  {_number(report['forget_quality'])}"
+        lines = [f"forget quality  {format_number(report['forget_quality'])}"
                  + ("" if report["reference"] else "  (needs --reference: the retain-only model's report)"),
-                 f"model utility   {_number(report['model_utility'])}", ""]
+                 f"model utility   {format_number(report['model_utility'])}", ""]
         metrics = ("probability", "probability_normalised", "rouge_l", "truth_ratio_closer_to_1", "truth_score")
-        rows = [[split] + [_number(values.get(m)) for m in metrics] for split, values in report["splits"].items()]
+        rows = [[split] + [format_number(values.get(m)) for m in metrics] for split, values in report["splits"].items()]
         header = ["split", "prob.", "prob. normalised", "ROUGE-L", "TR closer to 1", "TR score (1-R)+"]
         return "\n".join(lines) + "\n" + text_table(header, rows)
 
