@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from mdu_cli.evaluation.benchmarks.rwku import TABLE  # noqa: E402
 
-COLUMNS = [key for key, _, _ in TABLE]
+COLUMNS = [key for key, _ in TABLE]
 
 
 def run_of(model: str) -> tuple[str, str]:

@@ -115,22 +115,34 @@ def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[
 
 
 @torch.no_grad()
+def masked_rows(loaded: LoadedModel, rows: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                by_length: bool = False):
+    """Run rows of (tokens, positions to mask), `batch_size` per forward (in
+    length order with `by_length`), right-padded with the padding hidden from
+    attention; yield each row's index and its logits at the masked positions."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if by_length else range(len(rows))
+    order = list(order)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        width = max(len(rows[i][0]) for i in chunk)
+        inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
+        attention = torch.zeros_like(inputs)
+        for r, i in enumerate(chunk):
+            tokens, positions = rows[i]
+            inputs[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            inputs[r, positions] = loaded.mask_token_id
+            attention[r, :len(tokens)] = 1
+        logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device), loaded.family)
+        for r, i in enumerate(chunk):
+            yield i, logits[r, rows[i][1]]
+
+
 def next_token_log_probs(loaded: LoadedModel, prompts: list[list[int]], candidates: list[int],
                          batch_size: int = 32) -> list[list[float]]:
     """log p(candidate) at one masked position right after each prompt: a
     single-token answer's likelihood, exact (nothing else is masked)."""
-    results = []
-    for first in range(0, len(prompts), batch_size):
-        chunk = prompts[first:first + batch_size]
-        width = max(len(p) for p in chunk) + 1
-        inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(inputs)
-        for row, prompt in enumerate(chunk):
-            inputs[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-            inputs[row, len(prompt)] = loaded.mask_token_id
-            attention[row, :len(prompt) + 1] = 1
-        logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device), loaded.family)
-        at = torch.tensor([len(p) for p in chunk], device=logits.device)
-        log_probs = torch.log_softmax(logits[torch.arange(len(chunk), device=logits.device), at].float(), dim=-1)
-        results += log_probs[:, candidates].tolist()
+    rows = [(prompt + [loaded.mask_token_id], [len(prompt)]) for prompt in prompts]
+    results: list[list[float]] = [[] for _ in prompts]
+    for i, logits in masked_rows(loaded, rows, batch_size):
+        results[i] = torch.log_softmax(logits[0].float(), dim=-1)[candidates].tolist()
     return results

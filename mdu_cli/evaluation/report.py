@@ -215,9 +215,8 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
         report = bench.finish(report, checked)
     if base:
         report["base"] = {"model": base, "splits": evaluate(base)}
-        if tasks_only:
-            pass
-        elif hasattr(bench, "with_base"):
+    if base and not tasks_only:
+        if hasattr(bench, "with_base"):
             report = bench.with_base(report, report["base"]["splits"])
         else:
             report["change"] = relative_change(report["splits"], report["base"]["splits"])

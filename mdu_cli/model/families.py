@@ -9,6 +9,7 @@ masked positions. The rest of the code asks a `Family`, never a name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -85,6 +86,15 @@ def check_not_autoregressive(config: dict, source: str) -> None:
         return  # LLaDA maps AutoModelForCausalLM to its own bidirectional class
     if architectures and all(a.endswith(_AUTOREGRESSIVE_SUFFIXES) for a in architectures):
         raise autoregressive_error(source, architectures)
+
+
+def choose_family(config: dict, source: str, forced: Optional[str] = None) -> Family:
+    """--family when given (an autoregressive checkpoint still refused), else
+    the family the checkpoint's config.json says."""
+    if forced:
+        check_not_autoregressive(config, source)
+        return FAMILIES[forced]
+    return detect_family(config, source)
 
 
 def resolve_mask_token_id(family: Family, config: dict, tokenizer, source: str) -> int:

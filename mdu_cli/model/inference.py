@@ -13,7 +13,7 @@ import torch
 
 from mdu_cli.data.tokenization import encode_prompt, end_of_turn_id, pad_token_id
 from mdu_cli.errors import MduError
-from mdu_cli.model.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.model.families import Family, choose_family, resolve_mask_token_id
 from mdu_cli.model.loading import (
     ModelSource,
     decide_remote_code,
@@ -75,11 +75,7 @@ def prepare_inference(name: str, revision: Optional[str] = None, family: Optiona
     """Everything but the weights: config, family, remote-code policy,
     tokenizer, mask token, device."""
     source = resolve_source(name, revision)
-    if family:
-        check_not_autoregressive(source.config, source.name)
-        chosen = FAMILIES[family]
-    else:
-        chosen = detect_family(source.config, source.name)
+    chosen = choose_family(source.config, source.name, family)
     trust = decide_remote_code(source, trust_remote_code)
     tokenizer = load_tokenizer(source, trust, chat_template)
     if not getattr(tokenizer, "chat_template", None):

@@ -54,7 +54,7 @@ from mdu_cli.io.output_location import (
 from mdu_cli.io.output_writer import write_adapter, write_model
 from mdu_cli.io.safetensors_reader import open_directory
 from mdu_cli.model.checkpointing import enable_gradient_checkpointing
-from mdu_cli.model.families import FAMILIES, Family, check_not_autoregressive, detect_family, resolve_mask_token_id
+from mdu_cli.model.families import Family, choose_family, resolve_mask_token_id
 from mdu_cli.model.loading import (
     ModelSource,
     decide_remote_code,
@@ -293,7 +293,7 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
 
     source = resolve_source(cfg.model, cfg.revision)
     check_out_dir(out, cfg.overwrite, base_dir=source.path, protected=inputs)
-    family = _family_of(cfg, source)
+    family = choose_family(source.config, source.name, cfg.family)
     trust = decide_remote_code(source, cfg.trust_remote_code)
     tokenizer = load_tokenizer(source, trust, cfg.chat_template)
     mask_token_id = resolve_mask_token_id(family, source.config, tokenizer, source.name)
@@ -321,14 +321,6 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
                        retain=retain, device=device, dtype_name=dtype_name, weight_dtype=weight_dtype,
                        mixed_precision=mixed_precision, state_dir=state_dir_for(out), state_key=state_key,
                        trackers=trackers, logging_dir=logging_dir, optimizer=optimizer)
-
-
-def _family_of(cfg: TrainingConfig, source: ModelSource) -> Family:
-    """--family, or the family the checkpoint's config.json says."""
-    if cfg.family:
-        check_not_autoregressive(source.config, source.name)
-        return FAMILIES[cfg.family]
-    return detect_family(source.config, source.name)
 
 
 def _check_joint_plan(cfg: TrainingConfig, n_forget: int, n_retain: int) -> None:

@@ -29,8 +29,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from mdu_cli.config.generation import PRESETS
-from mdu_cli.evaluation.likelihood import mc_masks
-from mdu_cli.model.families import model_logits
+from mdu_cli.evaluation.likelihood import masked_rows, mc_masks
 from mdu_cli.model.inference import LoadedModel, load_for_inference
 from mdu_cli.model.sampling import generate
 
@@ -117,28 +116,14 @@ class MduLM(TemplateLM):
         there. Rows run in length order, `batch_size` per forward; only these
         numbers are kept (a task of 50,000 rows must not hold 50,000
         vocabulary-wide distributions)."""
-        loaded = self.loaded
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         out: list = [None] * len(rows)
-        for first in tqdm(range(0, len(order), self.batch_size), desc="mdu forwards", unit="batch",
-                          disable=not self.show_progress, dynamic_ncols=True):
-            chunk = order[first:first + self.batch_size]
-            width = max(len(rows[i][0]) for i in chunk)
-            inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
-            attention = torch.zeros_like(inputs)
-            for r, i in enumerate(chunk):
-                tokens, positions, _ = rows[i]
-                inputs[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-                inputs[r, positions] = loaded.mask_token_id
-                attention[r, :len(tokens)] = 1
-            with torch.no_grad():
-                logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device),
-                                      loaded.family)
-            for r, i in enumerate(chunk):
-                _, positions, targets = rows[i]
-                log_probs = F.log_softmax(logits[r, positions].float(), dim=-1)
-                picked = log_probs.gather(1, torch.tensor(targets, device=log_probs.device)[:, None]).squeeze(1)
-                out[i] = (picked.cpu(), log_probs.argmax(-1).cpu())
+        scored = masked_rows(self.loaded, [(tokens, positions) for tokens, positions, _ in rows], self.batch_size,
+                             by_length=True)
+        for i, logits in tqdm(scored, total=len(rows), desc="mdu scoring", unit="row",
+                              disable=not self.show_progress, dynamic_ncols=True):
+            log_probs = F.log_softmax(logits.float(), dim=-1)
+            targets = torch.tensor(rows[i][2], device=log_probs.device)[:, None]
+            out[i] = (log_probs.gather(1, targets).squeeze(1).cpu(), log_probs.argmax(-1).cpu())
         return out
 
     def _fit(self, context: list[int], continuation: list[int]) -> list[int]:
@@ -201,7 +186,7 @@ class MduLM(TemplateLM):
         """Greedy completions, grouped by their generation settings and run
         `batch_size` prompts at a time in length order; each cut at the
         first of its `until` strings."""
-        groups: dict[tuple, list[int]] = {}
+        groups: dict[int, list[int]] = {}
         settings = []
         for index, request in enumerate(requests):
             context, kwargs = request.args[0], dict(request.args[1] or {})
@@ -209,10 +194,10 @@ class MduLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             settings.append((context, until, max_new))
-            groups.setdefault((max_new,), []).append(index)
+            groups.setdefault(max_new, []).append(index)
         outputs = [""] * len(requests)
         loaded = self.loaded
-        for (max_new,), indices in groups.items():
+        for max_new, indices in groups.items():
             prompts = {i: self.tok_encode(settings[i][0])[-(self.max_length - max_new):] for i in indices}
             ordered = sorted(indices, key=lambda i: len(prompts[i]))
             steps = self.steps or max_new

@@ -43,7 +43,7 @@ def run_tasks(loaded: "LoadedModel", tasks: list[str], manager, num_fewshot: Opt
                                  torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0)
     except MduError:
         raise
-    except (OSError, ValueError, KeyError, FileNotFoundError) as err:
+    except (OSError, ValueError, KeyError) as err:
         # A task whose data cannot be read (offline, a missing local file) or whose config is wrong.
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MduError(f"--tasks {','.join(tasks)}: lm-eval could not run them ({type(err).__name__}: {first}); "

@@ -18,23 +18,23 @@ from mdu_cli.errors import ConfigError
 from mdu_cli.evaluation.benchmarks.base import BenchmarkOption, format_number
 from mdu_cli.evaluation.benchmarks.rwku.data import DEFAULT_SOURCE, PARTS
 
-# The headline table: (key, part, what) in RWKU's column order and names.
+# The headline table: (key, what) in RWKU's column order and names.
 TABLE = (
-    ("forget FB", "forget", "fill-in-the-blank probes (level 1), ROUGE-L recall"),
-    ("forget QA", "forget", "question-answer probes (level 2), ROUGE-L recall"),
-    ("forget AA", "forget", "adversarial-attack probes (level 3), ROUGE-L recall"),
-    ("forget All", "forget", "mean of the three forget levels"),
-    ("neighbor FB", "neighbor", "neighbor fill-in-the-blank (level 1), ROUGE-L recall"),
-    ("neighbor QA", "neighbor", "neighbor question-answer (level 2), ROUGE-L recall"),
-    ("neighbor All", "neighbor", "mean of the two neighbor levels"),
-    ("MIA FM", "mia", "mean LOSS score (token log-likelihood) of the forget MIA texts"),
-    ("MIA RM", "mia", "mean LOSS score of the retain MIA texts"),
-    ("MIA AUC", "mia", "forget-vs-retain AUC of the LOSS score"),
-    ("Gen", "utility", "general: MMLU-style accuracy"),
-    ("Rea", "utility", "reasoning: BBH exact match"),
-    ("Tru", "utility", "truthfulness: TruthfulQA MC1"),
-    ("Fac", "utility", "factuality: TriviaQA token F1 (paper preset: answer contained)"),
-    ("Flu", "utility", "fluency: weighted 2/3-gram entropy of instruction answers"),
+    ("forget FB", "fill-in-the-blank probes (level 1), ROUGE-L recall"),
+    ("forget QA", "question-answer probes (level 2), ROUGE-L recall"),
+    ("forget AA", "adversarial-attack probes (level 3), ROUGE-L recall"),
+    ("forget All", "mean of the three forget levels"),
+    ("neighbor FB", "neighbor fill-in-the-blank (level 1), ROUGE-L recall"),
+    ("neighbor QA", "neighbor question-answer (level 2), ROUGE-L recall"),
+    ("neighbor All", "mean of the two neighbor levels"),
+    ("MIA FM", "mean LOSS score (token log-likelihood) of the forget MIA texts"),
+    ("MIA RM", "mean LOSS score of the retain MIA texts"),
+    ("MIA AUC", "forget-vs-retain AUC of the LOSS score"),
+    ("Gen", "general: MMLU-style accuracy"),
+    ("Rea", "reasoning: BBH exact match"),
+    ("Tru", "truthfulness: TruthfulQA MC1"),
+    ("Fac", "factuality: TriviaQA token F1 (paper preset: answer contained)"),
+    ("Flu", "fluency: weighted 2/3-gram entropy of instruction answers"),
 )
 
 
@@ -171,7 +171,7 @@ class Rwku:
         base = (report.get("base") or {}).get("table")
         header = ["RWKU", "base", "model", "change"] if base else ["RWKU", "model"]
         rows = []
-        for key, _, _ in TABLE:
+        for key, _ in TABLE:
             if key not in report["table"]:
                 continue
             value = report["table"][key]
@@ -197,7 +197,7 @@ class Rwku:
                  "multiple choice" + ("; the MDU paper's preset" if report.get("generation", {}).get("preset") else "")
                  + "):", "", "| measure | " + ("base | " if base else "") + "model |",
                  "|---|" + ("---|" if base else "") + "---|"]
-        for key, _, what in TABLE:
+        for key, what in TABLE:
             if key in (report.get("table") or {}):
                 lines.append(f"| {key} ({what}) | " + (f"{fmt(base.get(key))} | " if base else "")
                              + f"{fmt(report['table'][key])} |")

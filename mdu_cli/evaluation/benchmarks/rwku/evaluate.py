@@ -170,15 +170,14 @@ def general(loaded, rows, prompts, settings, paper, batch_size, show_progress) -
         outputs = _generate(loaded, prompts, settings, batch_size, "rwku general", show_progress)
         predictions = [measures.first_letter(text, len(row["choices"])) for text, row in zip(outputs, rows)]
     else:
-        predictions, outputs = [], [None] * len(rows)
+        predictions, outputs = [None] * len(rows), [None] * len(rows)
         # Rows are grouped by their number of choices: each group's candidates are its letters.
         for count in sorted({len(row["choices"]) for row in rows}):
             index = [i for i, row in enumerate(rows) if len(row["choices"]) == count]
             scores = next_token_log_probs(loaded, [prompts[i] for i in index], _letter_candidates(loaded, count),
                                           batch_size)
             for i, values in zip(index, scores):
-                predictions.append((i, max(range(count), key=values.__getitem__)))
-        predictions = [p for _, p in sorted(predictions)]
+                predictions[i] = max(range(count), key=values.__getitem__)
     results = [{"question": row["question"], "answer": row["answer"], "subject": row["subject"],
                 "prediction": prediction, "correct": float(prediction == row["answer"]),
                 **({"output": output} if output is not None else {})}

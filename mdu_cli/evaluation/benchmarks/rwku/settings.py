@@ -19,15 +19,15 @@ EXPLICIT = ("max_new_tokens", "steps", "block_length", "ordering")
 
 def resolve(requested: dict, family: str) -> dict:
     """What the report records: the preset (or None), the family's block
-    length and ordering, and the options given explicitly."""
-    explicit = {k: requested[k] for k in EXPLICIT if requested.get(k) is not None}
+    length and ordering, the options given explicitly, and each part's length."""
     family_preset = PRESETS["paper"][family]
-    return {"preset": requested.get("preset"), "block_length": family_preset["block_length"],
-            "ordering": family_preset["ordering"], "explicit": explicit,
-            "max_new_tokens": {part: part_settings({"preset": requested.get("preset"), "explicit": explicit,
-                                                    "block_length": family_preset["block_length"],
-                                                    "ordering": family_preset["ordering"]}, part)["max_new_tokens"]
-                               for part in RWKU_TOKENS if part != "general" or requested.get("preset") == "paper"}}
+    generation = {"preset": requested.get("preset"), "block_length": family_preset["block_length"],
+                  "ordering": family_preset["ordering"],
+                  "explicit": {k: requested[k] for k in EXPLICIT if requested.get(k) is not None}}
+    # RWKU's MMLU generates nothing (one masked position); the paper's generates its letter.
+    parts = [p for p in RWKU_TOKENS if p != "general" or generation["preset"] == "paper"]
+    generation["max_new_tokens"] = {p: part_settings(generation, p)["max_new_tokens"] for p in parts}
+    return generation
 
 
 def part_settings(generation: dict, part: str) -> dict:
