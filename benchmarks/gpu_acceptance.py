@@ -74,7 +74,15 @@ class Acceptance:
 
     def mdu(self, name: str, *args: str, check=None, timeout: int = 600) -> dict:
         """Run one command; `check(result)` returns the problems it finds in the output."""
-        command = [sys.executable, "-m", "mdu_cli", *map(str, args)]
+        return self._run(name, [sys.executable, "-m", "mdu_cli", *map(str, args)], "mdu " + " ".join(map(str, args)),
+                         check, timeout)
+
+    def script(self, name: str, path: str, *args: str, check=None, timeout: int = 600) -> dict:
+        """Run one of benchmarks/'s scripts, as `mdu` above."""
+        return self._run(name, [sys.executable, str(ROOT / path), *map(str, args)],
+                         " ".join([path, *map(str, args)]), check, timeout)
+
+    def _run(self, name: str, command: list[str], shown: str, check, timeout: int) -> dict:
         started = time.perf_counter()
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.work)
@@ -82,7 +90,7 @@ class Acceptance:
         except subprocess.TimeoutExpired as err:
             rc, stdout, stderr = None, err.stdout or "", f"timed out after {timeout} s"
             stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
-        result = {"name": name, "command": "mdu " + " ".join(map(str, args)), "rc": rc,
+        result = {"name": name, "command": shown, "rc": rc,
                   "seconds": round(time.perf_counter() - started, 1), "stdout": stdout, "stderr": stderr}
         problems = [] if rc == 0 else [f"exit code {rc}"]
         if rc == 0 and check is not None:
@@ -153,6 +161,36 @@ def trained_output(device: str, dtype: str | None = None, optimizer: dict | None
         report = json.loads((out / "delta_report.json").read_text())
         if not report["total"]["rel_l2"] or not report["total"]["rel_l2"] > 0:
             problems.append("no weight moved (delta report total rel_l2 is 0)")
+        return problems
+    return check
+
+
+def same_weights(reference: Path, device: str):
+    """An output whose weights equal `reference`'s bit for bit (and which is a
+    trained output in its own right)."""
+    def check(result: dict) -> list[str]:
+        from safetensors.torch import load_file
+
+        problems = trained_output(device, "fp32")(result)
+        out = Path(json.loads(result["stdout"])["out_dir"])
+        mine, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+        differ = [k for k in theirs if k not in mine or not mine[k].equal(theirs[k])]
+        return problems + ([f"{len(differ)} tensors differ from {reference.name}'s, {differ[0]} first"]
+                           if differ else [])
+    return check
+
+
+def eval_cost_rows(path: Path):
+    """eval_cost.py's figures: every configuration measured, finite, the new
+    estimator at 128 samples no noisier than the old (its script asserts the
+    generations identical)."""
+    def check(result: dict) -> list[str]:
+        figures = json.loads(path.read_text())
+        problems = [f"{name}: {key} is {row.get(key)}" for name, row in figures.items()
+                    for key in ("speedup", "mean_std", "forwards") if not math.isfinite(row.get(key, math.nan))]
+        old, new = figures["old (independent, 128)"], figures["new (stratified, 128)"]
+        if new["forwards"] > old["forwards"]:
+            problems.append(f"the new path takes more forwards ({new['forwards']} against {old['forwards']})")
         return problems
     return check
 
@@ -239,6 +277,14 @@ def run_all(run: Acceptance, with_8b: bool) -> int:
             "--forget", forget, "--retain", retain, "--out", work / "llada-in-backward", *TRAIN, *on, "--dtype",
             "bf16", "--optimizer-in-backward", "--gradient-checkpointing", "--anchor-offload", "--max-grad-norm", "0",
             "--json", check=trained_output(device, "bf16", {"name": "adamw-kahan", "in_backward": True}))
+    # The streamed anchor (its passes a step ahead, on CUDA) against the anchor
+    # in memory, three micro-batches a step: the same weights, bit for bit.
+    accumulated = [*TRAIN, "--grad-accum", "3", "--dtype", "fp32", *on, "--json"]
+    run.mdu("unlearn llada grad-accum 3, anchor in memory", "unlearn", "--model", llada, "--forget", forget,
+            "--retain", retain, "--out", work / "llada-accum", *accumulated, check=trained_output(device, "fp32"))
+    run.mdu("unlearn llada grad-accum 3, anchor streamed: the same weights", "unlearn", "--model", llada,
+            "--forget", forget, "--retain", retain, "--out", work / "llada-accum-streamed", *accumulated,
+            "--anchor-offload", check=same_weights(work / "llada-accum", device))
     run.mdu("finetune llada", "finetune", "--model", llada, "--data", retain, "--out", work / "llada-tuned",
             *TRAIN, *on, "--json", check=trained_output(device))
 
@@ -276,6 +322,9 @@ def run_all(run: Acceptance, with_8b: bool) -> int:
     run.mdu("push --dry-run", "push", work / "llada-mdu", "--repo-id", "me/llada-forgot", "--dry-run", "--json",
             check=push_plan)
 
+    cost = work / "eval_cost.json"
+    run.script("eval cost, old against new", "benchmarks/eval_cost.py", "--device", device, "--records", "8",
+               "--seeds", "2", "--rounds", "1", "--lower", "32", "--json", cost, check=eval_cost_rows(cost))
     gpu_check(run, with_8b)
     print(f"{run.report['passed']} passed, {run.report['failed']} failed", flush=True)
     return 0 if run.report["failed"] == 0 else 1

@@ -59,13 +59,24 @@ RECORDS = [
 ]
 
 
+def _stratified_masks(length, samples, generator):
+    """The stratified draw by hand: one offset u, sample j masks
+    floor((j + u) / n * L) + 1 tokens (at most L); the samples' windows run
+    end to end over the positions, a fresh permutation for each lap of L,
+    wrapping around within it."""
+    u = float(torch.rand((), generator=generator, dtype=torch.float64))
+    counts = [min(math.floor((j + u) / samples * length), length - 1) + 1 for j in range(samples)]
+    starts = [sum(counts[:j]) for j in range(samples)]
+    permutations = [torch.randperm(length, generator=generator).tolist() for _ in range(starts[-1] // length + 1)]
+    return [[permutations[start // length][(start + k) % length] for k in range(count)]
+            for start, count in zip(starts, counts)]
+
+
 def _score64(loaded, prompt, answer, samples, generator):
-    """The estimator by hand: per sample, l ~ U{1..L}, l distinct positions,
-    the mean cross-entropy there; then the mean over samples."""
+    """The estimator by hand: per sample, its masked positions, the mean
+    cross-entropy there; then the mean over samples."""
     total = 0.0
-    for _ in range(samples):
-        count = int(torch.randint(1, len(answer) + 1, (1,), generator=generator))
-        positions = torch.randperm(len(answer), generator=generator)[:count].tolist()
+    for positions in _stratified_masks(len(answer), samples, generator):
         ids = list(prompt) + list(answer)
         for p in positions:
             ids[len(prompt) + p] = loaded.mask_token_id

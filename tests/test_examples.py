@@ -64,11 +64,11 @@ def test_the_tofu_example_separates_the_target_from_the_reference_and_unlearning
     The thresholds sit where the CPU's kernels cannot move them. The forget
     set has 40 records, so the KS statistic moves in steps of 1/40 and the
     p-value finely. Measured under AVX-512, AVX2 and the scalar kernels (the
-    figures in examples/tofu/README.md): the target is 29 or 30 of 40 steps
-    from the reference (p <= 2e-10), and p < 1e-4 needs only 19; MDU's
-    distance is 11 to 20 steps, and the 100-fold rise asserted needs it below
-    26 or 27. Forget probability: target 0.88-0.92 against > 0.8, reference
-    0.07-0.08 against < 0.2, MDU 0.04-0.13 against half the target's."""
+    figures in examples/tofu/README.md): the target is 25 to 27 of 40 steps
+    from the reference (p <= 1.2e-7), and p < 1e-4 needs 20; MDU's
+    distance is 12 to 14 steps, and the 100-fold rise asserted needs it below
+    about 22. Forget probability: target 0.88-0.91 against > 0.8, reference
+    0.07-0.08 against < 0.2, MDU 0.03-0.13 against half the target's."""
     import importlib.util
     import math
 

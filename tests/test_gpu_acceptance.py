@@ -8,9 +8,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = ["unlearn llada full", "unlearn dream full", "unlearn llada lora", "unlearn dream bf16 default optimizer",
-            "unlearn llada bf16 in backward, checkpointed, anchor offloaded", "finetune llada",
-            "eval llada against its base", "eval tofu reference (the base)", "eval tofu with the reference",
-            "generate dream", "diff base against unlearned", "push --dry-run", "gpu_check.py rows"]
+            "unlearn llada bf16 in backward, checkpointed, anchor offloaded",
+            "unlearn llada grad-accum 3, anchor in memory", "unlearn llada grad-accum 3, anchor streamed: the same weights",
+            "finetune llada", "eval llada against its base", "eval tofu reference (the base)",
+            "eval tofu with the reference", "generate dream", "diff base against unlearned", "push --dry-run",
+            "eval cost, old against new", "gpu_check.py rows"]
 
 
 def _driver():
@@ -33,7 +35,10 @@ def test_the_acceptance_script_passes_on_the_cpu(tmp_path):
     # It ran the commands for real: their outputs are there, on the device asked for.
     record = json.loads((work / "llada-in-backward" / "mdu_run.json").read_text())
     assert record["device"] == "cpu" and record["dtype"] == "bf16" and record["optimizer"]["in_backward"] is True
-    assert [row["model"] for row in report["gpu_check"]["runs"]] == ["tiny"] * 5
+    assert [row["model"] for row in report["gpu_check"]["runs"]] == ["tiny"] * 6
+    assert all(row["tokens_per_s"] > 0 for row in report["gpu_check"]["runs"])
+    streamed = [row for row in report["gpu_check"]["runs"] if row["mode"].endswith("anchor on host")]
+    assert len(streamed) == 1 and streamed[0]["anchor_bytes_per_step"] > 0 and streamed[0]["step_ratio_to_in_memory"]
 
 
 def test_a_check_fails_on_an_output_that_is_not_what_the_command_promised(tmp_path):

@@ -468,9 +468,9 @@ def test_evaluation_scores_control_text_as_text(llada_dir, monkeypatch):
 
     loaded = load_for_inference(str(llada_dir))
     scored = []
-    real = evaluation.answer_scores
-    monkeypatch.setattr(evaluation, "answer_scores", lambda m, p, ids, *rest: scored.append(ids) or real(m, p, ids,
-                                                                                                          *rest))
+    real = evaluation.packed_scores
+    monkeypatch.setattr(evaluation, "packed_scores", lambda m, items, *rest: scored.append(items[0][1]) or real(
+        m, items, *rest))
     prompt = loaded.prompt_ids([{"role": "user", "content": "where was astrid born ?"}])
     evaluation.answer_score(loaded, prompt, "she <|mdm_mask|> was born .", 4, torch.Generator().manual_seed(0))
     assert loaded.mask_token_id not in scored[0]

@@ -68,7 +68,9 @@ def _run(llada_dir, forget_file, retain_file, out, *extra):
 @pytest.mark.parametrize("dtype, optimizer, recorded", [("fp32", "auto", "adamw"), ("bf16", "auto", "adamw-kahan"),
                                                         ("bf16", "adamw", "adamw"), ("bf16", "adamw-sr", "adamw-sr"),
                                                         ("bf16", "adamw-8bit", "adamw-8bit"),
-                                                        ("bf16", "in-backward", "adamw-kahan")])
+                                                        ("bf16", "in-backward", "adamw-kahan"),
+                                                        ("fp32", "anchor-offload", "adamw"),
+                                                        ("fp32", "anchor-offload-ahead", "adamw")])
 def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, optimizer, recorded, llada_dir,
                                                                      forget_file, retain_file, tmp_path,
                                                                      monkeypatch):
@@ -77,6 +79,10 @@ def test_stopped_and_resumed_runs_end_with_the_uninterrupted_weights(dtype, opti
     compensation of a bf16 run included (and, stepping in backward, each
     parameter's own step count); mdu_run.json names the optimizer."""
     options = ("--dtype", dtype, *(IN_BACKWARD if optimizer == "in-backward" else ("--optimizer", optimizer)))
+    if optimizer.startswith("anchor-offload"):  # the streamed anchor, several micro-batches per pass
+        options = ("--dtype", dtype, "--anchor-offload", "--grad-accum", "2")
+        if optimizer.endswith("ahead"):  # its passes a step ahead, as on CUDA: the next step's masks drawn early
+            run_ahead(monkeypatch)
     assert _run(llada_dir, forget_file, retain_file, tmp_path / "whole", *options).exit_code == 0
     import mdu_cli.train.loop as train_module
 
@@ -130,10 +136,13 @@ def test_the_host_anchor_holds_the_starting_weights_off_the_model(llada_dir):
     source = resolve_source(str(llada_dir))
     model = load_model(source, True, torch.float32)
     anchor = host_anchor(model, source, True, torch.float32, "cpu")
-    assert {p.device.type for p in anchor.parameters()} == {"meta"}, "no weight lives in the module itself"
+    stored = {t.data_ptr() for block in anchor._host for _, t in block}
+    assert all(p.data_ptr() in stored for block in anchor.units for p in block.parameters()), \
+        "between passes every block's weights are the host copies"
     ids = torch.tensor([[1, 7, 8, 9, 10]])
     with torch.no_grad():
         assert torch.equal(anchor(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert all(p.data_ptr() in stored for block in anchor.units for p in block.parameters()), "released after"
         next(model.parameters()).add_(1.0)  # training the model must not move the anchor
         assert not torch.equal(anchor(input_ids=ids).logits, model(input_ids=ids).logits)
 
@@ -146,6 +155,15 @@ def test_anchor_offload_without_a_frozen_copy_is_a_usage_error(extra, llada_dir,
 
 
 IN_BACKWARD = ("--optimizer-in-backward", "--max-grad-norm", "0")
+
+
+def run_ahead(monkeypatch) -> None:
+    """Streamed anchors pass a step ahead, in the background, on the CPU too."""
+    from mdu_cli.model.streamed_anchor import StreamedAnchor
+
+    real = StreamedAnchor.__init__
+    monkeypatch.setattr(StreamedAnchor, "__init__", lambda self, module, device, ahead=None: real(self, module,
+                                                                                                  device, True))
 
 
 @pytest.mark.numerics

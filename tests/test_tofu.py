@@ -23,13 +23,13 @@ def _record(answer, perturbed, paraphrased=None):
 
 
 class _Scores:
-    """answer_score stand-in: a fixed mean cross-entropy per answer text."""
+    """answer_score_many stand-in: a fixed mean cross-entropy per answer text."""
 
     def __init__(self, table):
         self.table = table
 
-    def __call__(self, loaded, prompt_ids, answer, samples, generator, batch_size=32):
-        return self.table[answer]
+    def __call__(self, loaded, prompt_ids, answers, samples, generator, batch_size=32, estimator="stratified"):
+        return [self.table[answer] for answer in answers]
 
 
 class _Loaded:
@@ -39,7 +39,7 @@ class _Loaded:
 
 def test_per_record_measures_follow_the_definitions(monkeypatch):
     # Per-token probabilities: gold e^-0.5, paraphrase e^-1, perturbed e^-2 and e^-3.
-    monkeypatch.setattr(tofu, "answer_score", _Scores({"gold": 0.5, "para": 1.0, "w1": 2.0, "w2": 3.0}))
+    monkeypatch.setattr(tofu, "answer_score_many", _Scores({"gold": 0.5, "para": 1.0, "w1": 2.0, "w2": 3.0}))
     got = tofu.record_measures(_Loaded(), _record("gold", ["w1", "w2"], "para"), 4, None, 2)
     p_gold, p_para, p1, p2 = math.exp(-0.5), math.exp(-1.0), math.exp(-2.0), math.exp(-3.0)
     assert got["probability"] == pytest.approx(p_gold)
@@ -253,11 +253,12 @@ def test_reference_of_other_data_or_records_is_refused_before_loading(masked_lm_
     ({"ratios": [1.0, 0.5], "records": 2}, "it holds 2 forget records, this run 3"),
     ({"mc_samples": 16}, "scored with --mc-samples 16, this run with --mc-samples 8"),
     ({"seed": 3}, "scored with --seed 3, this run with --seed 0"),
+    ({"estimator": None}, "scored with the independent Monte Carlo estimator of an older mdu"),
 ])
 def test_a_reference_that_cannot_be_compared_is_refused(change, message, masked_lm_dir, tmp_path, monkeypatch):
     """A tampered reference (NaN, negative or infinite ratios, counts that
-    disagree) or one scored on other masks (other --mc-samples or --seed:
-    the two models must see the same ones) is refused before any weight
+    disagree) or one scored on other masks (other --mc-samples, --seed or
+    estimator: the two models must see the same ones) is refused before any weight
     loads, never turned into a forget quality."""
     import hashlib
 
@@ -273,10 +274,13 @@ def test_a_reference_that_cannot_be_compared_is_refused(change, message, masked_
     sha = hashlib.sha256(files["forget"].read_bytes()).hexdigest()
     ratios = change.get("ratios", [1.0, 0.5, 0.2])
     reference = tmp_path / "reference.json"
-    reference.write_text(json.dumps({
+    document = {
         "benchmark": "tofu", "limit": None, "mc_samples": change.get("mc_samples", 8), "seed": change.get("seed", 0),
-        "data": {"forget": {"sha256": sha}},
-        "splits": {"forget": {"records": change.get("records", len(ratios)), "truth_ratio_per_record": ratios}}}))
+        "estimator": change.get("estimator", "stratified"), "data": {"forget": {"sha256": sha}},
+        "splits": {"forget": {"records": change.get("records", len(ratios)), "truth_ratio_per_record": ratios}}}
+    if document["estimator"] is None:  # a report from before the stratified estimator names none
+        del document["estimator"]
+    reference.write_text(json.dumps(document))
     before = snapshot(tmp_path)
     result = _eval(masked_lm_dir, files, "--reference", str(reference))
     assert result.exit_code == 1 and message in result.stderr, result.stderr
@@ -293,8 +297,8 @@ def test_a_collapsed_model_whose_every_probability_underflows_gets_a_report(mask
     everything else (the second, a paraphrase) 802: P_norm = 1 / (1 + e^-1 +
     e^-2), and R = mean(e^-1, e^-2) against the answer itself, or
     mean(e^1, e^0) against a paraphrase, exactly."""
-    monkeypatch.setattr(tofu, "answer_score", lambda m, p, answer, *rest, **kw: 800.0 if answer in gold else
-                        (801.0 if answer in first else 802.0))
+    monkeypatch.setattr(tofu, "answer_score_many", lambda m, p, answers, *rest, **kw: [
+        800.0 if answer in gold else (801.0 if answer in first else 802.0) for answer in answers])
     files = _files(tmp_path)
     gold = {r["answer"] for r in TOFU_RECORDS}
     first = {r["perturbed_answer"][0] for r in TOFU_RECORDS}

@@ -151,10 +151,12 @@ def _forget_loss64(method, model, anchor, batch, examples, mask_id, shifted, car
 
 
 def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA, warmup=0.5, accounting="separate",
-                  kl="forward", forget_records=FORGET_RECORDS, grad_accum=2, max_grad_norm=MAX_NORM, **options):
+                  kl="forward", forget_records=FORGET_RECORDS, grad_accum=2, max_grad_norm=MAX_NORM, streamed=False,
+                  **options):
     torch.manual_seed(0)
     model, tokenizer = _load(directory)
     start = copy.deepcopy(model)
+    forwards = []  # the trainable model's, counted from after the anchor's copy
     forget = encode_dataset(load_dataset(write_jsonl(tmp_path / "f.jsonl", forget_records)), tokenizer, 64)
     retain = encode_dataset(load_dataset(write_jsonl(tmp_path / "r.jsonl", RETAIN_RECORDS)), tokenizer, 64)
     finetune = method == "finetune"  # one stream of records, no retain term
@@ -184,12 +186,18 @@ def _run_one_step(family, directory, method, tmp_path, monkeypatch, alpha=ALPHA,
 
     accelerator.clip_grad_norm_ = capture_then_clip
     anchor = copy.deepcopy(model).requires_grad_(False).eval() if method in ("mdu", "npo") else None
+    if streamed and anchor is not None:  # --anchor-offload's anchor, the CPU standing in for the device
+        from mdu_cli.model.streamed_anchor import StreamedAnchor
+
+        anchor = StreamedAnchor(anchor, "cpu")
     fam = FAMILIES[family]
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     mask_id = model.config.mask_token_id if family == "dream" else tokenizer.convert_tokens_to_ids("<|mdm_mask|>")
     result = train_module.train(train_module.TrainingRun(
         model=model, anchor=anchor, forget=forget, retain=[] if finetune else retain, cfg=cfg, family=fam,
         mask_token_id=mask_id, pad_id=tokenizer.pad_token_id, accelerator=accelerator))
     return dict(model=model, start=start, forget=forget, recorded=recorded, grads=captured, history=result.history,
+                forwards=len(forwards),
                 # Decided by the family's name here, not read from the package's
                 # Family: a Dream retain term trained with 1/t must fail.
                 mask_id=mask_id, shifted=family == "dream", cart=family == "dream", kl=kl)
@@ -259,6 +267,22 @@ def test_one_step_matches_an_independent_float64_reference(family, method, famil
         assert len(run["recorded"]) == 2, "two micro-batches of training rows"
     else:
         assert len(run["recorded"]) == 4, "two forget and two retain micro-batches"
+    _assert_matches_reference(run, method)
+
+
+@pytest.mark.parametrize("family, method, stack, streamed", [
+    ("llada", "mdu", True, False), ("dream", "npo", True, False), ("llada", "mdu", False, True),
+    ("dream", "mdu", True, True)])
+def test_stacked_forward_and_streamed_anchor_match_the_float64_reference(family, method, stack, streamed,
+                                                                          family_dirs, tmp_path, monkeypatch):
+    """--stack-forward (one forward and one backward over a micro-batch's
+    forget and retain rows) and --anchor-offload's streamed anchor (both
+    micro-batches' anchor forwards in one pass) compute the same step as the
+    reference; stacked, the trainable model runs once per micro-batch."""
+    run = _run_one_step(family, family_dirs[family], method, tmp_path, monkeypatch, stack_forward=stack,
+                        streamed=streamed)
+    assert len(run["recorded"]) == 4, "two forget and two retain micro-batches, drawn in the loop's order"
+    assert run["forwards"] == (2 if stack else 4)
     _assert_matches_reference(run, method)
 
 

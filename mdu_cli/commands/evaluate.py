@@ -91,6 +91,8 @@ def _benchmark_options(function):
               "task configs.")
 @click.option("--apply-chat-template", is_flag=True, help="With --tasks: put each prompt through the model's chat "
               "template (lm-eval's option of the same name).")
+# 128 still: the stratified estimator at 64 samples is noisier than the former
+# one at 128 on texts of 13-18 tokens (benchmarks/eval_cost.py, docs/benchmarks.md).
 @click.option("--mc-samples", type=click.IntRange(min=1), default=128, show_default=True,
               help="Monte Carlo samples per answer probability.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per forward.")

@@ -15,9 +15,10 @@ from mdu_cli.methods import method_of
 # The order the shared options appear in --help.
 LOADING = ("out", "overwrite", "family", "revision", "trust_remote_code", "chat_template", "max_length")
 OPTIMISATION = ("optimizer", "lr", "weight_decay", "warmup_ratio", "epochs", "max_steps", "batch_size", "grad_accum",
-                "max_grad_norm", "optimizer_in_backward", "seed", "device", "dtype", "gradient_checkpointing", "lora",
-                "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "save_adapter", "report_to", "logging_dir",
-                "eval_every", "eval_records", "save_every", "resume", "max_shard_size")
+                "max_grad_norm", "optimizer_in_backward", "stack_forward", "compile_blocks", "seed", "device", "dtype",
+                "gradient_checkpointing", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets",
+                "save_adapter", "report_to", "logging_dir", "eval_every", "eval_records", "save_every", "resume",
+                "max_shard_size")
 
 
 def click_option(cls: type[TrainingConfig], name: str):

@@ -83,6 +83,14 @@ class TrainingConfig:
     optimizer_in_backward: bool = option(False, help="Step each parameter inside backward and free its gradient "
                                          "at once: no full set of gradients in memory (2 bytes a parameter on "
                                          "bf16). Needs --grad-accum 1 and --max-grad-norm 0, one process.")
+    # Fewer kernel launches (docs/scale.md): one forward and one backward over
+    # a micro-batch's forget and retain rows, and torch.compile of the blocks.
+    # Both change the numbers at rounding level only, so both are opt-in.
+    stack_forward: bool = option(False, help="One forward and one backward over a micro-batch's forget and retain "
+                                 "rows together (fewer kernel launches; both rows' activations at once). Always so "
+                                 "with --optimizer-in-backward.")
+    compile_blocks: bool = option(False, help="torch.compile every transformer block of the trained model (the "
+                                  "first steps pay for compiling; needs a C++ compiler on the CPU).")
     seed: int = option(42, help="Seed for data order and masks.")
     device: str = option("auto", choices=DEVICES)
     dtype: str = option("auto", choices=DTYPES, help="auto: bf16 weights on CUDA, fp32 on CPU. fp16: fp32 weights "
@@ -281,11 +289,11 @@ class UnlearnConfig(TrainingConfig):
         help="separate: each micro-batch has --batch-size forget rows plus as many retain rows, an epoch is a pass "
         "over the forget set. joint: the reference code's way, forget and retain shuffled into one set, an epoch a "
         "pass over both (twice the steps for equal sizes).")
-    # Keep the frozen anchor of full MDU/NPO in host memory, each block moved to
-    # the device for its forward only: the weights' size less on the GPU.
-    anchor_offload: bool = option(False, help="Full MDU/NPO: keep the frozen anchor in host memory and move each "
-                                  "block to the GPU for its forward only (the weights' size less GPU memory, slower "
-                                  "steps).")
+    # Keep the frozen anchor of full MDU/NPO in host memory, streamed to the
+    # device (model/streamed_anchor.py): the weights' size less on the GPU.
+    anchor_offload: bool = option(False, help="Full MDU/NPO: keep the frozen anchor in pinned host memory and "
+                                  "stream it to the GPU block by block, one pass a step, a step ahead (the weights' "
+                                  "size less GPU memory).")
 
     command: ClassVar[str] = "unlearn"
 

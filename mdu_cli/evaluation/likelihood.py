@@ -1,7 +1,8 @@
 """The answer-probability estimator of a masked diffusion LM (docs/method.md
-section 4): for each of n samples draw l ~ U{1..L} (L = answer length), mask l
-answer tokens chosen uniformly without replacement, and score the mean
-cross-entropy at the masked positions; probability = exp(-mean score).
+section 4): for each of n samples draw l ~ U{1..L} (L = answer length; the n
+counts stratified over an even grid by default), mask l answer tokens chosen
+uniformly without replacement, and score the mean cross-entropy at the masked
+positions; probability = exp(-mean score).
 """
 
 from __future__ import annotations
@@ -15,15 +16,64 @@ from mdu_cli.data.tokenization import encode_text
 from mdu_cli.model.families import model_logits
 from mdu_cli.model.inference import LoadedModel
 
+ESTIMATORS = ("stratified", "independent")
+# The estimator every command uses; eval reports record it, and a TOFU
+# reference scored by another one is refused (its masks differ).
+ESTIMATOR = "stratified"
 
-def mc_masks(length: int, samples: int, generator: torch.Generator) -> list[list[int]]:
-    """For each sample, the answer positions it masks: l ~ U{1..length}, then l
-    distinct positions uniformly."""
-    masks = []
-    for _ in range(samples):
-        count = int(torch.randint(1, length + 1, (1,), generator=generator))
-        masks.append(sorted(torch.randperm(length, generator=generator)[:count].tolist()))
-    return masks
+
+def mask_counts(length: int, samples: int, generator: torch.Generator) -> list[int]:
+    """How many answer tokens each sample masks, stratified: the samples'
+    masking rates lie on an even grid with one random offset, t_j = (j + u) / n,
+    and sample j masks floor(t_j * L) + 1 tokens. Each t_j is uniform over its
+    stratum, so a sample picked at random has t ~ U[0, 1) and a count
+    ~ U{1..L}, as an independent draw has (the estimate stays unbiased), while
+    the n counts cover the range evenly instead of clustering by chance."""
+    offset = torch.rand((), generator=generator, dtype=torch.float64)
+    rates = (torch.arange(samples, dtype=torch.float64) + offset) / samples
+    return (rates * length).floor().long().clamp_(max=length - 1).add_(1).tolist()
+
+
+def draw_masks(length: int, samples: int, generator: torch.Generator, estimator: str = "stratified") -> torch.Tensor:
+    """(samples, length) booleans, True where a sample hides an answer token.
+
+    "stratified" (the default): the counts of `mask_counts`, and the samples'
+    windows laid end to end along the positions in random order: sample 0
+    hides the first l_0 positions of a random permutation, sample 1 the next
+    l_1, and so on; each pass over all L positions (a lap) takes a fresh
+    permutation, and a window that runs past a lap's end wraps around to its
+    start. Within a lap the windows all but partition the positions, so every
+    position is hidden about equally often instead of by chance, which lowers
+    the variance again (benchmarks/eval_cost.py measures it); each window
+    alone is a uniformly random l-subset, since its lap's permutation is
+    uniform and independent of the counts, so the estimate stays unbiased.
+    Drawn on the CPU for all samples at once: no per-row work reaches the
+    device.
+
+    "independent": the former draw, exactly: per sample l ~ U{1..L}, then the
+    first l positions of its own random permutation."""
+    if estimator == "independent":
+        masks = torch.zeros(samples, length, dtype=torch.bool)
+        for row in range(samples):
+            count = int(torch.randint(1, length + 1, (1,), generator=generator))
+            masks[row, torch.randperm(length, generator=generator)[:count]] = True
+        return masks
+    if estimator != "stratified":
+        raise ValueError(f"estimator must be one of {ESTIMATORS}")
+    counts = torch.tensor(mask_counts(length, samples, generator))
+    starts = counts.cumsum(0) - counts
+    laps = int(starts[-1]) // length + 1
+    permutations = torch.stack([torch.randperm(length, generator=generator) for _ in range(laps)])
+    # Index k of a lap falls in sample j's window when (k - start_j) mod L < l_j.
+    windows = (torch.arange(length)[None, :] - starts[:, None]) % length < counts[:, None]
+    # Index k of sample j's lap is position permutations[lap_j, k].
+    return torch.zeros(samples, length, dtype=torch.bool).scatter_(1, permutations[starts // length], windows)
+
+
+def mc_masks(length: int, samples: int, generator: torch.Generator,
+             estimator: str = "stratified") -> list[list[int]]:
+    """`draw_masks` as lists: for each sample, the answer positions it hides."""
+    return [row.nonzero()[:, 0].tolist() for row in draw_masks(length, samples, generator, estimator)]
 
 
 def _masked_logits(loaded: LoadedModel, sequence: torch.Tensor, start: int,
@@ -31,46 +81,94 @@ def _masked_logits(loaded: LoadedModel, sequence: torch.Tensor, start: int,
     """One forward of `sequence` once per mask of `chunk` (positions counted
     from `start`), each with its positions masked: the (rows, length) mask and
     the logits at the masked positions, row by row."""
-    inputs = sequence.repeat(len(chunk), 1)
-    masked = torch.zeros_like(inputs, dtype=torch.bool)
+    masked = torch.zeros(len(chunk), sequence.shape[0], dtype=torch.bool)
     for row, positions in enumerate(chunk):
-        masked[row, [start + p for p in positions]] = True
-    inputs[masked] = loaded.mask_token_id
+        masked[row, [start + p for p in positions]] = True  # on the host: one copy to the device below
+    masked = masked.to(sequence.device)
+    inputs = torch.where(masked, loaded.mask_token_id, sequence.repeat(len(chunk), 1))
     logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
     return masked, logits[masked]
 
 
-@torch.no_grad()
 def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[int], masks: list[list[int]],
                   batch_size: int = 32) -> list[float]:
     """Mean cross-entropy at the masked answer positions, one value per mask."""
-    sequence = torch.tensor(prompt_ids + answer_ids, dtype=torch.long, device=loaded.device)
-    start = len(prompt_ids)
-    scores = []
-    for first in range(0, len(masks), batch_size):
-        chunk = masks[first:first + batch_size]
-        masked, logits = _masked_logits(loaded, sequence, start, chunk)
-        ce = F.cross_entropy(logits.float(), sequence.repeat(len(chunk), 1)[masked], reduction="none")
-        counts = masked.sum(1)
-        sums = torch.zeros(len(chunk), device=ce.device).index_add_(0, masked.nonzero()[:, 0], ce)
-        scores += (sums / counts).tolist()
+    [scores] = packed_scores(loaded, [(prompt_ids, answer_ids, masks)], batch_size)
     return scores
 
 
+@torch.no_grad()
+def packed_scores(loaded: LoadedModel, items: list[tuple[list[int], list[int], list[list[int]]]],
+                  batch_size: int = 32) -> list[list[float]]:
+    """`answer_scores` of several answers at once: every (answer, mask) row
+    of all `items` (prompt ids, answer ids, masks) pooled, in length order,
+    `batch_size` rows per forward, right-padded with the padding hidden from
+    attention, so the samples of short answers fill the forwards of others.
+    The inputs are built on the host and moved once per forward, the scores
+    summed on the device and read back once at the end."""
+    rows = [(item, mask) for item, (_, _, masks) in enumerate(items) for mask in masks]
+    lengths = [len(items[item][0]) + len(items[item][1]) for item, _ in rows]
+    order = sorted(range(len(rows)), key=lambda r: lengths[r])
+    device = loaded.device
+    scores = torch.zeros(len(rows), dtype=torch.float32, device=device)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        width = max(lengths[r] for r in chunk)
+        # Padding is hidden from attention and never scored: any id will do.
+        inputs = torch.full((len(chunk), width), loaded.mask_token_id, dtype=torch.long)
+        attention = torch.zeros_like(inputs)
+        masked = torch.zeros((len(chunk), width), dtype=torch.bool)
+        for k, r in enumerate(chunk):
+            item, mask = rows[r]
+            prompt, answer, _ = items[item]
+            inputs[k, :lengths[r]] = torch.tensor(prompt + answer, dtype=torch.long)
+            attention[k, :lengths[r]] = 1
+            masked[k, [len(prompt) + p for p in mask]] = True
+        targets = inputs.to(device)
+        masked = masked.to(device)
+        noised = torch.where(masked, loaded.mask_token_id, targets)
+        logits = model_logits(loaded.model, noised, attention.to(device), loaded.family)[masked]
+        ce = F.cross_entropy(logits.float(), targets[masked], reduction="none")
+        where = masked.nonzero()[:, 0]
+        sums = torch.zeros(len(chunk), device=device).index_add_(0, where, ce)
+        scores[torch.tensor(chunk, device=device)] = sums / masked.sum(1)
+    flat = scores.tolist()
+    result: list[list[float]] = [[] for _ in items]
+    for r, (item, _) in enumerate(rows):
+        result[item].append(flat[r])
+    return result
+
+
 def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, samples: int,
-                 generator: torch.Generator, batch_size: int = 32) -> float:
+                 generator: torch.Generator, batch_size: int = 32, estimator: str = "stratified") -> float:
     """The estimator's mean score for one answer (its probability is exp(-score))."""
-    answer_ids = encode_text(loaded.tokenizer, answer)
-    if not answer_ids:
-        return float("nan")
-    scores = answer_scores(loaded, prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator), batch_size)
-    return sum(scores) / len(scores)
+    [score] = answer_score_many(loaded, prompt_ids, [answer], samples, generator, batch_size, estimator)
+    return score
 
 
-def covering_masks(length: int, samples: int, generator: torch.Generator) -> list[list[int]]:
+def answer_score_many(loaded: LoadedModel, prompt_ids: list[int], answers: list[str], samples: int,
+                      generator: torch.Generator, batch_size: int = 32, estimator: str = "stratified"
+                      ) -> list[float]:
+    """`answer_score` of several answers to one prompt, their masks drawn in
+    order (as one call per answer would draw them) and their samples packed
+    into shared forwards (`packed_scores`). nan for an answer without tokens."""
+    items, where = [], []
+    for answer in answers:
+        answer_ids = encode_text(loaded.tokenizer, answer)
+        if answer_ids:
+            where.append(len(items))
+            items.append((prompt_ids, answer_ids, mc_masks(len(answer_ids), samples, generator, estimator)))
+        else:
+            where.append(None)
+    scored = packed_scores(loaded, items, batch_size) if items else []
+    return [float("nan") if i is None else sum(scored[i]) / len(scored[i]) for i in where]
+
+
+def covering_masks(length: int, samples: int, generator: torch.Generator,
+                   estimator: str = "stratified") -> list[list[int]]:
     """`mc_masks`, plus one mask of the positions none of them masked, so that
     every token has a per-token estimate."""
-    masks = mc_masks(length, samples, generator)
+    masks = mc_masks(length, samples, generator, estimator)
     missed = sorted(set(range(length)) - {p for mask in masks for p in mask})
     return masks + ([missed] if missed else [])
 

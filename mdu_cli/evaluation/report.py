@@ -18,16 +18,15 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from mdu_cli.config.generation import DEFAULT_GENERATION, generation_kwargs, resolve_generation
+from mdu_cli.config.generation import DEFAULT_GENERATION, resolve_generation
 from mdu_cli.data.records import Dataset, Record, load_dataset
 from mdu_cli.data.tokenization import encode_text
 from mdu_cli.diff.format import text_table
 from mdu_cli.errors import ConfigError
-from mdu_cli.evaluation.likelihood import answer_score
-from mdu_cli.evaluation.rouge import rouge_l_recall
+from mdu_cli.evaluation.likelihood import ESTIMATOR, answer_score_many
+from mdu_cli.evaluation.rouge import rouge_scores
 from mdu_cli.io.output_location import EVAL_REPORT, RUN_RECORD, check_report_file
 from mdu_cli.model.inference import LoadedModel, prepare_inference
-from mdu_cli.model.sampling import generate
 
 EVAL_FILE = EVAL_REPORT
 
@@ -58,23 +57,22 @@ def check_lengths(loaded: LoadedModel, records: list[Record], generation: dict) 
 
 
 def evaluate_split(loaded: LoadedModel, records: list[Record], mc_samples: int, seed: int, generation: dict,
-                   batch_size: int = 32, desc: str = "eval", show_progress: bool = True) -> dict:
+                   batch_size: int = 32, desc: str = "eval", show_progress: bool = True,
+                   estimator: str = ESTIMATOR) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    probabilities, rouges, ratios = [], [], []
+    probabilities, ratios = [], []
     for record in tqdm(records, desc=desc, unit="record", disable=not show_progress, dynamic_ncols=True):
         prompt_ids = loaded.prompt_ids(record.prompt_messages, where=record.source)
-        gold = answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size)
+        # The gold answer and the perturbed ones, their samples in shared forwards.
+        gold, *wrong = answer_score_many(loaded, prompt_ids, [record.response, *record.perturbed], mc_samples,
+                                         generator, batch_size, estimator)
         probabilities.append(math.exp(-gold))
         if record.perturbed:
-            wrong = [answer_score(loaded, prompt_ids, a, mc_samples, generator, batch_size) for a in record.perturbed]
             ratios.append(geometric_truth_ratio(gold, wrong))
-        if generation.get("max_new_tokens", 0) > 0:
-            [new_ids] = generate(loaded.model, loaded.family, loaded.mask_token_id, [prompt_ids],
-                                 pad_id=loaded.pad_id, stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
-            text = loaded.tokenizer.decode(new_ids, skip_special_tokens=True)
-            rouges.append(rouge_l_recall(text, record.response))
     result = {"records": len(records), "probability": sum(probabilities) / len(probabilities)}
-    if rouges:
+    if generation.get("max_new_tokens", 0) > 0:
+        # Prompts batched across records, as the TOFU path does.
+        rouges = rouge_scores(loaded, records, generation, batch_size)
         result["rouge_l"] = sum(rouges) / len(rouges)
     if ratios:
         result["truth_ratio"] = sum(ratios) / len(ratios)
@@ -208,7 +206,8 @@ def run_eval(model: str, forget: Optional[str] = None, retain: Optional[str] = N
         finally:
             loaded.model = None  # one model in memory at a time
 
-    report = {"model": model, "mc_samples": mc_samples, "seed": seed, "limit": limit, "generation": generation,
+    report = {"model": model, "mc_samples": mc_samples, "estimator": ESTIMATOR, "seed": seed, "limit": limit,
+              "generation": generation,
               "data": {split: data.summary() for split, data in datasets.items()}}
     report["splits"] = evaluate(model)
     if not tasks_only:

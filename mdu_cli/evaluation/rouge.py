@@ -31,3 +31,21 @@ def rouge_l_recall(prediction: str, reference: str) -> float:
             current.append(previous[j - 1] + 1 if r == p else max(previous[j], current[j - 1]))
         previous = current
     return previous[-1] / len(ref)
+
+
+def rouge_scores(loaded, records, generation: dict, batch_size: int) -> list[float]:
+    """ROUGE-L recall of each record's greedy generation, prompts batched
+    (padding is invisible to the real tokens, so a batch generates what one
+    prompt at a time would)."""
+    from mdu_cli.config.generation import generation_kwargs
+    from mdu_cli.model.sampling import generate
+
+    scores = []
+    for first in range(0, len(records), batch_size):
+        chunk = records[first:first + batch_size]
+        prompts = [loaded.prompt_ids(r.prompt_messages, where=r.source) for r in chunk]
+        outputs = generate(loaded.model, loaded.family, loaded.mask_token_id, prompts, pad_id=loaded.pad_id,
+                           stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
+        scores += [rouge_l_recall(loaded.tokenizer.decode(ids, skip_special_tokens=True), r.response)
+                   for ids, r in zip(outputs, chunk)]
+    return scores

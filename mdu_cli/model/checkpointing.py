@@ -18,12 +18,12 @@ from mdu_cli.errors import MduError
 from mdu_cli.model.block_names import BLOCK_LIST_NAMES
 
 
-def transformer_blocks(model) -> torch.nn.ModuleList:
+def transformer_blocks(model, needed_for: str = "--gradient-checkpointing") -> torch.nn.ModuleList:
     """The longest ModuleList named like a stack of transformer blocks."""
     candidates = [module for name, module in model.named_modules()
                   if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in BLOCK_LIST_NAMES]
     if not candidates:
-        raise MduError("cannot find the transformer blocks of this model for --gradient-checkpointing")
+        raise MduError(f"cannot find the transformer blocks of this model for {needed_for}; leave it out")
     return max(candidates, key=len)
 
 

@@ -45,6 +45,19 @@ def nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
+def finished_rows(new_tokens: torch.Tensor, mask_token_id: int, stops: torch.Tensor) -> torch.Tensor:
+    """(rows,) True where a row's output can no longer change: every position
+    before its first committed stop token is committed (the output is cut
+    there, and a committed token never changes), or, without a stop, every
+    position is. `new_tokens`: (rows, max_new_tokens)."""
+    is_stop = torch.isin(new_tokens, stops)
+    width = new_tokens.shape[1]
+    index = torch.arange(width, device=new_tokens.device)
+    first_stop = torch.where(is_stop, index, width).min(dim=1).values
+    pending = (new_tokens == mask_token_id) & (index[None, :] < first_stop[:, None])
+    return ~pending.any(dim=1)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -60,9 +73,16 @@ def generate(
     generator: Optional[torch.Generator] = None,
     ordering: str = "confidence",
     top_p: float = 1.0,
+    early_exit: bool = True,
 ) -> list[list[int]]:
     """Complete each prompt (token ids); returns the new tokens of each, cut
-    before the first stop id."""
+    before the first stop id.
+
+    With `early_exit` (the default) a row leaves the batch once its output is
+    final (`finished_rows`), and generation ends when every row has: the
+    tokens are those of the full schedule (each row's logits depend on its
+    own tokens only, and the sampling noise is drawn for every row as
+    before), for fewer forwards."""
     if max_new_tokens < 1 or steps < 1 or block_length < 1:
         raise ValueError("max_new_tokens, steps and block_length must be >= 1")
     if ordering not in ORDERINGS:
@@ -81,6 +101,8 @@ def generate(
     x, attention = x.to(device), attention.to(device)
     # Column of every generated position, per row: (rows, max_new_tokens).
     positions = torch.tensor(lengths, device=device)[:, None] + torch.arange(max_new_tokens, device=device)[None, :]
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    active = torch.arange(rows, device=device)  # the rows still computed
 
     block_length = min(block_length, max_new_tokens)
     blocks = math.ceil(max_new_tokens / block_length)
@@ -88,18 +110,26 @@ def generate(
     # skipped): capping them keeps a huge --steps from building a huge schedule.
     steps_per_block = min(block_length, max(1, steps // blocks))
     for block in range(blocks):
-        columns = positions[:, block * block_length:(block + 1) * block_length]
-        for count in transfer_schedule(columns.shape[1], steps_per_block):
+        block_columns = positions[:, block * block_length:(block + 1) * block_length]
+        for count in transfer_schedule(block_columns.shape[1], steps_per_block):
             if count == 0:
                 continue
-            logits = model_logits(model, x, attention, family).float()
-            block_logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1]))
+            if active.numel() == 0:
+                break
+            columns = block_columns[active]
+            logits = model_logits(model, x[active], attention[active], family)
+            # Only the block's logits are read: upcast those alone.
+            block_logits = logits.gather(1, columns[..., None].expand(-1, -1, logits.shape[-1])).float()
+            del logits
             block_logits[..., mask_token_id] = -math.inf  # never "fill" a mask with a mask
             if temperature > 0:
                 scaled = block_logits / temperature
                 if top_p < 1:
                     scaled = nucleus(scaled, top_p)
-                uniform = torch.rand(block_logits.shape, generator=generator).to(device).clamp_(1e-20, 1.0)
+                # Drawn for every row, finished or not, so a row's noise is
+                # what it would be without the early exit.
+                shape = (rows, *block_logits.shape[1:])
+                uniform = torch.rand(shape, generator=generator).to(device)[active].clamp_(1e-20, 1.0)
                 choice = (scaled - torch.log(-torch.log(uniform))).argmax(-1)
             else:
                 choice = block_logits.argmax(-1)
@@ -109,15 +139,20 @@ def generate(
                 confidence = (probabilities * torch.log_softmax(block_logits, dim=-1).nan_to_num(0.0)).sum(-1)
             else:
                 confidence = probabilities.gather(-1, choice[..., None]).squeeze(-1)
-            still_masked = x.gather(1, columns) == mask_token_id
+            current = x[active]
+            still_masked = current.gather(1, columns) == mask_token_id
             confidence = torch.where(still_masked, confidence, torch.full_like(confidence, -math.inf))
             picked = confidence.topk(count, dim=1).indices
-            x.scatter_(1, columns.gather(1, picked), choice.gather(1, picked))
+            current.scatter_(1, columns.gather(1, picked), choice.gather(1, picked))
+            x[active] = current
+            if early_exit:
+                done = finished_rows(current.gather(1, positions[active]), mask_token_id, stops)
+                active = active[~done]
 
     outputs = []
-    stops = set(stop_ids)
+    stop_set = set(stop_ids)
     for row in range(rows):
         new = x[row, lengths[row]:lengths[row] + max_new_tokens].tolist()
-        cut = next((i for i, token in enumerate(new) if token in stops), len(new))
+        cut = next((i for i, token in enumerate(new) if token in stop_set), len(new))
         outputs.append(new[:cut])
     return outputs

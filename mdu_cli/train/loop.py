@@ -191,57 +191,125 @@ class _Losses:
         self.alpha = run.cfg.retain_weight
         self.joint = bool(self.retain) and self.alpha > 0 and run.cfg.joint_accounting
         self.method = run.cfg.objective()
+        # A streamed anchor (--anchor-offload) serves a step's micro-batches
+        # in one pass, possibly a step ahead (see _step_batches).
+        self.streamed = hasattr(run.anchor, "submit")
+        self._ahead = None
+        self.boundary_noise = None
 
     def _noised(self, examples: Sequence[Example], rows: list[int]):
         return noise_response(collate([examples[i] for i in rows], self.pad_id).to(self.device),
                               self.mask_token_id, self.noise_generator)
+
+    def _anchor_logits(self, anchor, forget_batch):
+        return model_logits(anchor, self.method.anchor_input(forget_batch, self.mask_token_id),
+                            forget_batch.attention_mask, self.family)
 
     def _anchor_view(self, forget_batch):
         """What the method's loss reads of the anchor (None for methods without one)."""
         if not self.method.needs_anchor:
             return None
         with torch.no_grad():
-            anchor_logits = model_logits(self.anchor, self.method.anchor_input(forget_batch, self.mask_token_id),
-                                         forget_batch.attention_mask, self.family)
             # Keep only what the loss reads: the full-vocabulary logits
             # would otherwise live through the next forward and backward
             # (0.5 GB for LLaDA at 4 x 256 tokens).
-            return self.method.anchor_view(anchor_logits, forget_batch, self.family)
+            return self.method.anchor_view(self._anchor_logits(self.anchor, forget_batch), forget_batch,
+                                           self.family)
+
+    def _draw(self, micro_batches: list[list[int]]) -> list["_MicroBatch"]:
+        """Every micro-batch of a step, its rows noised, in the order the
+        loop has always drawn them (a micro-batch's forget rows, then its
+        retain rows), so that drawing them all first changes no mask."""
+        n_forget, drawn_apart = len(self.forget), []
+        prepared = []
+        for micro_rows in micro_batches:
+            rows = [i for i in micro_rows if i < n_forget]
+            if self.joint or self.cfg.optimizer_in_backward:
+                drawn = [i - n_forget for i in micro_rows if i >= n_forget]
+                if self.cfg.optimizer_in_backward and self.retain_batches is not None:
+                    drawn = next(self.retain_batches)
+            else:  # separate accounting: the retain rows come from their own stream
+                drawn = next(self.retain_batches) if self.retain_batches is not None else drawn_apart
+            forget_batch = self._noised(self.forget, rows) if rows else None
+            retain_batch = self._noised(self.retain, drawn) if drawn else None
+            prepared.append(_MicroBatch(rows, drawn, forget_batch, retain_batch))
+        return prepared
+
+    def _submit(self, prepared: list["_MicroBatch"]):
+        """A streamed anchor's one pass for a step's forget micro-batches
+        (model/streamed_anchor.py): its handle, or None for other anchors,
+        which run micro-batch by micro-batch."""
+        if not (self.streamed and self.method.needs_anchor):
+            return None
+        with_rows = [m for m in prepared if m.forget is not None]
+        calls = [(lambda module, batch=m.forget: self.method.anchor_view(self._anchor_logits(module, batch), batch,
+                                                                         self.family))
+                 for m in with_rows]
+        return with_rows, self.anchor.submit(calls)
+
+    def _step_batches(self, micro_batches: list[list[int]], step: int,
+                      upcoming: Optional[list[list[int]]]) -> list["_MicroBatch"]:
+        """This step's micro-batches, noised, with a streamed anchor's views.
+        A streamed anchor that runs ahead gets the next step's batches now
+        (`upcoming`), drawn after this step's, so that its pass overlaps this
+        step's training; the noise generator's state between the two draws is
+        kept in `boundary_noise`, what a save after this step records."""
+        if self._ahead is not None and self._ahead[0] == step:
+            _, prepared, handle = self._ahead
+        else:
+            prepared = self._draw(micro_batches)
+            handle = self._submit(prepared)
+        self._ahead, self.boundary_noise = None, None
+        if upcoming is not None and self.streamed and self.anchor.ahead and self.method.needs_anchor:
+            self.boundary_noise = self.noise_generator.get_state()
+            following = self._draw(upcoming)
+            self._ahead = (step + 1, following, self._submit(following))
+        if handle is not None:
+            with_rows, pending = handle
+            for m, view in zip(with_rows, pending.result()):
+                m.anchor_view, m.has_view = view, True
+        return prepared
+
+    def _view(self, micro: "_MicroBatch"):
+        if micro.has_view:
+            view, micro.anchor_view, micro.has_view = micro.anchor_view, None, False  # freed with its loss
+            return view
+        return self._anchor_view(micro.forget)
 
     def _retain_from_logits(self, logits: torch.Tensor, retain_batch) -> torch.Tensor:
         return mdlm_loss(logits, retain_batch, self.family.retain_weighting)
 
-    def forget_loss(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forget_loss(self, micro: "_MicroBatch") -> tuple[torch.Tensor, torch.Tensor]:
         """The loss of forget rows: for MDU, pull the conditional prediction
         toward the anchor's prompt-masked prediction at every masked response
         position; the baselines (and fine-tuning) plug in their own anchor
         input and loss. Returns the loss and the masked count."""
-        forget_batch = self._noised(self.forget, rows)
-        anchor_view = self._anchor_view(forget_batch)
+        forget_batch = micro.forget
+        anchor_view = self._view(micro)
         conditional_logits = model_logits(self.model, forget_batch.input_ids, forget_batch.attention_mask,
                                           self.family)
         forget_loss = self.method.loss(conditional_logits, anchor_view, forget_batch, self.family)
         del anchor_view, conditional_logits
         return forget_loss, forget_batch.masked.sum()
 
-    def retain_loss(self, rows: list[int]) -> torch.Tensor:
+    def retain_loss(self, micro: "_MicroBatch") -> torch.Tensor:
         """The MDLM loss of retain rows, so that utility stays."""
-        retain_batch = self._noised(self.retain, rows)
+        retain_batch = micro.retain
         logits = model_logits(self.model, retain_batch.input_ids, retain_batch.attention_mask, self.family)
         retain_loss = self._retain_from_logits(logits, retain_batch)
         del logits
         return retain_loss
 
-    def in_one_forward(self, rows: list[int], drawn: list[int]):
+    def in_one_forward(self, micro: "_MicroBatch"):
         """Forget and retain losses from one forward over both kinds of row,
-        for --optimizer-in-backward. With a forward each, every parameter
-        would be reached twice in the one backward, and autograd holds the
-        first contribution for every parameter until the second arrives: a
-        whole gradient's memory again (16 GB on LLaDA-8B, measured).
+        for --stack-forward (fewer launches) and --optimizer-in-backward. In
+        backward it is needed: with a forward each, every parameter would be
+        reached twice in the one backward, and autograd holds the first
+        contribution for every parameter until the second arrives: a whole
+        gradient's memory again (16 GB on LLaDA-8B, measured).
         Returns (forget loss or None, masked count, retain loss or None)."""
-        forget_batch = self._noised(self.forget, rows) if rows else None
-        retain_batch = self._noised(self.retain, drawn) if drawn else None
-        anchor_view = self._anchor_view(forget_batch) if rows else None
+        forget_batch, retain_batch = micro.forget, micro.retain
+        anchor_view = self._view(micro) if forget_batch is not None else None
         if forget_batch is not None and retain_batch is not None:
             both = stack_rows(forget_batch, retain_batch, self.pad_id)
         else:
@@ -249,65 +317,78 @@ class _Losses:
         logits = model_logits(self.model, both.input_ids, both.attention_mask, self.family)
         forget_loss = retain_loss = None
         masked = torch.zeros((), device=self.device, dtype=torch.long)
+        rows = len(micro.rows)
         if forget_batch is not None:
-            forget_loss = self.method.loss(logits[:len(rows), :forget_batch.input_ids.shape[1]], anchor_view,
+            forget_loss = self.method.loss(logits[:rows, :forget_batch.input_ids.shape[1]], anchor_view,
                                            forget_batch, self.family)
             masked = forget_batch.masked.sum()
         if retain_batch is not None:
-            retain_loss = self._retain_from_logits(logits[len(rows):, :retain_batch.input_ids.shape[1]],
+            retain_loss = self._retain_from_logits(logits[rows:, :retain_batch.input_ids.shape[1]],
                                                    retain_batch)
         return forget_loss, masked, retain_loss
 
-    def backward(self, micro_batches: list[list[int]], accelerator, step: int) -> "_StepSums":
+    def backward(self, micro_batches: list[list[int]], accelerator, step: int,
+                 upcoming: Optional[list[list[int]]] = None) -> "_StepSums":
         """This rank's micro-batches of one step: each one's losses and
         backward (scaled so the step's gradient is the mean over them), with
-        the sums the log reports."""
-        cfg, n_forget = self.cfg, len(self.forget)
-        in_backward = cfg.optimizer_in_backward
+        the sums the log reports. `upcoming`: the next step's micro-batches,
+        for an anchor that runs ahead."""
+        in_backward = self.cfg.optimizer_in_backward
+        # One forward over both kinds of row: always in backward (see
+        # in_one_forward), and with --stack-forward for fewer kernel launches.
+        stacked = in_backward or self.cfg.stack_forward
         sums = _StepSums.zeros(self.device)
-        for micro_rows in micro_batches:
-            rows = [i for i in micro_rows if i < n_forget]
-            drawn = [i - n_forget for i in micro_rows if i >= n_forget]
-            if self.joint or in_backward:
+        for micro in self._step_batches(micro_batches, step, upcoming):
+            if self.joint or stacked:
                 # One backward per micro-batch, whatever mix of rows it
                 # holds: every rank must run as many as the others (each
                 # is a collective under DDP and FSDP), and in backward
                 # every parameter steps during it, so it must hold the
                 # whole step's loss.
-                if in_backward:
-                    if self.retain_batches is not None:
-                        drawn = next(self.retain_batches)
-                    forget_loss, masked, retain_loss = self.in_one_forward(rows, drawn)
+                if stacked:
+                    forget_loss, masked, retain_loss = self.in_one_forward(micro)
                     # Checked before backward: during it, the weights move.
                     if forget_loss is not None:
                         _check_finite(forget_loss.item(), "forget", step)
                     if retain_loss is not None:
                         _check_finite(retain_loss.item(), "retain", step)
                 else:
-                    forget_loss, masked = self.forget_loss(rows) if rows else (None, None)
-                    retain_loss = self.retain_loss(drawn) if drawn else None
+                    forget_loss, masked = self.forget_loss(micro) if micro.forget is not None else (None, None)
+                    retain_loss = self.retain_loss(micro) if micro.retain is not None else None
                 total = None
                 if forget_loss is not None:
                     total = forget_loss
                     sums.add_forget(forget_loss, masked)
                 if retain_loss is not None:
                     total = self.alpha * retain_loss if total is None else total + self.alpha * retain_loss
-                    sums.add_retain(retain_loss, drawn)
+                    sums.add_retain(retain_loss, micro.drawn)
                 accelerator.backward(total / len(micro_batches))
                 continue
             # Separate: a forget micro-batch, then a retain one, each
             # freed by its own backward before the next forward.
-            forget_loss, masked = self.forget_loss(rows)
+            forget_loss, masked = self.forget_loss(micro)
             accelerator.backward(forget_loss / len(micro_batches))
             sums.add_forget(forget_loss, masked)
             del forget_loss
-            if self.retain_batches is not None:
-                drawn = next(self.retain_batches)
-                retain_loss = self.retain_loss(drawn)
+            if micro.retain is not None:
+                retain_loss = self.retain_loss(micro)
                 accelerator.backward(self.alpha * retain_loss / len(micro_batches))
-                sums.add_retain(retain_loss, drawn)
+                sums.add_retain(retain_loss, micro.drawn)
                 del retain_loss
         return sums
+
+
+@dataclass
+class _MicroBatch:
+    """One micro-batch's rows, noised, and (from a streamed anchor) the
+    anchor's view of its forget rows, computed with the step's others."""
+
+    rows: list[int]                 # forget rows
+    drawn: list[int]                # retain rows
+    forget: Optional[object]        # NoisedBatch of the forget rows, None without any
+    retain: Optional[object]        # NoisedBatch of the retain rows, None without any
+    anchor_view: object = None
+    has_view: bool = False
 
 
 @dataclass
@@ -503,7 +584,11 @@ class _Loop:
         self.forget_mean = 0.0  # the last step's, for the progress bar
 
     def _random_states(self) -> dict:
-        return {"noise": self.noise_generator.get_state(), "torch": torch.get_rng_state()}
+        # An anchor that runs ahead has drawn the next step's masks already:
+        # the state that belongs to this step boundary is the one before them.
+        noise = self.losses.boundary_noise if getattr(self, "losses", None) is not None else None
+        return {"noise": noise if noise is not None else self.noise_generator.get_state(),
+                "torch": torch.get_rng_state()}
 
     def train(self) -> TrainResult:
         run, cfg, plan = self.run, self.run.cfg, self.plan
@@ -537,6 +622,8 @@ class _Loop:
                     self._stop()
         finally:
             stop.__exit__()
+            if hasattr(run.anchor, "close"):
+                run.anchor.close()  # a pass still running ahead finishes first
             if self.stepper is not None:
                 self.stepper.remove()
             bar.close()
@@ -547,7 +634,8 @@ class _Loop:
     def _step(self, step: int, micro_batches: list[list[int]]) -> dict:
         """One optimizer step: losses and backward, the update, the log entry."""
         run, cfg, accelerator = self.run, self.run.cfg, self.run.accelerator
-        sums = self.losses.backward(micro_batches[self.rank::self.processes], accelerator, step)
+        upcoming = self.plan[step][self.rank::self.processes] if step < len(self.plan) else None
+        sums = self.losses.backward(micro_batches[self.rank::self.processes], accelerator, step, upcoming)
         # Every rank sees the same averaged losses, so a NaN stops all of
         # them together, before the optimizer could apply it.
         # Means over the step's micro-batches of all ranks; with joint

@@ -140,21 +140,22 @@ def frozen_copy(model):
 def host_anchor(model, source, trust: bool, weight_dtype, device):
     """The anchor theta_0 in host memory: a second instance built on the CPU and
     given the starting weights tensor by tensor (so the device never holds a
-    second copy, even for a moment), then offloaded with accelerate's
-    cpu_offload, which moves each block's weights to `device` for its forward."""
+    second copy, even for a moment), its blocks streamed to `device` for
+    each pass (model/streamed_anchor.py)."""
     return offload_copy(load_model(source, trust, weight_dtype), model, device)
 
 
 def offload_copy(shell, model, device):
     """`shell` (a host-memory instance of the model's class) given the model's
-    current weights tensor by tensor, frozen, and offloaded with accelerate's
-    cpu_offload, which moves each block to `device` for its forward only."""
-    from accelerate import cpu_offload
+    current weights tensor by tensor, frozen, as a `StreamedAnchor`: the
+    blocks stay in (pinned) host memory and are streamed to `device`."""
+    from mdu_cli.model.streamed_anchor import StreamedAnchor
 
     with torch.no_grad():
-        shell.load_state_dict({name: tensor.detach().to("cpu") for name, tensor in model.state_dict().items()})
-    shell.requires_grad_(False).eval()
-    return cpu_offload(shell, execution_device=torch.device(device))
+        target = shell.state_dict()
+        for name, tensor in model.state_dict().items():
+            target[name].copy_(tensor)  # one tensor in flight: never a whole second copy on the host
+    return StreamedAnchor(shell, device)
 
 
 def broadcast_from_main(module, accelerator) -> None:
@@ -310,6 +311,10 @@ def prepare_run(cfg: TrainingConfig) -> PreparedRun:
                           "(FSDP shards the gradients instead)")
     if cfg.joint_accounting:
         _check_joint_plan(cfg, len(forget), len(retain))
+    if cfg.compile_blocks:
+        from mdu_cli.model.compilation import check_compile
+
+        check_compile(device)
     trackers = parse_trackers(cfg.report_to)
     logging_dir = _logging_dir(cfg, out, [*inputs, source.path]) if trackers else None
     # Every run: a Ctrl-C saves a state even without --save-every. A few MB read.
@@ -473,6 +478,10 @@ def _load_for_training(run: PreparedRun, accelerator):
     if cfg.gradient_checkpointing:
         # After the anchor copy: the frozen model only runs without gradients.
         enable_gradient_checkpointing(model)
+    if cfg.compile_blocks:
+        from mdu_cli.model.compilation import compile_blocks
+
+        compile_blocks(model)
     if not cfg.described.unlearns:
         log.info("Fine-tuning %s on %d records [%s, mask id %d] on %s in %s", source.name, len(run.forget),
                  run.family.name, run.mask_token_id, run.device, run.dtype_name)

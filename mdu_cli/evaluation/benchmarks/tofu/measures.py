@@ -31,13 +31,11 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from mdu_cli.config.generation import generation_kwargs
 from mdu_cli.data.records import Record
 from mdu_cli.errors import MduError
-from mdu_cli.evaluation.likelihood import answer_score
-from mdu_cli.evaluation.rouge import rouge_l_recall
+from mdu_cli.evaluation.likelihood import ESTIMATOR, answer_score_many
+from mdu_cli.evaluation.rouge import rouge_scores
 from mdu_cli.model.inference import LoadedModel
-from mdu_cli.model.sampling import generate
 
 TOFU_REPO = "locuslab/TOFU"
 # The evaluation splits, in report order, and the file each takes from the Hub.
@@ -70,16 +68,17 @@ def check_records(split: str, records: list[Record]) -> None:
 
 
 def record_measures(loaded: LoadedModel, record: Record, mc_samples: int, generator: torch.Generator,
-                    batch_size: int) -> dict:
-    """The likelihood numbers of one TOFU record (see the module docstring)."""
+                    batch_size: int, estimator: str = ESTIMATOR) -> dict:
+    """The likelihood numbers of one TOFU record (see the module docstring).
+    Its answers (gold, paraphrase, perturbed) are scored together, their
+    samples packed into shared forwards."""
     prompt_ids = loaded.prompt_ids(record.prompt_messages, where=record.source)
-    gold_score = answer_score(loaded, prompt_ids, record.response, mc_samples, generator, batch_size)
-    if record.paraphrased is not None and record.paraphrased != record.response:
-        paraphrased_score = answer_score(loaded, prompt_ids, record.paraphrased, mc_samples, generator, batch_size)
-    else:
-        paraphrased_score = gold_score
-    perturbed_scores = [answer_score(loaded, prompt_ids, answer, mc_samples, generator, batch_size)
-                        for answer in record.perturbed]
+    paraphrase = record.paraphrased is not None and record.paraphrased != record.response
+    answers = [record.response, *([record.paraphrased] if paraphrase else []), *record.perturbed]
+    scores = answer_score_many(loaded, prompt_ids, answers, mc_samples, generator, batch_size, estimator)
+    gold_score = scores[0]
+    paraphrased_score = scores[1] if paraphrase else gold_score
+    perturbed_scores = scores[2 if paraphrase else 1:]
     gold, paraphrased = math.exp(-gold_score), math.exp(-paraphrased_score)
     perturbed = [math.exp(-score) for score in perturbed_scores]
     measures = {
@@ -114,21 +113,6 @@ def normalised_probability(gold: float, perturbed: list[float], gold_score: floa
     if total > 0:
         return gold / total
     return math.exp(-gold_score - _log_sum_exp([-gold_score] + [-s for s in perturbed_scores]))
-
-
-def rouge_scores(loaded: LoadedModel, records: list[Record], generation: dict, batch_size: int) -> list[float]:
-    """ROUGE-L recall of each record's greedy generation, prompts batched
-    (padding is invisible to the real tokens, so a batch generates what one
-    prompt at a time would)."""
-    scores = []
-    for first in range(0, len(records), batch_size):
-        chunk = records[first:first + batch_size]
-        prompts = [loaded.prompt_ids(r.prompt_messages, where=r.source) for r in chunk]
-        outputs = generate(loaded.model, loaded.family, loaded.mask_token_id, prompts, pad_id=loaded.pad_id,
-                           stop_ids=loaded.stop_ids(), **generation_kwargs(generation))
-        scores += [rouge_l_recall(loaded.tokenizer.decode(ids, skip_special_tokens=True), r.response)
-                   for ids, r in zip(outputs, chunk)]
-    return scores
 
 
 def truth_ratio(perturbed: list[float], paraphrased: float, perturbed_scores: Optional[list[float]] = None,
@@ -257,7 +241,9 @@ def read_reference(path: str, forget_sha256: Optional[str]) -> dict:
         raise MduError(f"--reference {path}: it lists {len(ratios)} forget truth ratios for {records!r} records; "
                        "the report was altered, evaluate the reference model again")
     return {"path": str(file), "model": report.get("model"), "ratios": ratios, "limit": report.get("limit"),
-            "mc_samples": report.get("mc_samples"), "seed": report.get("seed")}
+            "mc_samples": report.get("mc_samples"), "seed": report.get("seed"),
+            # Reports from before the stratified estimator do not name one.
+            "estimator": report.get("estimator", "independent")}
 
 
 def check_reference_matches(reference: dict, records: int, limit: Optional[int], mc_samples: int, seed: int) -> None:
@@ -271,6 +257,10 @@ def check_reference_matches(reference: dict, records: int, limit: Optional[int],
     if len(reference["ratios"]) != records:
         raise MduError(f"--reference {path}: it holds {len(reference['ratios'])} forget records, this run "
                        f"{records}; evaluate both models on the same --forget and --limit")
+    if reference.get("estimator", ESTIMATOR) != ESTIMATOR:
+        raise MduError(f"--reference {path}: it was scored with the {reference['estimator']} Monte Carlo estimator "
+                       f"of an older mdu, this run with the {ESTIMATOR} one; evaluate the reference model again "
+                       "with this version")
     for option, theirs, ours in (("--mc-samples", reference["mc_samples"], mc_samples),
                                  ("--seed", reference["seed"], seed)):
         if theirs != ours:
