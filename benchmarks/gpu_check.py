@@ -143,6 +143,8 @@ def run_mode(accelerator, directory: Path, shape: dict, mode: tuple, steps: int,
         anchor = AdapterOffAnchor(model)
     else:
         anchor = host_copy(model, config, device) if offload else frozen_copy(model)
+        if offload:
+            anchor.timed = True  # the copies' device time, for the GB/s below
     if checkpointed:
         enable_gradient_checkpointing(model)
     if compiled:

@@ -30,6 +30,7 @@ What the streaming does, and why:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Optional, Sequence
@@ -83,8 +84,10 @@ class StreamedAnchor:
     streamed to `device` for each pass. Call it like the model for one
     forward; `forward_many` runs several forwards in one pass.
 
-    `bytes_copied` counts the host-to-device bytes moved so far, and
-    `transfer_seconds()` the time the copies took on the device (CUDA only)."""
+    `bytes_copied` counts the host-to-device bytes moved so far; with
+    `timed` set, `transfer_seconds()` gives the time the copies took on the
+    device (CUDA only; benchmarks/gpu_check.py sets it: each copy then
+    records two timing events)."""
 
     def __init__(self, module: torch.nn.Module, device, ahead: Optional[bool] = None):
         self.module = module.requires_grad_(False).eval()
@@ -97,6 +100,7 @@ class StreamedAnchor:
         self._pass_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.units = _units(module, list(transformer_blocks(module, "--anchor-offload")))
         self.bytes_copied = 0
+        self.timed = False
         self._timings: list[tuple[Any, Any]] = []
         in_blocks = {id(p) for block in self.units for p in block.parameters()}
         with torch.no_grad():
@@ -157,12 +161,19 @@ class StreamedAnchor:
             return _Ready(done, self)
         if self._background is None:
             self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdu-anchor")
-        return _Ready(self._background.submit(self._pass_on_own_stream, calls), self)
+        inputs = None
+        if self.cuda:
+            # The calls' inputs were made on the caller's stream: the pass's
+            # stream must not read them before that stream has written them.
+            inputs = torch.cuda.Event()
+            inputs.record(torch.cuda.current_stream(self.device))
+        return _Ready(self._background.submit(self._pass_on_own_stream, calls, inputs), self)
 
-    def _pass_on_own_stream(self, calls):
+    def _pass_on_own_stream(self, calls, inputs):
         if not self.cuda:
             return self.forward_many(calls), None
-        with torch.cuda.stream(self._pass_stream):
+        with _on(self._pass_stream, self.device):
+            self._pass_stream.wait_event(inputs)
             results = self.forward_many(calls, stream=self._pass_stream)
             event = torch.cuda.Event()
             event.record(self._pass_stream)
@@ -197,7 +208,7 @@ class StreamedAnchor:
                 # kernels are the same, on the stream asked for. The anchor
                 # is frozen: no graph, whatever the caller's grad mode.
                 torch.set_num_threads(threads)
-                with torch.no_grad(), _on(stream):
+                with torch.no_grad(), _on(stream, self.device):
                     self._turns.wait(k)
                     results[k] = calls[k](self.module)
             except _Aborted:
@@ -261,13 +272,14 @@ class StreamedAnchor:
                 param.data = host.clone()  # the CPU stands in for the device: the same copy, counted
             self._ready[i] = None
             return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = torch.cuda.Event(enable_timing=self.timed), torch.cuda.Event(enable_timing=self.timed)
         with torch.cuda.stream(self._copy_stream):
             start.record()
             for param, host in params:
                 param.data = host.to(self.device, non_blocking=True)
             end.record()
-        self._timings.append((start, end))
+        if self.timed:
+            self._timings.append((start, end))
         self._ready[i] = end
 
     def _release(self, i: int) -> None:
@@ -309,11 +321,15 @@ def _units(module, blocks: list) -> list:
     return first + blocks + last
 
 
-def _on(stream):
-    """`torch.cuda.stream(stream)`, or nothing without one."""
-    import contextlib
-
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+@contextlib.contextmanager
+def _on(stream, device):
+    """`stream` current, on its device, in this thread (a new thread starts
+    on device 0 and its default stream); nothing without a stream."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        yield
 
 
 class _Ready:
