@@ -64,3 +64,22 @@ def test_a_check_fails_on_an_output_that_is_not_what_the_command_promised(tmp_pa
         "no weight moved (delta report total rel_l2 is 0)"]
     leaked = {"stdout": json.dumps({"upload": [{"path": "model.safetensors"}, {"path": "forget.jsonl"}]})}
     assert driver.push_plan(leaked) == ["the plan would upload data: ['forget.jsonl']"]
+
+
+def test_gpu_check_flops_and_the_offload_ratio_by_hand():
+    """The MFU's FLOP count (6 per parameter and trained token, 8 with
+    checkpointing's recompute, 4 for LoRA's frozen base, plus the anchor's
+    forward over the forget tokens) and the ratio line, which pairs each
+    anchor-on-host row with the same mode in memory of the same model."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    assert check.step_flops(10, 3, 5, checkpointed=False, lora=False) == 6 * 10 * 8 + 2 * 10 * 3
+    assert check.step_flops(10, 3, 5, checkpointed=True, lora=False) == 8 * 10 * 8 + 2 * 10 * 3
+    assert check.step_flops(10, 3, 5, checkpointed=False, lora=True) == 4 * 10 * 8 + 2 * 10 * 3
+    runs = [{"model": "8b", "mode": "full MDU, in backward", "step_s_median": 0.5},
+            {"model": "1b", "mode": "full MDU, in backward", "step_s_median": 0.1},
+            {"model": "8b", "mode": "full MDU, in backward, anchor on host", "step_s_median": 0.6}]
+    [line] = check.offload_ratios(runs)
+    assert runs[2]["step_ratio_to_in_memory"] == 1.2 and "8b" in line and "1.20x" in line
+    assert check.peak_tflops("cpu", None) is None and check.peak_tflops("cuda", 500.0) == 500.0
