@@ -9,14 +9,17 @@ its own process (`python -m mdu_cli ...`, what the `mdu` script calls) on
 --device:
 
   unlearn   full MDU (both families), LoRA, bf16 with the default optimizer,
-            and bf16 in backward with gradient checkpointing and --anchor-offload
+            bf16 in backward with gradient checkpointing and --anchor-offload,
+            and three micro-batches a step with the anchor in memory and
+            streamed (--anchor-offload), whose weights must be equal bit for bit
   finetune  plain MDLM fine-tuning
   eval      plain (against the base) and --benchmark tofu with a --reference
   generate, diff, push --dry-run
 
 Each command's exit code and output are checked (the files it must write,
 the device and dtype its run record names, numbers that must be finite, the
-data that must not be uploaded); then benchmarks/gpu_check.py runs its rows
+data that must not be uploaded); then benchmarks/eval_cost.py (old against new
+evaluation, a few records) and benchmarks/gpu_check.py's rows
 (the 1B shape on CUDA, and LLaDA-8B's with --with-8b; the tiny shape on the
 CPU). One JSON of results is written to --out, rewritten after each check so
 that a run cut short still says how far it got; the exit code is 1 when any
