@@ -62,10 +62,6 @@ class Counting(torch.nn.Module):
         self.tokens += input_ids.numel()
         return self.model(input_ids=input_ids, attention_mask=attention_mask)
 
-    @property
-    def config(self):
-        return self.model.config
-
 
 def likelihoods(loaded, records, samples: int, seed: int, estimator: str, packed: bool) -> list[float]:
     """Every answer's score, record by record (the gold answer's first)."""

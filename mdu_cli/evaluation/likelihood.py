@@ -34,7 +34,7 @@ def mask_counts(length: int, samples: int, generator: torch.Generator) -> list[i
     return (rates * length).floor().long().clamp_(max=length - 1).add_(1).tolist()
 
 
-def draw_masks(length: int, samples: int, generator: torch.Generator, estimator: str = "stratified") -> torch.Tensor:
+def draw_masks(length: int, samples: int, generator: torch.Generator, estimator: str = ESTIMATOR) -> torch.Tensor:
     """(samples, length) booleans, True where a sample hides an answer token.
 
     "stratified" (the default): the counts of `mask_counts`, and the samples'
@@ -71,23 +71,9 @@ def draw_masks(length: int, samples: int, generator: torch.Generator, estimator:
 
 
 def mc_masks(length: int, samples: int, generator: torch.Generator,
-             estimator: str = "stratified") -> list[list[int]]:
+             estimator: str = ESTIMATOR) -> list[list[int]]:
     """`draw_masks` as lists: for each sample, the answer positions it hides."""
     return [row.nonzero()[:, 0].tolist() for row in draw_masks(length, samples, generator, estimator)]
-
-
-def _masked_logits(loaded: LoadedModel, sequence: torch.Tensor, start: int,
-                   chunk: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward of `sequence` once per mask of `chunk` (positions counted
-    from `start`), each with its positions masked: the (rows, length) mask and
-    the logits at the masked positions, row by row."""
-    masked = torch.zeros(len(chunk), sequence.shape[0], dtype=torch.bool)
-    for row, positions in enumerate(chunk):
-        masked[row, [start + p for p in positions]] = True  # on the host: one copy to the device below
-    masked = masked.to(sequence.device)
-    inputs = torch.where(masked, loaded.mask_token_id, sequence.repeat(len(chunk), 1))
-    logits = model_logits(loaded.model, inputs, torch.ones_like(inputs), loaded.family)
-    return masked, logits[masked]
 
 
 def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[int], masks: list[list[int]],
@@ -97,57 +83,38 @@ def answer_scores(loaded: LoadedModel, prompt_ids: list[int], answer_ids: list[i
     return scores
 
 
-@torch.no_grad()
 def packed_scores(loaded: LoadedModel, items: list[tuple[list[int], list[int], list[list[int]]]],
                   batch_size: int = 32) -> list[list[float]]:
     """`answer_scores` of several answers at once: every (answer, mask) row
-    of all `items` (prompt ids, answer ids, masks) pooled, in length order,
-    `batch_size` rows per forward, right-padded with the padding hidden from
-    attention, so the samples of short answers fill the forwards of others.
-    The inputs are built on the host and moved once per forward, the scores
-    summed on the device and read back once at the end."""
-    rows = [(item, mask) for item, (_, _, masks) in enumerate(items) for mask in masks]
-    lengths = [len(items[item][0]) + len(items[item][1]) for item, _ in rows]
-    order = sorted(range(len(rows)), key=lambda r: lengths[r])
-    device = loaded.device
-    scores = torch.zeros(len(rows), dtype=torch.float32, device=device)
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
-        width = max(lengths[r] for r in chunk)
-        # Padding is hidden from attention and never scored: any id will do.
-        inputs = torch.full((len(chunk), width), loaded.mask_token_id, dtype=torch.long)
-        attention = torch.zeros_like(inputs)
-        masked = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for k, r in enumerate(chunk):
-            item, mask = rows[r]
-            prompt, answer, _ = items[item]
-            inputs[k, :lengths[r]] = torch.tensor(prompt + answer, dtype=torch.long)
-            attention[k, :lengths[r]] = 1
-            masked[k, [len(prompt) + p for p in mask]] = True
-        targets = inputs.to(device)
-        masked = masked.to(device)
-        noised = torch.where(masked, loaded.mask_token_id, targets)
-        logits = model_logits(loaded.model, noised, attention.to(device), loaded.family)[masked]
-        ce = F.cross_entropy(logits.float(), targets[masked], reduction="none")
-        where = masked.nonzero()[:, 0]
-        sums = torch.zeros(len(chunk), device=device).index_add_(0, where, ce)
-        scores[torch.tensor(chunk, device=device)] = sums / masked.sum(1)
-    flat = scores.tolist()
+    of all `items` (prompt ids, answer ids, masks) pooled in length order
+    (`masked_batches`), so the samples of short answers fill the forwards of
+    others; the scores are summed on the device and read back once at the
+    end."""
+    owners = [item for item, (_, _, masks) in enumerate(items) for _ in masks]
+    rows = [(prompt + answer, [len(prompt) + p for p in mask]) for prompt, answer, masks in items for mask in masks]
+    scores = torch.zeros(len(rows), dtype=torch.float32, device=loaded.device)
+    # Padding is hidden from attention and never scored: the mask id serves,
+    # so that no tokenizer is needed here.
+    for chunk, targets, masked, logits in masked_batches(loaded, rows, batch_size, by_length=True,
+                                                         pad_id=loaded.mask_token_id):
+        ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+        sums = torch.zeros(len(chunk), device=ce.device).index_add_(0, masked.nonzero()[:, 0], ce)
+        scores[torch.tensor(chunk, device=scores.device)] = sums / masked.sum(1)
     result: list[list[float]] = [[] for _ in items]
-    for r, (item, _) in enumerate(rows):
-        result[item].append(flat[r])
+    for owner, score in zip(owners, scores.tolist()):
+        result[owner].append(score)
     return result
 
 
 def answer_score(loaded: LoadedModel, prompt_ids: list[int], answer: str, samples: int,
-                 generator: torch.Generator, batch_size: int = 32, estimator: str = "stratified") -> float:
+                 generator: torch.Generator, batch_size: int = 32, estimator: str = ESTIMATOR) -> float:
     """The estimator's mean score for one answer (its probability is exp(-score))."""
     [score] = answer_score_many(loaded, prompt_ids, [answer], samples, generator, batch_size, estimator)
     return score
 
 
 def answer_score_many(loaded: LoadedModel, prompt_ids: list[int], answers: list[str], samples: int,
-                      generator: torch.Generator, batch_size: int = 32, estimator: str = "stratified"
+                      generator: torch.Generator, batch_size: int = 32, estimator: str = ESTIMATOR
                       ) -> list[float]:
     """`answer_score` of several answers to one prompt, their masks drawn in
     order (as one call per answer would draw them) and their samples packed
@@ -165,7 +132,7 @@ def answer_score_many(loaded: LoadedModel, prompt_ids: list[int], answers: list[
 
 
 def covering_masks(length: int, samples: int, generator: torch.Generator,
-                   estimator: str = "stratified") -> list[list[int]]:
+                   estimator: str = ESTIMATOR) -> list[list[int]]:
     """`mc_masks`, plus one mask of the positions none of them masked, so that
     every token has a per-token estimate."""
     masks = mc_masks(length, samples, generator, estimator)
@@ -187,17 +154,15 @@ def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[
       log p(x_i | the unmasked tokens); beside it the same mean of Min-K%++'s
       normalised value (log p(x_i) - mu) / sigma, mu and sigma^2 the mean and
       variance of log p under the predicted distribution at i."""
-    sequence = torch.tensor(prefix_ids + ids, dtype=torch.long, device=loaded.device)
     start, length = len(prefix_ids), len(ids)
     totals = torch.zeros(length, dtype=torch.float64)
     normalised_totals = torch.zeros(length, dtype=torch.float64)
     counts = torch.zeros(length, dtype=torch.float64)
     per_mask: list[float] = []
-    for first in range(0, len(masks), batch_size):
-        chunk = masks[first:first + batch_size]
-        masked, logits = _masked_logits(loaded, sequence, start, chunk)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        token = log_probs.gather(1, sequence.repeat(len(chunk), 1)[masked][:, None]).squeeze(1)
+    rows = [(prefix_ids + ids, [start + p for p in mask]) for mask in masks]
+    for chunk, targets, masked, logits in masked_batches(loaded, rows, batch_size, pad_id=loaded.mask_token_id):
+        log_probs = torch.log_softmax(logits[masked].float(), dim=-1)
+        token = log_probs.gather(1, targets[masked][:, None]).squeeze(1)
         probs = log_probs.exp()
         mu = (probs * log_probs).sum(-1)
         sigma = ((probs * log_probs.square()).sum(-1) - mu.square()).clamp_min(1e-12).sqrt()
@@ -213,24 +178,37 @@ def token_log_likelihoods(loaded: LoadedModel, prefix_ids: list[int], ids: list[
 
 
 @torch.no_grad()
-def masked_rows(loaded: LoadedModel, rows: list[tuple[list[int], list[int]]], batch_size: int = 32,
-                by_length: bool = False):
+def masked_batches(loaded: LoadedModel, rows: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                   by_length: bool = False, pad_id: Optional[int] = None):
     """Run rows of (tokens, positions to mask), `batch_size` per forward (in
-    length order with `by_length`), right-padded with the padding hidden from
-    attention; yield each row's index and its logits at the masked positions."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if by_length else range(len(rows))
-    order = list(order)
+    length order with `by_length`), right-padded (with `pad_id`, the
+    tokenizer's by default) and the padding hidden from attention. The inputs
+    are built on the host and moved once per forward. Yields, per forward,
+    the rows' indices, their clean tokens and the masked positions (both
+    (rows, width), on the device) and the logits."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0])) if by_length else list(range(len(rows)))
+    pad = loaded.pad_id if pad_id is None else pad_id
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         width = max(len(rows[i][0]) for i in chunk)
-        inputs = torch.full((len(chunk), width), loaded.pad_id, dtype=torch.long)
-        attention = torch.zeros_like(inputs)
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(tokens)
+        masked = torch.zeros((len(chunk), width), dtype=torch.bool)
         for r, i in enumerate(chunk):
-            tokens, positions = rows[i]
-            inputs[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            inputs[r, positions] = loaded.mask_token_id
-            attention[r, :len(tokens)] = 1
-        logits = model_logits(loaded.model, inputs.to(loaded.device), attention.to(loaded.device), loaded.family)
+            row_tokens, positions = rows[i]
+            tokens[r, :len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
+            attention[r, :len(row_tokens)] = 1
+            masked[r, positions] = True
+        tokens, masked = tokens.to(loaded.device), masked.to(loaded.device)
+        inputs = torch.where(masked, loaded.mask_token_id, tokens)
+        yield chunk, tokens, masked, model_logits(loaded.model, inputs, attention.to(loaded.device), loaded.family)
+
+
+def masked_rows(loaded: LoadedModel, rows: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                by_length: bool = False):
+    """`masked_batches` row by row: each row's index and its logits at its
+    masked positions, in the order of those positions."""
+    for chunk, _, _, logits in masked_batches(loaded, rows, batch_size, by_length):
         for r, i in enumerate(chunk):
             yield i, logits[r, rows[i][1]]
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mdu_cli.config.training import TrainingConfig
 from mdu_cli.data.tokenization import Example, collate
 from mdu_cli.errors import Interrupted, MduError
-from mdu_cli.methods.masking import noise_response, stack_rows
+from mdu_cli.methods.masking import NoisedBatch, noise_response, stack_rows
 from mdu_cli.methods.objectives import mdlm_loss
 from mdu_cli.model.families import Family, model_logits
 from mdu_cli.train import optimizers
@@ -267,12 +267,12 @@ class _Losses:
         if handle is not None:
             with_rows, pending = handle
             for m, view in zip(with_rows, pending.result()):
-                m.anchor_view, m.has_view = view, True
+                m.anchor_view = view
         return prepared
 
     def _view(self, micro: "_MicroBatch"):
-        if micro.has_view:
-            view, micro.anchor_view, micro.has_view = micro.anchor_view, None, False  # freed with its loss
+        if micro.anchor_view is not None:  # the streamed anchor's, from the step's pass
+            view, micro.anchor_view = micro.anchor_view, None  # freed with its loss
             return view
         return self._anchor_view(micro.forget)
 
@@ -385,10 +385,9 @@ class _MicroBatch:
 
     rows: list[int]                 # forget rows
     drawn: list[int]                # retain rows
-    forget: Optional[object]        # NoisedBatch of the forget rows, None without any
-    retain: Optional[object]        # NoisedBatch of the retain rows, None without any
-    anchor_view: object = None
-    has_view: bool = False
+    forget: Optional[NoisedBatch]   # the forget rows noised, None without any
+    retain: Optional[NoisedBatch]   # the retain rows noised, None without any
+    anchor_view: object = None      # a streamed anchor's view of `forget`, until its loss takes it
 
 
 @dataclass
@@ -586,7 +585,7 @@ class _Loop:
     def _random_states(self) -> dict:
         # An anchor that runs ahead has drawn the next step's masks already:
         # the state that belongs to this step boundary is the one before them.
-        noise = self.losses.boundary_noise if getattr(self, "losses", None) is not None else None
+        noise = self.losses.boundary_noise
         return {"noise": noise if noise is not None else self.noise_generator.get_state(),
                 "torch": torch.get_rng_state()}
 
